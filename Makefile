@@ -1,0 +1,81 @@
+# spark-dl-pipelines: set-up, tests and the demo job.
+#
+#   make run     set up .venv if needed, then run the main job on the embedded default
+#   make test    set up .venv if needed, then run the test suite
+#
+# Set-up is idempotent: .venv/.ready is rebuilt only when pyproject.toml or this file change.
+# Horovod has no wheels on the registry; it is compiled once per machine against the pinned
+# TensorFlow into a wheel cache outside the clone, keyed by Python and TensorFlow version
+# (pip's own cache keys it by sdist only and would reinstall a wheel with the wrong ABI).
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+TF_VERSION := 2.15.1
+HOROVOD_VERSION := 0.28.1
+WHEEL_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/spark-dl-pipelines/wheels/py311-tf$(TF_VERSION)
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-fast run lint bench prereqs clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+venv: $(VENV)/.ready  ## create or update the project environment in .venv/
+
+run: venv  ## the main job: bundled digits -> ingest (more stages as they land)
+	$(BIN)/dlpipe run
+
+test: venv  ## the whole test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: venv  ## tests without the slow (Horovod/MLflow end-to-end) ones
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: venv  ## ruff over the code and tests
+	$(BIN)/ruff check pipelines jobs tests
+
+bench: venv  ## benchmarks, with baselines measured in the same run
+	$(BIN)/dlpipe bench all
+
+prereqs:  ## check that python3.11, Java 11/17, g++ and CMake 3.x are present
+	@missing=0; \
+	if ! command -v $(PYTHON) >/dev/null; then \
+	  echo "missing: $(PYTHON) (TensorFlow 2.15 has wheels for Python 3.9-3.11 only; install Python 3.11, e.g. 'apt-get install python3.11 python3.11-venv' or pyenv, or pass PYTHON=/path/to/python3.11)"; missing=1; \
+	elif ! $(PYTHON) -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then \
+	  echo "wrong python: $(PYTHON) is $$($(PYTHON) -V 2>&1), need 3.11 with the venv module (pass PYTHON=/path/to/python3.11)"; missing=1; fi; \
+	java_bin=$${JAVA_HOME:+$$JAVA_HOME/bin/}java; \
+	if ! command -v $$java_bin >/dev/null; then \
+	  echo "missing: Java 17 (Spark 3.5 needs Java 11 or 17; install e.g. 'apt-get install openjdk-17-jre-headless' or set JAVA_HOME)"; missing=1; \
+	else jv=$$($$java_bin -version 2>&1 | sed -nE '1s/.*version "([0-9]+).*/\1/p'); \
+	  case "$$jv" in 11|17) ;; *) echo "wrong java: $$java_bin is version '$$jv', Spark 3.5 needs 11 or 17 (set JAVA_HOME)"; missing=1;; esac; fi; \
+	if ! ls $(WHEEL_CACHE)/horovod-$(HOROVOD_VERSION)-*.whl >/dev/null 2>&1; then \
+	  command -v g++ >/dev/null || { echo "missing: g++ (needed once to build Horovod; 'apt-get install g++')"; missing=1; }; \
+	  if ! command -v cmake >/dev/null; then echo "missing: cmake 3.x (needed once to build Horovod; 'apt-get install cmake')"; missing=1; \
+	  else case "$$(cmake --version | sed -nE '1s/.* ([0-9]+)\..*/\1/p')" in 3) ;; *) echo "wrong cmake: $$(cmake --version | head -1); Horovod's bundled Gloo needs CMake 3.x ('apt-get install cmake')"; missing=1;; esac; fi; \
+	fi; \
+	exit $$missing
+
+$(VENV)/.ready: pyproject.toml Makefile
+	@$(MAKE) --no-print-directory prereqs
+	@test -x $(BIN)/python || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68" wheel
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@if ! ls $(WHEEL_CACHE)/horovod-$(HOROVOD_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "building Horovod $(HOROVOD_VERSION) against TensorFlow $(TF_VERSION) (once per machine, about 8 minutes)"; \
+	  tmp=$$(mktemp -d); mkdir -p $(WHEEL_CACHE); \
+	  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+	  HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j$$(nproc) \
+	  PATH=$(CURDIR)/$(BIN):$$PATH \
+	    $(BIN)/python -m pip wheel --quiet --no-build-isolation --no-deps --no-cache-dir -w $$tmp horovod==$(HOROVOD_VERSION); \
+	  mv $$tmp/horovod-*.whl $(WHEEL_CACHE)/; rm -rf $$tmp; fi
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(WHEEL_CACHE)/horovod-$(HOROVOD_VERSION)-*.whl
+	$(BIN)/python -c "import horovod.tensorflow, horovod.spark; print('horovod', horovod.__version__, 'ok')"
+	@touch $@
+
+clean:  ## remove the environment and local outputs (not the Horovod wheel cache)
+	rm -rf $(VENV) work .pytest_cache

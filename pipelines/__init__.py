@@ -1,0 +1,1 @@
+"""spark-dl-pipelines: distributed deep learning for images on Apache Spark."""

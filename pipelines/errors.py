@@ -1,0 +1,9 @@
+"""Errors a user can fix.
+
+The CLI prints the message of a :class:`UserError` on one line and exits non-zero, without
+a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input, configuration or environment; the message names the thing and the fix."""

@@ -1,0 +1,108 @@
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import BASE_CONF, Config, ConfigError, load_config
+
+
+def test_base_yaml_matches_dataclass_defaults():
+    # conf/base.yaml documents every key; it must say exactly what the code defaults to.
+    assert load_config() == Config()
+
+
+def test_config_is_frozen():
+    config = load_config()
+    with pytest.raises(FrozenInstanceError):
+        config.work_dir = "elsewhere"
+
+
+def test_overlay_then_overrides_apply_in_order(tmp_path: Path):
+    overlay = tmp_path / "target.yaml"
+    overlay.write_text("train:\n  epochs: 5\n  batch_size: 32\nspark:\n  master: null\n")
+    config = load_config(
+        overlay, ["train.epochs=7", "ingest.splits.val=0.15", "ingest.splits.test=0.05"]
+    )
+    assert config.train.epochs == 7
+    assert config.train.batch_size == 32
+    assert config.spark.master is None
+    assert config.ingest.splits.val == 0.15
+    assert config.train.learning_rate == 0.001  # untouched keys keep the base value
+
+
+def test_int_widens_to_float_and_dict_values_become_strings():
+    config = load_config(
+        overrides=["train.learning_rate=1", "spark.conf={spark.x: 3, spark.y: true}"]
+    )
+    assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+    assert config.spark.conf == {"spark.x": "3", "spark.y": "true"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown config key train.epoch"),
+        ("trian.epochs=3", "unknown config key trian"),
+        ("ingest.splits.dev=0.1", "unknown config key ingest.splits.dev"),
+        ("train.epochs=three", "train.epochs: expected an integer"),
+        ("train.epochs=2.5", "train.epochs: expected an integer"),
+        ("train.epochs=true", "train.epochs: expected an integer"),
+        ("train.epochs=0", "train.epochs: 0 is out of range (must be >= 1)"),
+        ("train.learning_rate=0", "train.learning_rate: 0.0 is out of range (must be > 0)"),
+        ("train.dropout=1.5", "train.dropout: 1.5 is out of range (must be <= 0.95)"),
+        ("train.model=vgg", "train.model: 'vgg' is not one of"),
+        ("ingest.channels=2", "ingest.channels: 2 is not one of"),
+        ("spark.app_name=3", "spark.app_name: expected a string"),
+        ("spark.conf=3", "spark.conf: expected a mapping"),
+        ("train=3", "train: expected a mapping"),
+        ("ingest.splits.train=0.9", "ingest.splits: train + val + test must add up to 1"),
+        ("train.epochs", "--set expects section.key=value"),
+        ("=3", "--set expects section.key=value"),
+        ("train..epochs=3", "--set expects section.key=value"),
+    ],
+)
+def test_bad_values_fail_with_the_dotted_key(override: str, message: str):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_overlay_file(tmp_path: Path):
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text("mlflow:\n  tracking_url: x\n")
+    with pytest.raises(ConfigError, match="unknown config key mlflow.tracking_url"):
+        load_config(overlay)
+
+
+def test_missing_and_malformed_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+
+
+def test_work_dir_drives_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config(overrides=[f"work_dir={tmp_path}"])
+    assert config.work_path == tmp_path
+    assert config.prepared_path == tmp_path / "datasets" / "prepared"
+    assert config.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert load_config().tracking_uri == "http://127.0.0.1:5999"
+    explicit = load_config(overrides=["mlflow.tracking_uri=sqlite:///x.db"])
+    assert explicit.tracking_uri == "sqlite:///x.db"
+
+
+def test_shipped_overlays_load():
+    for overlay in sorted(BASE_CONF.parent.glob("*.yaml")):
+        load_config(overlay)
