@@ -1,0 +1,281 @@
+"""Ingest on a real local SparkSession, read back with Petastorm's own readers."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.config import IngestConfig, SplitConfig
+from pipelines.ingest import IngestError, ingest
+from pipelines.schema import MANIFEST_FILE, QUARANTINE_DIR, SPLITS, split_path
+from pipelines.sources import SourceError, write_cifar10_batch, write_cifar10_meta, write_idx
+
+pytestmark = pytest.mark.spark
+
+CONFIG = IngestConfig(image_size=16, channels=1, rows_per_row_group=8)
+
+
+def _image_bytes(value: int, fmt: str, mode: str = "L") -> bytes:
+    array = np.full((20, 24), value, np.uint8)
+    image = Image.fromarray(array).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_tree(root: Path, per_class: int = 12) -> dict[str, int]:
+    """Two classes of real images plus every kind of bad file; returns expected counts."""
+    formats = [
+        ("png", "PNG", "L"),
+        ("JPG", "JPEG", "RGB"),
+        ("bmp", "BMP", "RGB"),
+        ("gif", "GIF", "P"),
+        ("tiff", "TIFF", "RGBA"),
+        ("webp", "WEBP", "RGB"),
+    ]
+    for label, value in (("cat", 40), ("dog", 200)):
+        for i in range(per_class):
+            ext, fmt, mode = formats[i % len(formats)]
+            folder = root / label / ("nested/deeper" if i % 4 == 0 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{label} {i:02d}.{ext}").write_bytes(_image_bytes(value + i, fmt, mode))
+    good = _image_bytes(90, "PNG")
+    (root / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (root / "dog" / "truncated.jpg").write_bytes(_image_bytes(7, "JPEG", "RGB")[:200])
+    (root / "dog" / "zero.jpeg").write_bytes(b"")
+    (root / "loose.png").write_bytes(good)  # not inside a class folder
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "dog" / "labels.csv").write_text("a,b\n")
+    (root / "cat" / ".DS_Store").write_bytes(b"\0\0")
+    return {"ingested": 2 * per_class, "quarantined": 4, "skipped": 3}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    root = tmp_path_factory.mktemp("images")
+    return root, make_tree(root)
+
+
+@pytest.fixture(scope="module")
+def prepared(spark, tree, tmp_path_factory):
+    source, expected = tree
+    output = tmp_path_factory.mktemp("out") / "prepared"
+    return ingest(spark, CONFIG, source, output), output, expected
+
+
+def test_counts_add_up_and_nothing_is_lost(prepared):
+    result, output, expected = prepared
+    assert result.ingested == expected["ingested"]
+    assert result.quarantined == expected["quarantined"]
+    assert result.skipped == expected["skipped"]
+    assert result.files_seen == result.ingested + result.quarantined + result.skipped
+    assert sum(result.splits.values()) == result.ingested
+    assert result.classes == {"cat": 12, "dog": 12}
+    assert result.label_names == ["cat", "dog"]
+
+
+def test_quarantine_table_has_every_rejected_file_with_a_reason(prepared):
+    _, output, _ = prepared
+    table = pq.read_table(output / QUARANTINE_DIR).to_pandas()
+    reasons = dict(zip((Path(p).name for p in table.path), table.reason, strict=True))
+    assert set(reasons) == {"corrupt.png", "truncated.jpg", "zero.jpeg", "loose.png"}
+    assert reasons["zero.jpeg"] == "empty file"
+    assert "class folder" in reasons["loose.png"]
+    assert all(reasons.values())
+
+
+def test_manifest_records_counts_shape_and_label_order(prepared):
+    result, output, _ = prepared
+    manifest = json.loads((output / MANIFEST_FILE).read_text())
+    for key in ("files_seen", "ingested", "quarantined", "skipped", "splits", "classes"):
+        assert manifest[key] == getattr(result, key)
+    assert manifest["image_shape"] == [16, 16, 1]
+    assert manifest["label_names"] == ["cat", "dog"]
+    assert manifest["format"] == "folder"
+    assert manifest["started_at"] <= manifest["finished_at"]
+
+
+def test_petastorm_make_reader_reads_every_split(prepared):
+    from petastorm import make_reader
+
+    result, output, _ = prepared
+    seen = {}
+    for split in SPLITS:
+        if result.splits[split] == 0:
+            continue
+        url = "file://" + split_path(str(output), split)
+        with make_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
+            rows = list(reader)
+        assert len(rows) == result.splits[split]
+        for row in rows:
+            assert row.image.shape == (16, 16, 1) and row.image.dtype == np.uint8
+            assert row.split == split
+            assert ["cat", "dog"][row.label] == row.label_name
+            seen[Path(row.path).name] = row
+    # Pixel values survive: cat images are dark (40+i), dog images bright (200+i).
+    assert seen["cat 01.JPG"].image.mean() < 80 < seen["dog 01.JPG"].image.mean()
+
+
+def test_row_groups_are_small_enough_to_shard(prepared):
+    result, output, _ = prepared
+    train = Path(split_path(str(output), "train"))
+    sizes = [pq.ParquetFile(f).metadata.num_rows for f in sorted(train.glob("*.parquet"))]
+    assert sum(sizes) == result.splits["train"]
+    assert max(sizes) <= CONFIG.rows_per_row_group
+    assert len(sizes) >= 2  # two Horovod ranks each get a row group
+
+
+def test_batch_reader_and_spark_see_the_same_rows(spark, prepared):
+    from petastorm import make_batch_reader
+
+    result, output, _ = prepared
+    url = "file://" + split_path(str(output), "train")
+    with make_batch_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
+        batch_rows = sum(len(batch.path) for batch in reader)
+    assert batch_rows == result.splits["train"]
+    counts = {
+        r["split"]: r["count"]
+        for r in spark.read.parquet(str(output)).groupBy("split").count().collect()
+    }
+    assert counts == {s: n for s, n in result.splits.items() if n}
+
+
+def test_spark_converter_reads_the_dataset(spark, prepared, tmp_path):
+    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+
+    result, output, _ = prepared
+    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, f"file://{tmp_path}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converter = make_spark_converter(spark.read.parquet(split_path(str(output), "train")))
+    assert len(converter) == result.splits["train"]
+    converter.delete()
+
+
+def test_rerun_gives_the_same_dataset_and_an_added_file_moves_nothing(spark, tmp_path):
+    source = tmp_path / "src"
+    make_tree(source, per_class=10)
+    output = tmp_path / "out"
+    first = ingest(spark, CONFIG, source, output)
+    before = _rows_by_path(spark, output)
+    again = ingest(spark, CONFIG, source, output)
+    assert (again.splits, again.classes) == (first.splits, first.classes)
+    assert _rows_by_path(spark, output) == before
+
+    (source / "dog" / "new one.png").write_bytes(_image_bytes(123, "PNG"))
+    ingest(spark, CONFIG, source, output)
+    after = _rows_by_path(spark, output)
+    assert len(after) == len(before) + 1
+    assert {p: after[p] for p in before} == before
+
+
+def _rows_by_path(spark, output: Path) -> dict[str, tuple]:
+    rows = spark.read.parquet(str(output)).select("path", "split", "label", "image").collect()
+    return {r.path: (r.split, r.label, bytes(r.image)) for r in rows}
+
+
+def test_failed_run_leaves_the_previous_dataset_intact(spark, tmp_path):
+    source = tmp_path / "src"
+    make_tree(source, per_class=6)
+    output = tmp_path / "out"
+    ingest(spark, CONFIG, source, output)
+    manifest = (output / MANIFEST_FILE).read_text()
+    bad = tmp_path / "bad"
+    (bad / "cat").mkdir(parents=True)
+    (bad / "cat" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(IngestError, match=f"no decodable image in {bad}"):
+        ingest(spark, CONFIG, bad, output)
+    assert (output / MANIFEST_FILE).read_text() == manifest
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_empty_and_nested_sources_fail_with_the_path(spark, tmp_path):
+    with pytest.raises(SourceError, match=f"source not found: {tmp_path / 'nope'}"):
+        ingest(spark, CONFIG, tmp_path / "nope", tmp_path / "o1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match=f"source is empty: {empty}"):
+        ingest(spark, CONFIG, empty, tmp_path / "o2")
+    only_text = tmp_path / "text"
+    (only_text / "a").mkdir(parents=True)
+    (only_text / "a" / "readme.txt").write_text("x")
+    with pytest.raises(IngestError, match="no decodable image"):
+        ingest(spark, CONFIG, only_text, tmp_path / "o3")
+    with pytest.raises(IngestError, match="inside the source"):
+        ingest(spark, CONFIG, only_text, only_text / "out")
+
+
+def test_mnist_idx_source(spark, tmp_path):
+    from petastorm import make_reader
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "mnist"
+    source.mkdir()
+    images = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    labels = (np.arange(40) % 10).astype(np.uint8)
+    write_idx(source / "train-images-idx3-ubyte", images)
+    write_idx(source / "train-labels-idx1-ubyte", labels)
+    write_idx(source / "t10k-images-idx3-ubyte.gz", images[:10])
+    write_idx(source / "t10k-labels-idx1-ubyte.gz", labels[:10])
+    output = tmp_path / "out"
+    config = replace(CONFIG, image_size=28)
+    result = ingest(spark, config, source, output)
+    assert result.format == "mnist-idx"
+    assert result.ingested == result.files_seen == 50
+    assert result.label_names == [str(d) for d in range(10)]
+    with make_reader(
+        "file://" + split_path(str(output), "train"), num_epochs=1, reader_pool_type="dummy"
+    ) as reader:
+        row = next(iter(reader))
+    part, index = Path(row.path).name.split("#")
+    original = images[int(index)] if part.startswith("train") else images[:10][int(index)]
+    np.testing.assert_array_equal(row.image[:, :, 0], original)  # same size: pixels unchanged
+    assert row.label == labels[int(index)]
+
+
+def test_cifar10_source_to_rgb(spark, tmp_path):
+    rng = np.random.default_rng(1)
+    source = tmp_path / "cifar-10-batches-py"
+    source.mkdir()
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    write_cifar10_meta(source / "batches.meta", names)
+    write_cifar10_batch(
+        source / "data_batch_1",
+        rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
+        [i % 10 for i in range(30)],
+    )
+    write_cifar10_batch(
+        source / "test_batch",
+        rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+        list(range(10)),
+    )
+    output = tmp_path / "out"
+    result = ingest(
+        spark,
+        replace(CONFIG, image_size=32, channels=3, splits=SplitConfig(0.6, 0.2, 0.2)),
+        source,
+        output,
+    )
+    assert result.format == "cifar10"
+    assert result.ingested == 40 and result.image_shape == [32, 32, 3]
+    assert result.label_names == names
+    assert result.classes["airplane"] == 4
