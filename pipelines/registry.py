@@ -1,0 +1,349 @@
+"""Model registry: register a logged model, move the champion alias only when it is better.
+
+In: the URI of a logged model (``models:/m-...`` from :func:`pipelines.serving.log_image_model`,
+or ``runs:/<run_id>/model``), the id of the run that logged it and the metric to judge by.
+Out: a :class:`Registration` saying which version was created and whether the alias moved,
+with the decision recorded as tags on the model version and on the run.
+
+Deployment moves an alias, it never retrains: scoring and serving ask for
+``models:/<name>@<alias>``, which :func:`resolve_model_uri` pins to a concrete version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipelines.errors import UserError
+
+#: Tag on the model version: the one-line promotion decision.
+DECISION_TAG = "promotion_decision"
+#: Tags on the training run.
+RUN_DECISION_TAG = "registry.decision"
+RUN_VERSION_TAG = "registry.version"
+RUN_MODEL_TAG = "registry.model_name"
+RUN_PROMOTED_TAG = "registry.promoted"
+
+#: Seconds to wait for a new model version to become READY.
+READY_TIMEOUT_S = 300.0
+
+_HINT = "train one with 'dlpipe train' or pass --model"
+
+
+class ModelNotFoundError(UserError):
+    """A registered model, alias or version does not exist; the message names it."""
+
+
+class MissingMetricError(UserError):
+    """The run to be registered has not logged the metric that decides promotion."""
+
+
+class RegistrationError(UserError):
+    """A new model version did not become READY."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Outcome of :func:`register_and_promote`.
+
+    Attributes:
+        model_name: Registered model name.
+        version: The version just created.
+        model_uri: ``models:/<name>/<version>`` of that version.
+        alias: The alias that was considered.
+        promoted: Whether the alias now points to the new version.
+        decision: One line, e.g. ``promoted: test_accuracy 0.991 > champion v3 0.985``.
+        champion_version: The version holding the alias after the decision.
+    """
+
+    model_name: str
+    version: str
+    model_uri: str
+    alias: str
+    promoted: bool
+    decision: str
+    champion_version: str
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model URI pinned to what it names.
+
+    Attributes:
+        uri: ``models:/<name>/<version>`` for a registry URI; anything else as given.
+        name: Registered model name, or None outside the registry.
+        version: Concrete version, or None outside the registry.
+    """
+
+    uri: str
+    name: str | None
+    version: str | None
+
+
+def register_and_promote(
+    model_uri: str,
+    run_id: str,
+    *,
+    model_name: str,
+    alias: str,
+    metric: str,
+    higher_is_better: bool,
+    tracking_uri: str,
+) -> Registration:
+    """Register ``model_uri`` as a new version and move ``alias`` to it if it is better.
+
+    The new version's metric (from run ``run_id``) is compared with that of the run behind
+    the version holding ``alias``. The alias moves only on a strict improvement, or when no
+    version holds it, or when the holder's run lacks the metric. The decision is tagged on
+    the version (``promotion_decision``) and on the run (``registry.decision``,
+    ``registry.version``, ``registry.model_name``, ``registry.promoted``).
+
+    Args:
+        model_uri: The logged model, e.g. ``ModelInfo.model_uri``.
+        run_id: The run that logged it and holds ``metric``.
+        model_name: Registered model name (created if it does not exist).
+        alias: The alias to move, e.g. ``champion``.
+        metric: Metric name, e.g. ``test_accuracy``.
+        higher_is_better: False for losses and errors.
+        tracking_uri: Tracking (and, unless configured otherwise, registry) URI.
+
+    Returns:
+        What was registered and decided.
+
+    Raises:
+        MissingMetricError: Run ``run_id`` has no ``metric`` (checked before registering).
+        RegistrationError: The version did not become READY in time.
+
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    metrics = client.get_run(run_id).data.metrics
+    if metric not in metrics:
+        logged = ", ".join(sorted(metrics)) or "none"
+        raise MissingMetricError(
+            f"run {run_id} has no metric {metric!r} to decide promotion by "
+            f"(logged metrics: {logged}); evaluate the model before registering it"
+        )
+    value = float(metrics[metric])
+
+    with _tracking_uri(tracking_uri):
+        created = mlflow.register_model(model_uri, model_name)
+    version = _wait_until_ready(client, model_name, str(created.version))
+
+    champion = _alias_holder(client, model_name, alias)
+    promoted, decision = _decide(
+        client, champion, metric=metric, value=value, higher_is_better=higher_is_better
+    )
+    if promoted:
+        client.set_registered_model_alias(model_name, alias, version)
+    champion_version = version if promoted else str(champion.version)  # type: ignore[union-attr]
+
+    client.set_model_version_tag(model_name, version, DECISION_TAG, decision)
+    client.set_tag(run_id, RUN_DECISION_TAG, decision)
+    client.set_tag(run_id, RUN_VERSION_TAG, version)
+    client.set_tag(run_id, RUN_MODEL_TAG, model_name)
+    client.set_tag(run_id, RUN_PROMOTED_TAG, str(promoted).lower())
+    return Registration(
+        model_name=model_name,
+        version=version,
+        model_uri=f"models:/{model_name}/{version}",
+        alias=alias,
+        promoted=promoted,
+        decision=decision,
+        champion_version=champion_version,
+    )
+
+
+def resolve_model_uri(
+    uri: str | None, *, model_name: str, alias: str, tracking_uri: str
+) -> ResolvedModel:
+    """Pin a model URI to a concrete registered version, or pass a non-registry URI through.
+
+    Args:
+        uri: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/<name>/latest``,
+            or any other MLflow model URI (``runs:/...``, ``models:/m-<id>``, a path, ``file:``,
+            ``s3://``, ...), which is returned as it is. None means
+            ``models:/<model_name>@<alias>``.
+        model_name: Registered model name used when ``uri`` is None.
+        alias: Alias used when ``uri`` is None.
+        tracking_uri: Tracking (and, unless configured otherwise, registry) URI.
+
+    Returns:
+        The pinned URI with its name and version (both None for a non-registry URI).
+
+    Raises:
+        ModelNotFoundError: The registered model, alias or version does not exist.
+
+    """
+    target = uri or f"models:/{model_name}@{alias}"
+    parsed = _parse_registry_uri(target)
+    if parsed is None:
+        return ResolvedModel(uri=target, name=None, version=None)
+    name, selector, is_alias = parsed
+    client = MlflowClient(tracking_uri=tracking_uri)
+    _require_registered_model(client, name, tracking_uri)
+    if is_alias:
+        holder = _alias_holder(client, name, selector)
+        if holder is None:
+            raise ModelNotFoundError(
+                f"no model version with alias {selector} for registered model {name}; {_HINT}"
+            )
+        version = str(holder.version)
+    elif selector.lower() == "latest":
+        versions = client.search_model_versions(f"name = '{_quote(name)}'")
+        if not versions:
+            raise ModelNotFoundError(f"registered model {name} has no versions; {_HINT}")
+        version = str(max(int(v.version) for v in versions))
+    else:
+        if not selector.isdigit():
+            raise ModelNotFoundError(
+                f"model URI {target} names neither a version number nor an alias; "
+                f"use models:/{name}/<version> or models:/{name}@<alias>"
+            )
+        try:
+            version = str(client.get_model_version(name, selector).version)
+        except MlflowException as exc:
+            if not _is_not_found(exc):
+                raise
+            raise ModelNotFoundError(
+                f"registered model {name} has no version {selector}; {_HINT}"
+            ) from None
+    return ResolvedModel(uri=f"models:/{name}/{version}", name=name, version=version)
+
+
+def _parse_registry_uri(uri: str) -> tuple[str, str, bool] | None:
+    """Split ``models:/name@alias`` or ``models:/name/version``; None for other URIs.
+
+    A ``models:/<id>`` URI with no ``/`` or ``@`` after the prefix is a logged model (MLflow 3),
+    not a registry entry.
+    """
+    prefix = "models:/"
+    if not uri.startswith(prefix):
+        return None
+    rest = uri[len(prefix) :].strip("/")
+    if "@" in rest:
+        name, _, alias = rest.rpartition("@")
+        if name and alias and "/" not in alias:
+            return name, alias, True
+    elif "/" in rest:
+        name, _, version = rest.rpartition("/")
+        if name and version:
+            return name, version, False
+    return None
+
+
+def _require_registered_model(client: MlflowClient, name: str, tracking_uri: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+        raise ModelNotFoundError(
+            f"registered model {name} not found in the registry of {tracking_uri}; {_HINT}"
+        ) from None
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """Return the version ``alias`` points to, or None when no version holds it."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        # The sqlite/SQL store reports a missing alias as INVALID_PARAMETER_VALUE.
+        missing_alias = exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc)
+        if _is_not_found(exc) or missing_alias:
+            return None
+        raise
+
+
+def _decide(
+    client: MlflowClient,
+    champion: ModelVersion | None,
+    *,
+    metric: str,
+    value: float,
+    higher_is_better: bool,
+) -> tuple[bool, str]:
+    """Compare ``value`` with the champion's metric; return (promote?, one-line reason)."""
+    if champion is None:
+        return True, "promoted: no champion yet"
+    label = f"champion v{champion.version}"
+    previous = _run_metric(client, champion.run_id, metric)
+    if previous is None:
+        return True, f"promoted: {label} has no {metric}"
+    if math.isnan(value):
+        return False, f"kept {label}: {metric} is NaN"
+    better = value > previous if higher_is_better else value < previous
+    if better:
+        op = ">" if higher_is_better else "<"
+        return True, f"promoted: {metric} {value:.6g} {op} {label} {previous:.6g}"
+    op = "<=" if higher_is_better else ">="
+    return False, f"kept {label}: {metric} {value:.6g} {op} {previous:.6g}"
+
+
+def _run_metric(client: MlflowClient, run_id: str | None, metric: str) -> float | None:
+    """Return ``metric`` of run ``run_id``; None if the run or the metric is gone, or NaN."""
+    if not run_id:
+        return None
+    try:
+        value = client.get_run(run_id).data.metrics.get(metric)
+    except MlflowException as exc:
+        if _is_not_found(exc):
+            return None
+        raise
+    if value is None or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _wait_until_ready(client: MlflowClient, name: str, version: str) -> str:
+    """Poll until model version ``version`` is READY; return its version string."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    delay = 0.2
+    while True:
+        current = client.get_model_version(name, version)
+        status = str(current.status)
+        if status == "READY":
+            return str(current.version)
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            reason = current.status_message or status
+            raise RegistrationError(
+                f"model version {name} v{version} did not become READY: {reason}"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def _is_not_found(exc: MlflowException) -> bool:
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def _quote(name: str) -> str:
+    """Escape a name for a single-quoted search filter."""
+    return name.replace("'", "\\'")
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for a block, then restore it (and its env var)."""
+    previous = mlflow.get_tracking_uri()
+    if previous == uri:
+        yield
+        return
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
