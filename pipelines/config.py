@@ -110,23 +110,26 @@ class TrainConfig:
         early_stopping_patience: Epochs without val improvement before stopping (0: off).
         seed: Random seed for weights and shuffling.
         launcher: ``horovod`` (on Spark executors) or ``local`` (one rank in-process).
+        tsne: Add a t-SNE projection of the test embeddings to the run report (slower than
+            the PCA that is always drawn).
     """
 
     model: Literal["mlp", "lenet5", "mnist_cnn", "resnet_small", "autoencoder"] = "mnist_cnn"
     activation: Literal["relu", "tanh", "sigmoid"] = "relu"
     optimizer: Literal["sgd", "momentum", "adam"] = "adam"
-    learning_rate: float = field(default=0.001, metadata=_range(gt=0, le=10))
-    batch_size: int = field(default=64, metadata=_range(ge=1))
-    epochs: int = field(default=12, metadata=_range(ge=1))
+    learning_rate: float = field(default=0.0005, metadata=_range(gt=0, le=10))
+    batch_size: int = field(default=32, metadata=_range(ge=1))
+    epochs: int = field(default=40, metadata=_range(ge=1))
     dropout: float = field(default=0.25, metadata=_range(ge=0, le=0.95))
     weight_decay: float = field(default=0.0, metadata=_range(ge=0))
     hidden_units: int = field(default=128, metadata=_range(ge=1))
     latent_dim: int = field(default=32, metadata=_range(ge=1))
     num_proc: int = field(default=2, metadata=_range(ge=1))
     warmup_epochs: int = field(default=1, metadata=_range(ge=0))
-    early_stopping_patience: int = field(default=3, metadata=_range(ge=0))
+    early_stopping_patience: int = field(default=8, metadata=_range(ge=0))
     seed: int = 42
     launcher: Literal["horovod", "local"] = "horovod"
+    tsne: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,27 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    """Batch scoring.
+
+    Attributes:
+        model: Model URI (``null``: ``models:/<mlflow.model_name>@<mlflow.champion_alias>``).
+        source: Default source when ``--source`` is not given.
+        table: Scoring table location (``null``: ``<work_dir>/tables/scores``).
+        format: ``parquet`` (local) or ``delta`` (Databricks).
+        image_column: Binary column of a table source (``path`` names the image).
+        arrow_batch_size: Rows per Arrow batch into the model; bounds executor memory.
+    """
+
+    model: str | None = None
+    source: str | None = None
+    table: str | None = None
+    format: Literal["parquet", "delta"] = "parquet"
+    image_column: str = "content"
+    arrow_batch_size: int = field(default=256, metadata=_range(ge=1))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration.
 
@@ -160,6 +184,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     @property
     def work_path(self) -> Path:
@@ -172,6 +197,11 @@ class Config:
         if self.ingest.output:
             return Path(self.ingest.output).expanduser().resolve()
         return self.work_path / "datasets" / "prepared"
+
+    @property
+    def table_path(self) -> str:
+        """Where batch scoring writes unless told otherwise."""
+        return self.score.table or str(self.work_path / "tables" / "scores")
 
     @property
     def demo_data_path(self) -> Path:

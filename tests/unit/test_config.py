@@ -19,15 +19,15 @@ def test_config_is_frozen():
 
 def test_overlay_then_overrides_apply_in_order(tmp_path: Path):
     overlay = tmp_path / "target.yaml"
-    overlay.write_text("train:\n  epochs: 5\n  batch_size: 32\nspark:\n  master: null\n")
+    overlay.write_text("train:\n  epochs: 5\n  batch_size: 48\nspark:\n  master: null\n")
     config = load_config(
         overlay, ["train.epochs=7", "ingest.splits.val=0.15", "ingest.splits.test=0.05"]
     )
     assert config.train.epochs == 7
-    assert config.train.batch_size == 32
+    assert config.train.batch_size == 48
     assert config.spark.master is None
     assert config.ingest.splits.val == 0.15
-    assert config.train.learning_rate == 0.001  # untouched keys keep the base value
+    assert config.train.learning_rate == 0.0005  # untouched keys keep the base value
 
 
 def test_int_widens_to_float_and_dict_values_become_strings():

@@ -1,0 +1,1 @@
+"""Training: the driver side (MLflow run, launch, register) and the worker side (shard, fit)."""

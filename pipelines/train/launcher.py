@@ -1,0 +1,182 @@
+"""Launchers, and the only module that imports Horovod.
+
+In: a worker function with its arguments. Out: the worker's return value from every rank,
+in rank order.
+
+- :class:`HorovodSparkLauncher` runs ``train.num_proc`` ranks on the Spark executors with
+  ``horovod.spark.run`` over Gloo (one Spark task slot per rank).
+- :class:`LocalLauncher` runs one rank in this process: for tests, notebooks and machines
+  without Horovod.
+
+Workers reach the collective operations through :func:`distribution`, which returns a
+:class:`Distribution` for the launcher kind, so worker code never imports Horovod. Were
+Horovod ever unavailable, this module is the one seam to swap (e.g. for
+``tf.distribute.MultiWorkerMirroredStrategy`` on Spark barrier tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+class Distribution(Protocol):
+    """What a training rank needs from the distributed runtime."""
+
+    rank: int
+    size: int
+    local_size: int
+
+    def wrap_optimizer(self, optimizer: Any) -> Any:
+        """Wrap a Keras optimizer so gradients are averaged across ranks."""
+
+    def callbacks(self, *, initial_lr: float, warmup_epochs: int, steps_per_epoch: int) -> list:
+        """Keras callbacks that keep ranks in step (run before any other callback)."""
+
+    def load_model(self, path: str) -> Any:
+        """Load a full Keras checkpoint (weights and optimizer state) for this runtime."""
+
+    def broadcast(self, value: Any, name: str) -> Any:
+        """Rank 0's ``value`` on every rank."""
+
+
+class LocalDistribution:
+    """A world of one: every collective is the identity."""
+
+    rank, size, local_size = 0, 1, 1
+
+    def wrap_optimizer(self, optimizer: Any) -> Any:
+        """Return the optimizer unchanged."""
+        return optimizer
+
+    def callbacks(self, *, initial_lr: float, warmup_epochs: int, steps_per_epoch: int) -> list:
+        """No callbacks: with one rank the learning rate is not scaled, so no warm-up."""
+        return []
+
+    def load_model(self, path: str) -> Any:
+        """Load with plain Keras."""
+        from pipelines.keras_api import keras
+
+        return keras().models.load_model(path)
+
+    def broadcast(self, value: Any, name: str) -> Any:
+        """Return the value unchanged."""
+        return value
+
+
+class HorovodDistribution:
+    """Horovod's Keras API; :meth:`__init__` calls ``hvd.init()``."""
+
+    def __init__(self) -> None:
+        import horovod.tensorflow.keras as hvd
+
+        hvd.init()
+        self._hvd = hvd
+        self.rank, self.size, self.local_size = hvd.rank(), hvd.size(), hvd.local_size()
+
+    def wrap_optimizer(self, optimizer: Any) -> Any:
+        """Horovod: average gradients across ranks with allreduce."""
+        return self._hvd.DistributedOptimizer(optimizer)
+
+    def callbacks(self, *, initial_lr: float, warmup_epochs: int, steps_per_epoch: int) -> list:
+        """Horovod: broadcast rank 0's initial weights, average metrics, warm the rate up."""
+        hvd = self._hvd
+        callbacks = [
+            # Horovod: start every rank from rank 0's weights (random init or checkpoint).
+            hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+            # Horovod: average epoch metrics so early stopping decides the same everywhere.
+            hvd.callbacks.MetricAverageCallback(),
+        ]
+        if warmup_epochs > 0 and self.size > 1:
+            # Horovod: ramp from the one-rank rate to the scaled one (Goyal et al., 2017).
+            callbacks.append(
+                hvd.callbacks.LearningRateWarmupCallback(
+                    initial_lr=initial_lr,
+                    warmup_epochs=warmup_epochs,
+                    steps_per_epoch=steps_per_epoch,
+                    verbose=0,
+                )
+            )
+        return callbacks
+
+    def load_model(self, path: str) -> Any:
+        """Horovod: reload with the optimizer state, re-wrapped in a DistributedOptimizer."""
+        return self._hvd.load_model(path, legacy_opts=True)
+
+    def broadcast(self, value: Any, name: str) -> Any:
+        """Horovod: rank 0's value everywhere."""
+        import horovod.tensorflow as hvd_tf
+
+        return hvd_tf.broadcast_object(value, root_rank=0, name=name)
+
+
+def distribution(kind: str) -> Distribution:
+    """The :class:`Distribution` a worker started by launcher ``kind`` runs under."""
+    return HorovodDistribution() if kind == "horovod" else LocalDistribution()
+
+
+class Launcher(Protocol):
+    """Starts the training ranks."""
+
+    kind: str
+    num_proc: int
+
+    def run(self, fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
+        """Run ``fn(*args)`` on every rank; return the results in rank order."""
+
+
+class LocalLauncher:
+    """One rank, in this process."""
+
+    kind, num_proc = "local", 1
+
+    def run(self, fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
+        """Call ``fn(*args)`` here."""
+        return [fn(*args)]
+
+
+class HorovodSparkLauncher:
+    """``num_proc`` Horovod ranks over Gloo, one per Spark task slot."""
+
+    kind = "horovod"
+
+    def __init__(self, spark: SparkSession, num_proc: int) -> None:
+        self.spark = spark
+        self.num_proc = num_proc
+
+    def run(self, fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
+        """Run ``fn(*args)`` as ``num_proc`` ranks with ``horovod.spark.run``."""
+        try:
+            import horovod.spark
+        except ImportError as exc:
+            raise UserError(
+                f"Horovod is not importable ({exc}); run 'make venv' to build it, "
+                "or use --set train.launcher=local for one in-process rank"
+            ) from None
+        slots = self.spark.sparkContext.defaultParallelism
+        if self.num_proc > slots:
+            raise UserError(
+                f"train.num_proc={self.num_proc} needs {self.num_proc} Spark task slots, "
+                f"but the session has {slots}; lower train.num_proc or add executor cores"
+            )
+        log.info("train: starting %d Horovod ranks on Spark (Gloo)", self.num_proc)
+        return horovod.spark.run(
+            fn, args=tuple(args), num_proc=self.num_proc, use_gloo=True, verbose=0
+        )
+
+
+def make_launcher(kind: str, spark: SparkSession | None, num_proc: int) -> Launcher:
+    """The launcher for ``train.launcher``; ``local`` ignores ``num_proc``."""
+    if kind == "local":
+        return LocalLauncher()
+    if spark is None:
+        raise ValueError("the horovod launcher needs a SparkSession")
+    return HorovodSparkLauncher(spark, num_proc)

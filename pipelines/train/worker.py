@@ -1,0 +1,217 @@
+"""The training rank: what every Horovod process (or the one local process) runs.
+
+In: a :class:`WorkerSpec` (pickled to the executors). Out: a small dict per rank with the
+epoch history, a digest of the final weights (identical on every rank when gradients were
+really averaged) and timings. Rank 0 alone writes checkpoints and the final model into
+``spec.out_dir``, which must be visible to the driver (local disk locally, a shared mount
+on a cluster).
+
+Distributed-only steps go through :mod:`pipelines.train.launcher`'s Distribution, so this
+module never imports Horovod.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import TrainConfig
+from pipelines.schema import split_path
+
+#: Files rank 0 writes into the run's output directory.
+CHECKPOINT_MODEL = "checkpoint.h5"  # full model with optimizer state, after each epoch
+CHECKPOINT_STATE = "checkpoint.json"  # {"epoch": completed epochs, "history": {...}}
+FINAL_MODEL = "model.h5"  # best weights, no optimizer: what gets evaluated and logged
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs; small and picklable.
+
+    Attributes:
+        train: Hyper-parameters.
+        launcher: ``horovod`` or ``local`` (selects the Distribution).
+        dataset: Prepared dataset directory.
+        image_shape: (H, W, C) of the stored images.
+        num_classes: Number of labels.
+        rows: Rows per split, from the manifest.
+        out_dir: Where rank 0 writes checkpoints and the final model.
+        resume: Continue from the checkpoint in ``out_dir`` if there is one.
+    """
+
+    train: TrainConfig
+    launcher: str
+    dataset: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    rows: dict[str, int]
+    out_dir: str
+    resume: bool = False
+
+
+def train_worker(spec: WorkerSpec) -> dict[str, Any]:
+    """Train on this rank's shard; return its history and final-weights digest."""
+    from pipelines.train.launcher import distribution
+
+    started = time.time()
+    # Checkpoints are HDF5 on purpose: hvd.load_model restores legacy optimizers from it.
+    warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+    dist = distribution(spec.launcher)
+    _limit_threads(dist.local_size)
+
+    from pipelines.keras_api import keras
+    from pipelines.models import build_model, is_autoencoder
+    from pipelines.train.feed import make_dataset, steps_per_epoch
+
+    k = keras()
+    cfg = spec.train
+    autoencoder = is_autoencoder(cfg)
+    # Horovod: scale the rate by the number of ranks (the global batch grows with it).
+    scaled_lr = cfg.learning_rate * dist.size
+    k.utils.set_random_seed(cfg.seed)
+
+    out = Path(spec.out_dir)
+    state = _read_state(out) if spec.resume else None
+    # Horovod: every rank resumes from the same epoch as rank 0.
+    state = dist.broadcast(state, "resume_state")
+    if state:
+        model = dist.load_model(str(out / CHECKPOINT_MODEL))
+        initial_epoch, history = state["epoch"], state["history"]
+    else:
+        model = build_model(
+            cfg,
+            spec.image_shape,
+            spec.num_classes,
+            optimizer_wrapper=dist.wrap_optimizer,
+            learning_rate=scaled_lr,
+        )
+        initial_epoch, history = 0, {}
+
+    steps = steps_per_epoch(spec.rows["train"], dist.size, cfg.batch_size)
+    feed = {
+        "image_shape": spec.image_shape,
+        "batch_size": cfg.batch_size,
+        # Horovod: each rank reads its own row groups.
+        "cur_shard": dist.rank,
+        "shard_count": dist.size,
+        "seed": cfg.seed,
+        "autoencoder": autoencoder,
+    }
+    train_data = make_dataset(split_path(spec.dataset, "train"), shuffle=True, **feed)
+    validation: dict[str, Any] = {}
+    if spec.rows.get("val", 0) > 0:
+        validation = {
+            "validation_data": make_dataset(split_path(spec.dataset, "val"), shuffle=False, **feed),
+            "validation_steps": steps_per_epoch(spec.rows["val"], dist.size, cfg.batch_size),
+        }
+
+    monitor = "val_loss" if validation else "loss"
+    callbacks = dist.callbacks(
+        initial_lr=scaled_lr, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps
+    )
+    if cfg.early_stopping_patience > 0:
+        # Runs after the metric averaging above, so every rank sees the same numbers and
+        # stops at the same epoch (a rank that stopped alone would hang the others).
+        callbacks.append(
+            k.callbacks.EarlyStopping(
+                monitor=monitor, patience=cfg.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    if dist.rank == 0:
+        # Horovod: checkpoints only on rank 0, so ranks never write the same file.
+        callbacks.append(_Checkpoint(out, history, k))
+
+    fit = model.fit(
+        train_data,
+        epochs=cfg.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        callbacks=callbacks,
+        verbose=2 if dist.rank == 0 else 0,
+        **validation,
+    )
+    for key, values in fit.history.items():
+        history.setdefault(key, []).extend(float(v) for v in values)
+
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{FINAL_MODEL}.tmp"
+        model.save(tmp, include_optimizer=False, save_format="h5")
+        os.replace(tmp, out / FINAL_MODEL)
+    epochs_done = len(next(iter(history.values()), []))
+    return {
+        "rank": dist.rank,
+        "size": dist.size,
+        "history": history,
+        "epochs": epochs_done,
+        "initial_epoch": initial_epoch,
+        "stopped_early": epochs_done < cfg.epochs,
+        "steps_per_epoch": steps,
+        "learning_rate": scaled_lr,
+        "weights_sha256": weights_digest(model),
+        "seconds": round(time.time() - started, 2),
+    }
+
+
+def weights_digest(model: Any) -> str:
+    """SHA-256 over every weight array: equal on all ranks iff the ranks stayed in sync."""
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def read_checkpoint_state(out_dir: str | Path) -> dict[str, Any] | None:
+    """The last completed epoch and history in ``out_dir``, or None without a checkpoint."""
+    return _read_state(Path(out_dir))
+
+
+def _read_state(out: Path) -> dict[str, Any] | None:
+    path = out / CHECKPOINT_STATE
+    if not path.is_file() or not (out / CHECKPOINT_MODEL).is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _limit_threads(ranks_on_this_host: int) -> None:
+    """Split the host's cores between the ranks on it instead of oversubscribing them."""
+    import tensorflow as tf
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, ranks_on_this_host))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    except RuntimeError:
+        pass  # TF already initialised in this process (the local launcher): keep its pool.
+
+
+def _Checkpoint(out: Path, history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802
+    """A Keras callback saving the full model and the whole history after every epoch.
+
+    Both files are written to temporary names and renamed, so a killed run leaves the last
+    complete checkpoint.
+    """
+
+    class Checkpoint(k.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.history = {key: list(values) for key, values in history.items()}
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            for key, value in (logs or {}).items():
+                self.history.setdefault(key, []).append(float(value))
+            out.mkdir(parents=True, exist_ok=True)
+            model_tmp = out / f".{CHECKPOINT_MODEL}.tmp"
+            self.model.save(model_tmp, save_format="h5")
+            state_tmp = out / f".{CHECKPOINT_STATE}.tmp"
+            state_tmp.write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
+            os.replace(model_tmp, out / CHECKPOINT_MODEL)
+            os.replace(state_tmp, out / CHECKPOINT_STATE)
+
+    return Checkpoint()

@@ -1,0 +1,174 @@
+"""Training end to end: real Horovod ranks on local[2] Spark, real Petastorm, real MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.config import Config, IngestConfig, load_config
+from pipelines.demo import write_demo_digits
+from pipelines.errors import UserError
+from pipelines.ingest import ingest
+from pipelines.train.driver import checkpoint_dir, load_manifest, train
+from pipelines.train.launcher import HorovodSparkLauncher, LocalLauncher
+from pipelines.train.worker import WorkerSpec, train_worker
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+
+@pytest.fixture(scope="module")
+def digits(spark, tmp_path_factory) -> Path:
+    """The bundled digits at 16x16, ingested once for the module."""
+    root = tmp_path_factory.mktemp("digits")
+    source = write_demo_digits(root / "png").path
+    output = root / "prepared"
+    ingest(spark, IngestConfig(image_size=16, channels=1, rows_per_row_group=64), source, output)
+    return output
+
+
+def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Config:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_config(
+        overrides=[
+            f"work_dir={tmp_path / 'work'}",
+            "train.model=mlp",
+            "train.hidden_units=64",
+            "train.epochs=3",
+            "train.batch_size=32",
+            "train.early_stopping_patience=0",
+            *overrides,
+        ]
+    )
+
+
+def _spec(config: Config, dataset: Path, out: Path, launcher: str) -> WorkerSpec:
+    manifest = load_manifest(dataset)
+    return WorkerSpec(
+        train=config.train,
+        launcher=launcher,
+        dataset=str(dataset),
+        image_shape=tuple(manifest["image_shape"]),
+        num_classes=len(manifest["label_names"]),
+        rows=manifest["splits"],
+        out_dir=str(out),
+    )
+
+
+def test_two_horovod_ranks_end_with_identical_weights(spark, digits, tmp_path, monkeypatch):
+    config = _config(tmp_path, monkeypatch, "train.epochs=2")
+    ranks = HorovodSparkLauncher(spark, 2).run(
+        train_worker, [_spec(config, digits, tmp_path / "out", "horovod")]
+    )
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert all(r["size"] == 2 for r in ranks)
+    # The one guard against silently un-averaged gradients (e.g. Keras 3): same weights.
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    # Metrics were averaged across ranks, so both saw the same epoch numbers.
+    assert ranks[0]["history"]["val_loss"] == pytest.approx(ranks[1]["history"]["val_loss"])
+    assert ranks[0]["steps_per_epoch"] == ranks[1]["steps_per_epoch"]
+    assert (tmp_path / "out" / "model.h5").is_file()
+
+
+def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipelines.images import encode_png
+    from pipelines.schema import split_path
+    from pipelines.train.feed import read_split
+
+    config = _config(tmp_path, monkeypatch, "train.num_proc=2")
+    result = train(config, HorovodSparkLauncher(spark, 2), digits)
+    assert result.world_size == 2
+    assert result.test_metrics["test_accuracy"] > 0.8
+    assert result.promoted and result.model_version == "1"
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.model"] == "mlp"
+    assert run.data.params["world_size"] == "2"
+    assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "val_loss")) == 3
+
+    test = read_split(split_path(str(digits), "test"), (16, 16, 1))
+    model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
+    frame = pd.DataFrame({"image": [encode_png(img) for img in test.images]})
+    predicted = model.predict(frame)
+    names = load_manifest(digits)["label_names"]
+    accuracy = np.mean(predicted["predicted_label"] == [names[i] for i in test.labels])
+    assert accuracy == pytest.approx(result.test_metrics["test_accuracy"], abs=1e-9)
+
+    # The run report was logged beside the model, and its numbers are the model's own.
+    client = mlflow.MlflowClient()
+    logged = {f.path for f in client.list_artifacts(result.run_id, "report")}
+    for name in ("learning_curves.png", "confusion_matrix.csv", "embeddings.png", "summary.json"):
+        assert f"report/{name}" in logged
+    summary = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/report/summary.json"))
+    cm = np.array(summary["confusion_matrix"])
+    assert cm.sum() == len(test.labels)
+    assert np.trace(cm) == round(accuracy * len(test.labels))
+
+
+def test_resume_continues_from_the_saved_epoch(digits, tmp_path, monkeypatch):
+    first = train(
+        _config(tmp_path, monkeypatch, "train.epochs=2", "train.launcher=local"),
+        LocalLauncher(),
+        digits,
+    )
+    config = _config(tmp_path, monkeypatch, "train.epochs=4", "train.launcher=local")
+    state = json.loads((checkpoint_dir(config) / "checkpoint.json").read_text())
+    assert state["epoch"] == 2
+    resumed = train(config, LocalLauncher(), digits, resume=True)
+    assert resumed.run_id == first.run_id  # the same MLflow run goes on
+    assert resumed.epochs == 4
+    state = json.loads((checkpoint_dir(config) / "checkpoint.json").read_text())
+    assert state["epoch"] == 4 and len(state["history"]["loss"]) == 4
+
+
+def test_champion_moves_only_on_improvement(digits, tmp_path, monkeypatch):
+    good = train(_config(tmp_path, monkeypatch, "train.launcher=local"), LocalLauncher(), digits)
+    worse = train(
+        _config(
+            tmp_path,
+            monkeypatch,
+            "train.launcher=local",
+            "train.epochs=1",
+            "train.optimizer=sgd",
+            "train.learning_rate=0.0001",
+        ),
+        LocalLauncher(),
+        digits,
+    )
+    assert good.promoted and not worse.promoted
+    assert worse.model_version == "2"
+    assert "kept" in worse.decision
+
+
+def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch):
+    import mlflow
+
+    # lenet5 needs at least 12x12 input; an 8x8 view of the data cannot be built.
+    config = _config(tmp_path, monkeypatch, "train.launcher=local", "train.model=lenet5")
+    bad = digits.parent / "tiny"
+    if not bad.exists():
+        manifest = load_manifest(digits)
+        bad.mkdir()
+        for child in digits.iterdir():
+            (bad / child.name).symlink_to(child)
+        (bad / "_manifest.json").unlink()
+        (bad / "_manifest.json").write_text(json.dumps({**manifest, "image_shape": [8, 8, 1]}))
+    with pytest.raises(ValueError):
+        train(config, LocalLauncher(), bad)
+    mlflow.set_tracking_uri(config.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[config.mlflow.experiment])
+    assert list(runs["status"]) == ["FAILED"]
+    assert "lenet5" in runs["tags.error"][0]
+
+
+def test_missing_dataset_is_a_one_line_user_error(tmp_path, monkeypatch):
+    config = _config(tmp_path, monkeypatch, "train.launcher=local")
+    with pytest.raises(UserError, match="no prepared dataset at .*; run 'dlpipe ingest' first"):
+        train(config, LocalLauncher(), tmp_path / "nothing")
