@@ -1,0 +1,201 @@
+"""Batch scoring and REST serving against a real registered model, real Spark, real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import Config, IngestConfig, load_config
+from pipelines.demo import write_demo_digits
+from pipelines.ingest import ingest
+from pipelines.registry import ModelNotFoundError
+from pipelines.score import TABLE_COLUMNS, read_table, score
+from pipelines.serve import serve_command
+from pipelines.train.driver import train
+from pipelines.train.launcher import LocalLauncher
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+
+@pytest.fixture(scope="module")
+def trained(spark, tmp_path_factory) -> tuple[Config, Path]:
+    """A small registered champion trained on the digits at 16x16; returns config + PNGs."""
+    root = tmp_path_factory.mktemp("score")
+    digits = write_demo_digits(root / "png").path
+    prepared = root / "prepared"
+    ingest(spark, IngestConfig(image_size=16, rows_per_row_group=64), digits, prepared)
+    config = load_config(
+        overrides=[
+            f"work_dir={root / 'work'}",
+            f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            "train.launcher=local",
+            "train.model=mlp",
+            "train.hidden_units=64",
+            "train.epochs=3",
+            "train.early_stopping_patience=0",
+            "score.arrow_batch_size=16",
+        ]
+    )
+    train(config, LocalLauncher(), prepared)
+    return config, digits
+
+
+@pytest.fixture()
+def incoming(trained, tmp_path) -> Path:
+    """Forty real digit images in nested folders, plus a corrupt and an empty one."""
+    _, digits = trained
+    folder = tmp_path / "incoming-2026-11-22"
+    for i, png in enumerate(sorted(digits.rglob("*.png"))[::45][:40]):
+        target = folder / ("a/b" if i % 3 else "") / f"img{i:02d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, target)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_one_row_per_file_matching_the_in_process_model(spark, trained, incoming, tmp_path):
+    import mlflow
+
+    config, _ = trained
+    table = str(tmp_path / "scores")
+    result = score(spark, config, str(incoming), table=table)
+    assert (result.rows, result.errors, result.skipped) == (42, 2, 1)
+    assert result.batch_id == "incoming-2026-11-22"
+    assert result.model_version == "1"
+
+    rows = read_table(spark, table).toPandas()
+    assert list(rows.columns) == [c for c in TABLE_COLUMNS if c != "batch_id"] + ["batch_id"]
+    assert len(rows) == 42 and rows.path.is_unique
+    errors = rows[rows.error.notna()]
+    assert sorted(Path(p).name for p in errors.path) == ["corrupt.png", "empty.jpg"]
+    assert errors.predicted_label.isna().all() and errors.probabilities.isna().all()
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/digits-classifier@champion")
+    good = rows[rows.error.isna()].sort_values("path")
+    expected = model.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in good.path]}))
+    assert list(good.predicted_label) == list(expected.predicted_label)
+    assert list(good.probability) == pytest.approx(list(expected.probability), abs=1e-6)
+    assert (good.model_uri == "models:/digits-classifier/1").all()
+    classes = json.loads(Path(result.classes_file).read_text())
+    assert classes["label_names"] == [str(d) for d in range(10)]
+
+
+def test_rerunning_a_batch_replaces_only_that_batch(spark, trained, incoming, tmp_path):
+    config, _ = trained
+    table = str(tmp_path / "scores")
+    score(spark, config, str(incoming), table=table)
+    score(spark, config, str(incoming), table=table, batch_id="other")
+    again = score(spark, config, str(incoming), table=table)
+    frame = read_table(spark, table)
+    counts = {r["batch_id"]: r["count"] for r in frame.groupBy("batch_id").count().collect()}
+    assert counts == {"incoming-2026-11-22": 42, "other": 42}
+    assert again.rows == 42
+
+
+def test_table_source_with_path_and_bytes(spark, trained, incoming, tmp_path):
+    config, _ = trained
+    files = sorted(p for p in incoming.rglob("*.png"))
+    frame = pd.DataFrame(
+        {"path": [str(p) for p in files], "content": [p.read_bytes() for p in files]}
+    )
+    source = tmp_path / "bytes_table"
+    spark.createDataFrame(frame).write.parquet(str(source))
+    result = score(spark, config, str(source), table=str(tmp_path / "t"), batch_id="b1")
+    assert (result.rows, result.errors) == (len(files), 1)
+
+
+def test_missing_model_or_alias_is_a_one_line_error(spark, trained, incoming, tmp_path, capsys):
+    config, _ = trained
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        score(
+            spark,
+            config,
+            str(incoming),
+            table=str(tmp_path / "t"),
+            model="models:/no-such-model@champion",
+        )
+    code = main(
+        [
+            "score", "--source", str(incoming), "--output", str(tmp_path / "t"),
+            "--set", f"mlflow.tracking_uri={config.tracking_uri}",
+            "--model", "models:/digits-classifier@nope",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert "alias nope" in err[-1] and "digits-classifier" in err[-1]
+
+
+def test_rest_server_answers_like_the_in_process_model(trained, incoming):
+    import mlflow
+
+    config, _ = trained
+    port = _free_port()
+    command, env, uri = serve_command(config, None, "127.0.0.1", port)
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", server)
+        images = sorted(incoming.rglob("*.png"))[:5]
+        body = {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images],
+            }
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = json.loads(response.read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    mlflow.set_tracking_uri(config.tracking_uri)
+    local = mlflow.pyfunc.load_model(uri).predict(
+        pd.DataFrame({"image": [p.read_bytes() for p in images]})
+    )
+    assert [row["predicted_label"] for row in served] == list(local.predicted_label)
+    assert [row["probability"] for row in served] == pytest.approx(
+        list(local.probability), abs=1e-6
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"server exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"server did not answer {url} within {seconds}s")
+
+
+def test_serve_binds_to_localhost_by_default():
+    from pipelines.cli import _parser
+
+    args = _parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 5000)
