@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -60,16 +61,86 @@ def _ingest(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     return _run_ingest(config, source, args.output or str(config.prepared_path))
 
 
+def _train(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    return _run_train(config, args.dataset, args.resume)
+
+
+def _score(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from pipelines.score import score
+    from pipelines.spark import get_spark
+
+    source = args.source or config.score.source
+    if not source:
+        raise UserError("no source: pass --source DIR or set score.source")
+    spark = get_spark(config.spark)
+    return score(spark, config, source, args.output, args.model, args.batch_id).to_dict()
+
+
+def _serve(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from pipelines.serve import serve
+
+    return serve(config, args.model, args.host, args.port)
+
+
+def _report(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from pipelines.report import render_comparison, render_run_report
+
+    out = Path(args.out) if args.out else config.work_path / "reports"
+    if args.compare:
+        path = render_comparison(args.compare, tracking_uri=config.tracking_uri, out_dir=out)
+        return {"report": str(path), "runs": list(dict.fromkeys(args.compare))}
+    path = render_run_report(
+        args.run_id, tracking_uri=config.tracking_uri, out_dir=out, log_to_run=not args.no_log
+    )
+    return {"report": str(path), "run_id": args.run_id}
+
+
+def _bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from pipelines.bench import format_table, run_benchmarks
+
+    report = run_benchmarks(
+        config, args.which, images=args.images, repeats=args.repeats, csv_path=args.csv
+    )
+    print(format_table(report))
+    return report
+
+
 def _run(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from pipelines.report import render_run_report
+    from pipelines.score import score
+    from pipelines.spark import get_spark
+
     started = time.time()
     summary: dict[str, Any] = {"work_dir": str(config.work_path)}
     source = config.ingest.source
     if not source:
         demo = _demo_data(argparse.Namespace(out=None), config)
-        summary["demo_data"] = demo
+        summary["demo_data"] = {k: v for k, v in demo.items() if k != "classes"}
         source = demo["path"]
-    summary["ingest"] = _run_ingest(config, source, str(config.prepared_path))
+    ingested = _run_ingest(config, source, str(config.prepared_path))
+    headline = ("output", "files_seen", "ingested", "quarantined", "skipped", "splits")
+    summary["ingest"] = {key: ingested[key] for key in headline}
+    trained = _run_train(config, None, resume=False)
+    summary["train"] = trained
+    scored = score(get_spark(config.spark), config, config.score.source or source)
+    summary["score"] = scored.to_dict()
+    page = render_run_report(
+        trained["run_id"], tracking_uri=config.tracking_uri, out_dir=config.work_path / "reports"
+    )
+    summary["report"] = str(page)
     summary["seconds"] = round(time.time() - started, 1)
+    summary["headline"] = {
+        **{k: round(v, 4) for k, v in trained["test_metrics"].items() if k != "test_rows"},
+        "rows_scored": scored.scored,
+        "score_errors": scored.errors,
+        "table": scored.table,
+        "run_id": trained["run_id"],
+        "model": f"{trained['model_name']} v{trained['model_version']}",
+        "model_version": trained["model_version"],
+        "champion": trained["promoted"],
+        "report": str(page),
+        "mlflow_ui": f"mlflow ui --backend-store-uri {config.tracking_uri}",
+    }
     return summary
 
 
@@ -79,6 +150,19 @@ def _run_ingest(config: Config, source: str, output: str) -> dict[str, Any]:
 
     spark = get_spark(config.spark)
     return ingest(spark, config.ingest, source, output).to_dict()
+
+
+def _run_train(config: Config, dataset: str | None, resume: bool) -> dict[str, Any]:
+    from pipelines.train.driver import train
+    from pipelines.train.launcher import make_launcher
+
+    spark = None
+    if config.train.launcher == "horovod":
+        from pipelines.spark import get_spark
+
+        spark = get_spark(config.spark)
+    launcher = make_launcher(config.train.launcher, spark, config.train.num_proc)
+    return train(config, launcher, dataset, resume).to_dict()
 
 
 def _with_ingest_options(config: Config, args: argparse.Namespace) -> Config:
@@ -153,10 +237,88 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--image-size", type=int, metavar="N", help="target N x N pixels")
     ingest.add_argument("--channels", type=int, choices=[1, 3], help="1 = grey, 3 = RGB")
 
+    train = add(
+        "train",
+        _train,
+        "train a model with Horovod on Spark (train.num_proc ranks), fed by Petastorm; "
+        "log it to MLflow, register a version and move the champion alias if it is better",
+    )
+    train.add_argument(
+        "--dataset", metavar="DIR", help="prepared dataset (default: <work_dir>/datasets/prepared)"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run from its last completed epoch",
+    )
+
+    score = add(
+        "score",
+        _score,
+        "score images into the scoring table with a registered model (default: the champion), "
+        "on the Spark executors; re-running a batch replaces only that batch",
+    )
+    score.add_argument(
+        "--source", metavar="SRC", help="folder of images, or a Parquet table with path + bytes"
+    )
+    score.add_argument(
+        "--output", metavar="TABLE", help="scoring table (default: <work_dir>/tables/scores)"
+    )
+    score.add_argument(
+        "--model", metavar="URI", help="model URI (default: models:/<model_name>@champion)"
+    )
+    score.add_argument(
+        "--batch-id", metavar="ID", help="partition to (re)write (default: the source folder name)"
+    )
+
+    serve = add(
+        "serve",
+        _serve,
+        "serve a registered model over REST (MLflow scoring server: /invocations, /ping)",
+    )
+    serve.add_argument("--model", metavar="URI", help="default: models:/<model_name>@champion")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+
+    report = add(
+        "report",
+        _report,
+        "render a run's report (curves, confusion, filters, activations, embeddings) as one "
+        "offline HTML page, or compare the curves and metrics of several runs",
+    )
+    which = report.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", metavar="ID", help="MLflow run id of a training run")
+    which.add_argument(
+        "--compare", nargs="+", metavar="ID", help="two or more run ids to put side by side"
+    )
+    report.add_argument(
+        "--out", metavar="DIR", help="directory for the HTML page (default: <work_dir>/reports)"
+    )
+    report.add_argument(
+        "--no-log", action="store_true", help="do not log the page to the run as an artifact"
+    )
+
+    bench = add(
+        "bench",
+        _bench,
+        "benchmarks, each against the baseline a user would otherwise use, in the same run",
+    )
+    bench.add_argument(
+        "which",
+        nargs="?",
+        default="all",
+        choices=["ingest", "feed", "train", "score", "all"],
+        help="which benchmark (default: all)",
+    )
+    bench.add_argument("--images", type=int, metavar="N", help="generated images to use")
+    bench.add_argument("--repeats", type=int, default=3, metavar="R", help="median of R runs")
+    bench.add_argument("--csv", metavar="FILE", help="append the results to this CSV file")
+
     add(
         "run",
         _run,
-        "the main job on the configured target: demo data -> ingest (more stages as they land)",
+        "the main job on the configured target: "
+        "demo data -> ingest -> train -> register -> score -> report",
     )
     return parser
 
@@ -166,6 +328,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_logging(quiet_stdout: bool) -> None:
     """Progress goes to stderr so that stdout stays the result (and JSON stays parseable)."""
+    # TensorFlow's C++ start-up banners (oneDNN, CPU features) say nothing actionable.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s dlpipe: %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
