@@ -15,7 +15,6 @@ import io
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from pipelines.report import (
     write_training_report,
 )
 from pipelines.train.feed import SplitArrays
+from tests.integration.conftest import Store
 
 pytestmark = pytest.mark.slow
 
@@ -98,13 +98,6 @@ def make_split(n: int, seed: int, flip: float = 0.0) -> SplitArrays:
 
 
 @dataclass(frozen=True)
-class Store:
-    uri: str
-    experiment_id: str
-    root: Path
-
-
-@dataclass(frozen=True)
 class Logged:
     run_id: str
     model: object
@@ -113,22 +106,6 @@ class Logged:
     history: dict[str, list[float]]
     summary: dict
     files: Path  # the run's downloaded report/ directory
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        patch.chdir(root)
-        mlflow.set_tracking_uri(uri)
-        experiment_id = MlflowClient().create_experiment(
-            "report", artifact_location=(root / "artifacts").as_uri()
-        )
-        yield Store(uri=uri, experiment_id=experiment_id, root=root)
-        mlflow.set_tracking_uri(None)
 
 
 def _train(

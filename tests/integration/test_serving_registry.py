@@ -19,7 +19,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,16 +42,10 @@ from pipelines.registry import (
     resolve_model_uri,
 )
 from pipelines.serving import OUTPUT_COLUMNS, log_image_model, model_signature, pip_requirements
+from tests.integration.conftest import Store
 
 LABELS = ["dark", "mid", "bright"]
 SIZE = 8
-
-
-@dataclass(frozen=True)
-class Store:
-    uri: str
-    experiment_id: str
-    root: Path
 
 
 @dataclass(frozen=True)
@@ -74,22 +67,6 @@ def _jpeg(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels[:, :, 0]).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        patch.chdir(root)
-        mlflow.set_tracking_uri(uri)
-        experiment_id = MlflowClient().create_experiment(
-            "serving-registry", artifact_location=(root / "artifacts").as_uri()
-        )
-        yield Store(uri=uri, experiment_id=experiment_id, root=root)
-        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,44 @@
+"""Fixtures of the integration tests: a real MLflow sqlite store per test module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Store:
+    """A private MLflow tracking store with one experiment."""
+
+    uri: str
+    experiment_id: str
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Store]:
+    """A sqlite store in a temporary directory, set as the tracking URI for the module.
+
+    The experiment is named after the test module; artifacts go under the same directory.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        patch.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        experiment_id = MlflowClient().create_experiment(
+            request.module.__name__.rsplit(".", 1)[-1],
+            artifact_location=(root / "artifacts").as_uri(),
+        )
+        yield Store(uri=uri, experiment_id=experiment_id, root=root)
+        mlflow.set_tracking_uri(None)
