@@ -13,10 +13,12 @@ loaded once per executor Python worker; images flow to it in Arrow batches of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Config
-from pipelines.listing import file_uri, image_glob, list_tree, local_path
+from pipelines.listing import file_uri, image_glob, list_tree
 from pipelines.registry import ResolvedModel, resolve_model_uri
 from pipelines.sources import SourceError
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +116,12 @@ def score(
 
     images, skipped = _read_source(spark, config, source)
     mlflow.set_tracking_uri(config.tracking_uri)
-    model_dir = Path(tempfile.mkdtemp(prefix="dlpipe-model-"))
-    local_model = mlflow.artifacts.download_artifacts(resolved.uri, dst_path=str(model_dir))
-    label_names = _label_names(Path(local_model))
-    # Ship the model with the job: each executor gets a local copy, loaded once per worker.
-    spark.sparkContext.addFile(local_model, recursive=True)
-    model_name = os.path.basename(local_model.rstrip("/"))
+    local_model = _local_model(resolved, config.work_path / "cache" / "models")
+    label_names = _label_names(local_model)
+    # Ship the model with the job: each executor gets a local copy, loaded once per Python
+    # worker and kept there for later jobs (the name is unique per model version).
+    spark.sparkContext.addFile(str(local_model), recursive=True)
+    model_name = local_model.name
     threads = max(1, (os.cpu_count() or 1) // max(1, spark.sparkContext.defaultParallelism))
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.score.arrow_batch_size)
 
@@ -195,8 +197,7 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
         .load(file_uri(src))
         .select(F.col("path"), F.col("content"))
     )
-    to_local = F.udf(local_path, "string")
-    files = files.withColumn("path", to_local("path"))
+    files = files.withColumn("path", _local_path_column(F.col("path")))
     if listing.empty:
         # Spark's scan drops zero-length files; they still get a row (with an error).
         empty = [(str(src / rel), b"") for rel in listing.empty]
@@ -206,6 +207,39 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
         len(listing.images) + len(listing.empty), len(listing.empty), listing.skipped,
     )  # fmt: skip
     return files, listing.skipped
+
+
+def _local_path_column(uri: Column) -> Column:
+    """``file:/data/a b%.png`` -> ``/data/a b%.png``, in SQL (a Python UDF costs a worker).
+
+    ``binaryFile`` paths are Hadoop paths, not URIs: nothing in them is percent-encoded.
+    """
+    from pyspark.sql import functions as F
+
+    return F.regexp_replace(uri, "^file:(//)?", "")
+
+
+def _local_model(model: ResolvedModel, cache: Path) -> Path:
+    """The model's files on the driver, downloaded once per model version.
+
+    A registered version (or a run's artifact) never changes, so a copy made once serves
+    every later scoring job, and its directory name identifies it to the executors.
+    """
+    import mlflow
+
+    key = f"{model.name}-v{model.version}" if model.name and model.version else model.uri
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-")[:80]
+    name += "-" + hashlib.sha256(model.uri.encode()).hexdigest()[:8]
+    target = cache / name
+    if not target.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+        try:
+            downloaded = mlflow.artifacts.download_artifacts(model.uri, dst_path=str(staging))
+            Path(downloaded).rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _is_table(src: Path) -> bool:

@@ -56,7 +56,9 @@ def incoming(trained, tmp_path) -> Path:
     _, digits = trained
     folder = tmp_path / "incoming-2026-11-22"
     for i, png in enumerate(sorted(digits.rglob("*.png"))[::45][:40]):
-        target = folder / ("a/b" if i % 3 else "") / f"img{i:02d}.png"
+        # Names that URI encoding gets wrong: space, plus, percent, non-ASCII.
+        name = f"img {i:02d}+%41é.png" if i == 1 else f"img{i:02d}.png"
+        target = folder / ("a/b" if i % 3 else "") / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(png, target)
     (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
