@@ -109,7 +109,7 @@ def train(
         shutil.rmtree(out, ignore_errors=True)
 
     mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_experiment(config.mlflow.experiment)
+    _use_experiment(config)
     run_id = _remembered_run(out) if state else None
     with mlflow.start_run(run_id=run_id) as run:
         try:
@@ -262,6 +262,24 @@ def _log_report(
     )
     for section, error in report["errors"].items():
         log.warning("train: report section %s was not written: %s", section, error)
+
+
+def _use_experiment(config: Config) -> None:
+    """Make the configured experiment current, creating it if needed.
+
+    With a local sqlite store MLflow would put artifacts in ``./mlruns`` of whatever
+    directory the job started in; a new experiment keeps them in the work directory instead.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = config.mlflow.experiment
+    if config.tracking_uri.startswith("sqlite:"):
+        client = MlflowClient(tracking_uri=config.tracking_uri)
+        if client.get_experiment_by_name(name) is None:
+            location = (config.work_path / "mlartifacts").resolve().as_uri()
+            client.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
 
 
 def _log_inputs(
