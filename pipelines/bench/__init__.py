@@ -1,0 +1,125 @@
+"""Benchmarks: every measurement paired with its baseline, run in the same process.
+
+In: a :class:`~pipelines.config.Config` (the Spark session and stage settings to measure),
+the name of a benchmark (a key of :data:`BENCHMARKS`; ``all`` runs every one) and a data
+size. Out: a report ``{"machine": facts, "results": [measurement, ...]}``, a fixed-width
+table of it (:func:`format_table`) and, on request, one CSV row per measurement appended
+to a file, so the effect of a change stays visible from run to run.
+
+=========  ======================================  =====================================
+benchmark  measured                                baseline (target on the ratio)
+=========  ======================================  =====================================
+ingest     Spark ingest, images/s                  plain PIL loop (>= 1.6); same decode
+                                                   function in one process
+feed       Petastorm -> tf.data, s/epoch           in-memory tensors (<= 1.1)
+reader     Petastorm batch reader, rows/s          pyarrow on the same Parquet
+train      Horovod 1 rank, s/step; 2 ranks,        plain Keras fit (<= 1.05)
+           images/s
+score      Spark batch scoring, images/s           pyfunc predict on decoded arrays
+                                                   (>= 0.7); on file bytes
+=========  ======================================  =====================================
+
+Each benchmark generates its data once (cached under ``<work_dir>/bench/``), warms up
+before measuring (JVM, Python workers, imports, tracing, page cache), repeats every
+measurement and its baseline interleaved (so a neighbour's load affects both alike) and
+reports medians. Speed is measured here and only here; tests never assert it. One module
+per benchmark; :mod:`~pipelines.bench.common` holds what they share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from pipelines.bench.common import (
+    CSV_COLUMNS,
+    Measurement,
+    append_csv,
+    format_table,
+    generate_jpegs,
+    machine_facts,
+    prepared_dataset,
+)
+from pipelines.bench.feed import bench_feed
+from pipelines.bench.ingest import bench_ingest
+from pipelines.bench.reader import bench_reader
+from pipelines.bench.score import bench_score
+from pipelines.bench.train import bench_train
+from pipelines.config import Config
+from pipelines.errors import UserError
+
+__all__ = [
+    "BENCHMARKS",
+    "CSV_COLUMNS",
+    "Measurement",
+    "append_csv",
+    "bench_feed",
+    "bench_ingest",
+    "bench_reader",
+    "bench_score",
+    "bench_train",
+    "format_table",
+    "generate_jpegs",
+    "machine_facts",
+    "prepared_dataset",
+    "run_benchmarks",
+]
+
+log = logging.getLogger("pipelines.bench")
+
+#: Benchmark name -> function(config, *, images=..., repeats=...) -> measurements, in the
+#: order ``all`` runs them.
+BENCHMARKS: dict[str, Callable[..., list[Measurement]]] = {
+    "ingest": bench_ingest,
+    "feed": bench_feed,
+    "reader": bench_reader,
+    "train": bench_train,
+    "score": bench_score,
+}
+
+
+def run_benchmarks(
+    config: Config,
+    which: str = "all",
+    *,
+    images: int | None = None,
+    repeats: int = 3,
+    csv_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run one benchmark or all registered ones; optionally append the results to a CSV.
+
+    Args:
+        config: Configuration of the Spark session and the stages measured.
+        which: A name in :data:`BENCHMARKS`, or ``all``.
+        images: Data size (images) for each benchmark; None uses each one's default.
+        repeats: Measured runs of each figure (the median is reported).
+        csv_path: File to append one row per measurement to (header written when new).
+
+    Returns:
+        ``{"machine": machine_facts(), "results": [Measurement as dict, ...]}``.
+
+    Raises:
+        UserError: ``which`` is not a registered benchmark.
+    """
+    if which == "all":
+        names = list(BENCHMARKS)
+    elif which in BENCHMARKS:
+        names = [which]
+    else:
+        available = ", ".join([*BENCHMARKS, "all"])
+        raise UserError(f"unknown benchmark {which!r}; available: {available}")
+    machine = machine_facts()
+    results: list[Measurement] = []
+    for name in names:
+        kwargs: dict[str, Any] = {"repeats": repeats}
+        if images is not None:
+            kwargs["images"] = images
+        log.info("bench: running %s", name)
+        results.extend(BENCHMARKS[name](config, **kwargs))
+    report = {"machine": machine, "results": [asdict(m) for m in results]}
+    if csv_path is not None:
+        append_csv(report, csv_path)
+    return report

@@ -1,0 +1,209 @@
+"""Score benchmark: Spark batch scoring against the same pyfunc model in one process.
+
+In: a :class:`~pipelines.config.Config` (Spark session, ``score.arrow_batch_size``), a
+number of generated JPEGs and repeats. Out: two :class:`~pipelines.bench.common.Measurement`
+records: Spark scoring images/s over in-process ``predict`` on already decoded arrays
+(target >= 0.7), and over in-process ``predict`` on the files' bytes (informative).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.bench.common import (
+    DATASET_CHANNELS,
+    DATASET_CLASSES,
+    DATASET_IMAGE_SIZE,
+    DATASET_IMAGES,
+    DATASET_SOURCE_SIZE,
+    Measurement,
+    cached_jpegs,
+    check_sizes,
+    interleaved,
+    pair,
+    scratch,
+    timed,
+)
+from pipelines.bench.feed import bench_model_config
+from pipelines.config import Config
+
+log = logging.getLogger("pipelines.bench")
+
+#: Target of Spark batch scoring over in-process predict on decoded arrays.
+SCORE_TARGET_RATIO = 0.7
+
+
+def bench_score(
+    config: Config, *, images: int = DATASET_IMAGES, repeats: int = 3
+) -> list[Measurement]:
+    """Spark batch scoring of a folder of JPEGs against in-process pyfunc ``predict``.
+
+    The fixed model of the feed benchmark (``mnist_cnn`` on 28x28 grey, untrained: its
+    weights do not change its speed) is logged with :func:`pipelines.serving.log_image_model`
+    to a temporary MLflow sqlite store. On ``images`` generated 64x64 JPEGs (the feed
+    dataset's source, in four class folders):
+
+    - measured ``spark batch scoring``: :func:`pipelines.score.score` end to end on the
+      session of ``config.spark`` (model download, ``binaryFile`` scan, decode and predict
+      in ``mapInPandas`` on the executors with the model loaded once per Python worker,
+      Parquet table write, count read back); images/s = images / wall seconds;
+    - baseline ``pyfunc predict, decoded arrays``: ``mlflow.pyfunc.load_model`` of the same
+      model (loaded once, untimed) and one ``predict`` over a DataFrame of the images
+      already decoded to 28x28x1 uint8 arrays in memory; the target (>= 0.7) is against it;
+    - baseline ``pyfunc predict, file bytes``: the same model, reading every file and
+      calling ``predict`` on the bytes in one process: what a user without Spark would
+      write. Its ratio is what Spark's parallelism gains over that.
+
+    Warm-up first (two scoring runs on a small set: Python workers start and import
+    TensorFlow; a predict of each baseline); then ``repeats`` interleaved runs, medians.
+    Each scoring run downloads the model anew, so its Python workers load it again: that
+    is part of every batch job, and so of the figure.
+    Every run is checked to score every image without error. The store and the tables are
+    removed afterwards.
+
+    Args:
+        config: Spark session, ``score.arrow_batch_size`` and ``score.format`` (the
+            ``mlflow`` section is replaced by the temporary store).
+        images: Number of generated JPEGs.
+        repeats: Measured runs of each.
+
+    Returns:
+        Spark over predict on arrays (target ``>= 0.7``), Spark over predict on bytes.
+
+    Raises:
+        UserError: ``images`` or ``repeats`` is below 1.
+        RuntimeError: A run scored another number of images, or some with an error.
+    """
+    check_sizes("score", images, repeats)
+    import mlflow
+    import pandas as pd
+
+    from pipelines.images import decode_image
+    from pipelines.score import score
+    from pipelines.spark import get_spark
+
+    source = cached_jpegs(config, images, DATASET_SOURCE_SIZE)
+    warm_source = cached_jpegs(config, max(8, min(500, images // 10)), DATASET_SOURCE_SIZE)
+    files = sorted(source.rglob("*.jpg"))
+    spark = get_spark(config.spark)
+    previous_uri = mlflow.get_tracking_uri()
+    with scratch(config) as work:
+        try:
+            tracking = f"sqlite:///{work / 'mlflow.db'}"
+            model_uri = _log_model(tracking, work / "artifacts")
+            cfg = replace(
+                config,
+                mlflow=replace(config.mlflow, tracking_uri=tracking),
+                score=replace(config.score, model=model_uri, table=None),
+            )
+            model = mlflow.pyfunc.load_model(model_uri)
+            side, channels = DATASET_IMAGE_SIZE, DATASET_CHANNELS
+            arrays = [decode_image(p.read_bytes(), side, channels) for p in files]
+
+            def run_spark(src: Path, expected: int) -> float:
+                table = work / f"table-{uuid.uuid4().hex[:8]}"
+                seconds, result = timed(
+                    lambda: score(spark, cfg, str(src), table=str(table), batch_id="bench")
+                )
+                _check("spark batch scoring", expected, result.rows, result.errors)
+                shutil.rmtree(table, ignore_errors=True)
+                return expected / seconds
+
+            def predict(make_input: Any) -> float:
+                def run() -> int:
+                    output = model.predict(pd.DataFrame({"image": make_input()}))
+                    _check("pyfunc predict", len(files), len(output), output["error"].count())
+                    return len(output)
+
+                seconds, done = timed(run)
+                return done / seconds
+
+            runs = {
+                "spark": functools.partial(run_spark, source, images),
+                "arrays": functools.partial(predict, lambda: arrays),
+                "bytes": functools.partial(predict, lambda: [p.read_bytes() for p in files]),
+            }
+            log.info("bench score: warming up on %s", warm_source)
+            warm_images = sum(1 for _ in warm_source.rglob("*.jpg"))
+            # Twice: each task also runs a plain Python UDF, so the pool holds more Python
+            # workers than task slots, and the one a job's model lands in varies.
+            for _ in range(2):
+                run_spark(warm_source, warm_images)
+            runs["arrays"]()
+            runs["bytes"]()
+            rates = interleaved("score", runs, repeats)
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+
+    details = {
+        "images": images,
+        "repeats": repeats,
+        "source": f"{DATASET_SOURCE_SIZE}x{DATASET_SOURCE_SIZE} JPEG q90",
+        "model": f"{bench_model_config().model} on {side}x{side}x{channels}",
+        "spark_master": spark.sparkContext.master,
+        "task_slots": spark.sparkContext.defaultParallelism,
+        "arrow_batch_size": config.score.arrow_batch_size,
+        "table_format": config.score.format,
+        "measures": "images / wall seconds of one whole scoring job or predict call",
+    }
+    return [
+        pair(
+            "score",
+            "spark batch scoring",
+            rates["spark"],
+            "pyfunc predict, decoded arrays",
+            rates["arrays"],
+            unit="images/s",
+            target=f">= {SCORE_TARGET_RATIO}",
+            details=details,
+        ),
+        pair(
+            "score",
+            "spark batch scoring",
+            rates["spark"],
+            "pyfunc predict, file bytes",
+            rates["bytes"],
+            unit="images/s",
+            details=details,
+        ),
+    ]
+
+
+def _log_model(tracking_uri: str, artifacts: Path) -> str:
+    """Log the fixed model as the pyfunc image model in a new store; return its URI."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.images import encode_png
+    from pipelines.models import build_model
+    from pipelines.serving import log_image_model
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.create_experiment("dlpipe-bench", artifact_location=artifacts.as_uri())
+    shape = (DATASET_IMAGE_SIZE, DATASET_IMAGE_SIZE, DATASET_CHANNELS)
+    model = build_model(bench_model_config(), shape, DATASET_CLASSES)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_image_model(
+            model,
+            label_names=[f"class_{k}" for k in range(DATASET_CLASSES)],
+            image_shape=list(shape),
+            autoencoder=False,
+            input_example_png=encode_png(np.zeros(shape, np.uint8)),
+        )
+    return info.model_uri
+
+
+def _check(what: str, expected: int, rows: int, errors: int) -> None:
+    if rows != expected or errors:
+        raise RuntimeError(
+            f"bench score: {what} gave {rows} rows ({errors} errors) for {expected} images"
+        )

@@ -1,0 +1,273 @@
+"""Train benchmark: Horovod on Spark against plain Keras ``fit``, same model, same feed.
+
+In: a :class:`~pipelines.config.Config` (Spark session, row-group size for the cached
+dataset), a number of generated images and repeats. Out: two
+:class:`~pipelines.bench.common.Measurement` records: the steady-state step time of one
+Horovod rank over plain Keras (target at most 1.05x), and the images/s of two Horovod ranks
+over plain Keras (informative: what distributing buys on this machine).
+
+The ranks run :func:`step_worker`, a trimmed training rank: the Horovod parts of
+:func:`pipelines.train.worker.train_worker` (Distribution, rank-scaled learning rate,
+sharded Petastorm feed, Horovod callbacks), without validation, early stopping or
+checkpoints, which would add their own work to the epochs measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pipelines.bench.common import (
+    DATASET_IMAGES,
+    Measurement,
+    check_sizes,
+    epoch_timer,
+    interleaved,
+    pair,
+    prepared_dataset,
+)
+from pipelines.bench.feed import bench_model_config
+from pipelines.config import Config, TrainConfig
+
+log = logging.getLogger("pipelines.bench")
+
+#: Target: one Horovod rank's step at most this many times a plain Keras step.
+TRAIN_TARGET_RATIO = 1.05
+#: Untimed epochs at the start of every launch (start-up, tracing, weight broadcast).
+WARMUP_EPOCHS = 1
+#: Timed epochs per launch; their median step time is the launch's figure.
+MEASURED_EPOCHS = 2
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What a benchmark rank needs; small and picklable.
+
+    Attributes:
+        launcher: ``horovod`` or ``local`` (selects the Distribution).
+        train_url: The training split.
+        image_shape: (H, W, C) of the stored images.
+        num_classes: Number of labels.
+        rows: Rows of the training split.
+        train: The fixed model's hyper-parameters.
+        warmup_epochs: Untimed epochs first.
+        measured_epochs: Timed epochs after them.
+    """
+
+    launcher: str
+    train_url: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    rows: int
+    train: TrainConfig
+    warmup_epochs: int = WARMUP_EPOCHS
+    measured_epochs: int = MEASURED_EPOCHS
+
+
+def step_worker(spec: StepSpec) -> dict[str, Any]:
+    """One training rank that times its epochs; runs under any launcher.
+
+    Returns:
+        ``rank``, ``size``, ``steps_per_epoch``, ``epoch_seconds`` (the timed epochs),
+        ``step_seconds`` (their median divided by the steps), ``images_per_second`` (of all
+        ranks together: ``size * batch * steps / median epoch seconds``), ``weights_sha256``
+        and ``seconds`` (the whole rank, start-up included).
+    """
+    from pipelines.train.launcher import distribution
+    from pipelines.train.worker import _limit_threads, weights_digest
+
+    started = time.perf_counter()
+    dist = distribution(spec.launcher)
+    _limit_threads(dist.local_size)
+
+    from pipelines.keras_api import keras
+    from pipelines.models import build_model
+    from pipelines.train.feed import make_dataset, steps_per_epoch
+
+    cfg = spec.train
+    keras().utils.set_random_seed(cfg.seed)
+    # Horovod: scale the rate by the number of ranks, as training does.
+    scaled_lr = cfg.learning_rate * dist.size
+    model = build_model(
+        cfg,
+        spec.image_shape,
+        spec.num_classes,
+        optimizer_wrapper=dist.wrap_optimizer,
+        learning_rate=scaled_lr,
+    )
+    steps = steps_per_epoch(spec.rows, dist.size, cfg.batch_size)
+    data = make_dataset(
+        spec.train_url,
+        image_shape=spec.image_shape,
+        batch_size=cfg.batch_size,
+        # Horovod: each rank reads its own row groups.
+        cur_shard=dist.rank,
+        shard_count=dist.size,
+        seed=cfg.seed,
+    )
+    timer = epoch_timer()
+    callbacks = dist.callbacks(
+        initial_lr=scaled_lr, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps
+    )
+    model.fit(
+        data,
+        epochs=spec.warmup_epochs + spec.measured_epochs,
+        steps_per_epoch=steps,
+        callbacks=[*callbacks, timer],
+        verbose=0,
+    )
+    measured = timer.seconds[spec.warmup_epochs :]
+    epoch = statistics.median(measured)
+    return {
+        "rank": dist.rank,
+        "size": dist.size,
+        "steps_per_epoch": steps,
+        "epoch_seconds": [round(s, 4) for s in measured],
+        "step_seconds": epoch / steps,
+        "images_per_second": dist.size * cfg.batch_size * steps / epoch,
+        "weights_sha256": weights_digest(model),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def bench_train(
+    config: Config, *, images: int = DATASET_IMAGES, repeats: int = 3
+) -> list[Measurement]:
+    """Horovod step time and throughput against plain Keras ``fit`` on the same feed.
+
+    On the cached benchmark dataset (see :func:`~pipelines.bench.common.prepared_dataset`),
+    the fixed model of the feed benchmark (``mnist_cnn``, Adam, batch 32 per rank) trains on
+    the training split, fed by :func:`pipelines.train.feed.make_dataset` in every case:
+
+    - baseline ``plain keras fit``: :func:`step_worker` in this process under the local
+      launcher: no Horovod at all (identity optimizer wrapper, no callbacks);
+    - measured ``horovod 1 rank``: :func:`step_worker` as one rank of
+      ``horovod.spark.run`` on the session's executors (Gloo), with
+      ``hvd.DistributedOptimizer`` and the broadcast and metric-averaging callbacks;
+    - measured ``horovod 2 ranks`` (when the session has two task slots): the same with two
+      ranks, each reading half the row groups and running half the steps.
+
+    What is timed is inside the ranks, so Spark job, Horovod and TensorFlow start-up are
+    not: each launch runs ``WARMUP_EPOCHS`` untimed epochs (tracing, weight broadcast,
+    learning-rate warm-up, reader start) then ``MEASURED_EPOCHS`` timed ones; its step
+    time is the median timed epoch over its steps, its images/s all ranks' images over
+    that epoch (the ranks advance in lockstep; the slowest rank's figure is taken). One
+    round launches the three in turn, ``repeats`` rounds, medians reported. The whole
+    launch's wall time is kept in the details (``launch_seconds``).
+
+    Args:
+        config: Spark session (its task slots bound the ranks) and
+            ``ingest.rows_per_row_group`` for the cached dataset.
+        images: Number of generated source images.
+        repeats: Rounds of launches.
+
+    Returns:
+        One Horovod rank's step seconds over plain Keras (target ``<= 1.05``), and, with
+        two task slots, two ranks' images/s over plain Keras (informative).
+
+    Raises:
+        UserError: ``images`` or ``repeats`` is below 1, no training rows, or Horovod is
+            not importable.
+        RuntimeError: Two ranks finished with different weights (gradients not averaged).
+    """
+    check_sizes("train", images, repeats)
+    data = prepared_dataset(config, images)
+
+    from pipelines.spark import get_spark
+    from pipelines.train.launcher import HorovodSparkLauncher, LocalLauncher
+
+    spark = get_spark(config.spark)
+    slots = spark.sparkContext.defaultParallelism
+    spec = StepSpec(
+        launcher="local",
+        train_url=data.split("train"),
+        image_shape=data.image_shape,
+        num_classes=len(data.label_names),
+        rows=data.rows["train"],
+        train=bench_model_config(),
+    )
+    horovod = replace(spec, launcher="horovod")
+    launches = {
+        "plain": (LocalLauncher(), spec),
+        "horovod_1": (HorovodSparkLauncher(spark, 1), horovod),
+    }
+    if slots >= 2:
+        launches["horovod_2"] = (HorovodSparkLauncher(spark, 2), horovod)
+    else:
+        log.warning("bench train: the session has %d task slot(s); skipping 2 ranks", slots)
+    ranks: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in launches}
+    launch_seconds: dict[str, list[float]] = {name: [] for name in launches}
+
+    def run(name: str) -> float:
+        launcher, worker_spec = launches[name]
+        start = time.perf_counter()
+        results = launcher.run(step_worker, [worker_spec])
+        launch_seconds[name].append(round(time.perf_counter() - start, 2))
+        digests = {r["rank"]: r["weights_sha256"] for r in results}
+        if len(set(digests.values())) != 1:
+            raise RuntimeError(f"bench train: {name} ranks ended with different weights")
+        ranks[name].append(results)
+        return max(r["step_seconds"] for r in results)
+
+    interleaved("train", {name: functools.partial(run, name) for name in launches}, repeats)
+
+    def figures(name: str, key: str) -> list[float]:
+        pick = max if key == "step_seconds" else min  # the slowest rank sets the pace
+        return [pick(r[key] for r in results) for results in ranks[name]]
+
+    details = {
+        "images": images,
+        "repeats": repeats,
+        **data.describe(),
+        "model": spec.train.model,
+        "batch_size_per_rank": spec.train.batch_size,
+        "task_slots": slots,
+        "spark_master": spark.sparkContext.master,
+        "warmup_epochs": WARMUP_EPOCHS,
+        "measured_epochs": MEASURED_EPOCHS,
+        "measures": (
+            "inside each rank: median wall seconds of the timed epochs / steps per epoch "
+            "(start-up and warm-up epochs excluded)"
+        ),
+        "steps_per_epoch": {name: ranks[name][0][0]["steps_per_epoch"] for name in ranks},
+        "epoch_seconds": {
+            name: [[r["epoch_seconds"] for r in results] for results in ranks[name]]
+            for name in ranks
+        },
+        "step_seconds": {name: _rounded(figures(name, "step_seconds")) for name in ranks},
+        "images_per_second": {name: _rounded(figures(name, "images_per_second")) for name in ranks},
+        "launch_seconds": launch_seconds,
+    }
+    measurements = [
+        pair(
+            "train",
+            "horovod 1 rank step",
+            figures("horovod_1", "step_seconds"),
+            "plain keras fit step",
+            figures("plain", "step_seconds"),
+            unit="s/step",
+            target=f"<= {TRAIN_TARGET_RATIO}",
+            details=details,
+        )
+    ]
+    if "horovod_2" in ranks:
+        measurements.append(
+            pair(
+                "train",
+                "horovod 2 ranks",
+                figures("horovod_2", "images_per_second"),
+                "plain keras fit",
+                figures("plain", "images_per_second"),
+                unit="images/s",
+                details=details,
+            )
+        )
+    return measurements
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [float(f"{v:.5g}") for v in values]
