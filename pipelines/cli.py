@@ -73,6 +73,8 @@ def _score(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines.spark import get_spark
 
     source = args.source or config.score.source
+    if not source and config.demo_data_path.is_dir():
+        source = str(config.demo_data_path)
     if not source:
         raise UserError("no source: pass --source DIR or set score.source")
     spark = get_spark(config.spark)
@@ -261,7 +263,10 @@ def _parser() -> argparse.ArgumentParser:
         "on the Spark executors; re-running a batch replaces only that batch",
     )
     score.add_argument(
-        "--source", metavar="SRC", help="folder of images, or a Parquet table with path + bytes"
+        "--source",
+        metavar="SRC",
+        help="folder of images, or a Parquet table with path + bytes "
+        "(default: score.source, else the demo digits if written)",
     )
     score.add_argument(
         "--output", metavar="TABLE", help="scoring table (default: <work_dir>/tables/scores)"
