@@ -74,7 +74,8 @@ class IngestConfig:
         rows_per_row_group: Rows per Parquet row group (= per file). Petastorm shards by row
             group, so keep several row groups per Horovod rank.
         row_group_size_mb: Upper bound of a row group in MB (Parquet block size).
-        partitions: Spark partitions for decoding (``0``: twice the default parallelism).
+        partitions: Spark tasks for decoding and writing (``0``: one per task slot, two when
+            each still gets at least 8 row groups of images).
         max_records_per_batch: Arrow batch size of the decode UDF; keeps wide rows in bounds.
     """
 

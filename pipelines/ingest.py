@@ -10,8 +10,15 @@ Out, under the output directory (replaced atomically):
 - ``_quarantine/``: Parquet table of rejected files (``path``, ``reason``);
 - ``_manifest.json``: counts, classes, label order, image shape, source, timestamps;
 
-and a small :class:`IngestResult`. Decoding runs on the executors through the same pure
-functions (:mod:`pipelines.images`) that serving uses.
+and a small :class:`IngestResult`.
+
+How it runs, in one Spark job: the driver lists the source (or reads the arrays) and rejects
+what it can judge without decoding (zero-length files, files outside a class folder); each
+task reads its listed files by path, decodes them with the same pure functions
+(:mod:`pipelines.images`) that serving uses, writes the good ones as Parquet files of
+``rows_per_row_group`` rows into a staging folder of its own, and reports back the files
+it wrote and the records it rejected. The driver then moves the reported files into one
+folder per split, adds Petastorm's metadata, and writes the quarantine and the manifest.
 """
 
 from __future__ import annotations
@@ -23,36 +30,67 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
 from pipelines import schema
-from pipelines.config import IngestConfig
+from pipelines.config import IngestConfig, SplitConfig
 from pipelines.errors import UserError
-from pipelines.images import (
-    IMAGE_EXTENSIONS,
-    ImageDecodeError,
-    decode_image,
-    is_image_path,
-    prepare_array,
-)
+from pipelines.images import ImageDecodeError, decode_image, prepare_array
+from pipelines.listing import file_uri, list_tree
 from pipelines.sources import SourceError, detect_format, read_cifar10, read_mnist_idx
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    import pandas as pd
+    import pyarrow as pa
+    from petastorm.unischema import Unischema
+    from pyspark.sql import Column, SparkSession
 
     from pipelines.sources import ArrayPart
 
 log = logging.getLogger(__name__)
 
-#: Columns every source frame provides before splitting and labelling.
-_DECODED = "rel string, label_name string, image binary, reason string"
+#: Columns of the driver's table of records to decode (arrays add ``raw`` bytes).
+_RECORDS = "path string, rel string, label int, label_name string"
 
-#: A parallel writer per split only pays off when each writes many row groups.
+#: Columns of the prepared dataset's files, in the Unischema's order, with their Arrow types.
+_PREPARED = {
+    schema.IMAGE: "binary",
+    schema.LABEL: "int32",
+    schema.LABEL_NAME: "string",
+    schema.PATH: "string",
+    schema.SPLIT: "string",
+}
+
+#: What each decoding task reports: a row per file written (the fields of
+#: :class:`_WrittenFile`), and a row per record rejected (``path``, ``reason``).
+_REPORT = {
+    "split": "string",
+    "name": "string",
+    "staged": "string",
+    "rows": "int",
+    "row_groups": "int",
+    "path": "string",
+    "reason": "string",
+}
+_REPORT_DDL = ", ".join(f"{column} {kind}" for column, kind in _REPORT.items())
+
+#: Folder of the task attempts' files inside the staged output, removed after the commit.
+_STAGING_DIR = "_staging"
+
+#: Automatic task count: a task should write at least this many full row groups per split
+#: before the work is spread over more tasks than task slots (each task leaves one short
+#: row group per split).
 _ROW_GROUPS_PER_WRITER = 8
+
+
+#: Decodes one pandas batch of records: an ``(encoded image, reason)`` pair per row.
+_BatchDecoder = Callable[["pd.DataFrame"], list[tuple[bytes | None, str | None]]]
 
 
 class IngestError(UserError):
@@ -82,6 +120,28 @@ class IngestResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the driver knows before decoding.
+
+    Attributes:
+        records: One row per record to decode, sorted by ``rel`` (columns :data:`_RECORDS`,
+            plus ``raw`` for array sources).
+        spark_schema: DDL schema of ``records``.
+        decode: Decodes a batch of ``records`` on an executor.
+        rejected: Records rejected on the driver, path to reason.
+        skipped: Files skipped as not images (other extensions, hidden names).
+        label_names: Class names; a label is an index into this list.
+    """
+
+    records: pd.DataFrame
+    spark_schema: str
+    decode: _BatchDecoder
+    rejected: dict[str, str]
+    skipped: int
+    label_names: list[str]
+
+
 def ingest(
     spark: SparkSession, config: IngestConfig, source: str | Path, output: str | Path
 ) -> IngestResult:
@@ -90,7 +150,8 @@ def ingest(
     Args:
         spark: The session whose executors decode the images.
         config: Target shape, split fractions, row-group sizing, format.
-        source: Local (or FUSE-mounted, e.g. ``/dbfs/...``) path of the source.
+        source: Local (or FUSE-mounted, e.g. ``/dbfs/...``) path of the source; executors
+            read the files by the same path.
         output: Directory of the prepared dataset; replaced only when the run succeeds.
 
     Returns:
@@ -108,54 +169,38 @@ def ingest(
     fmt = detect_format(src) if config.format == "auto" else config.format
     if dst == src or src in dst.parents:
         raise IngestError(f"output {dst} lies inside the source {src}; choose another --output")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.max_records_per_batch)
-    partitions = config.partitions or 2 * spark.sparkContext.defaultParallelism
     log.info("ingest: %s source %s -> %s", fmt, src, dst)
+    plan = _folder_plan(src, config) if fmt == "folder" else _array_plan(src, fmt, config)
+    shape = [config.image_size, config.image_size, config.channels]
 
-    if fmt == "folder":
-        decoded, skipped, label_names = _folder_frame(spark, src, config, partitions)
-    else:
-        decoded, label_names = _array_frame(spark, src, fmt, config, partitions)
-        skipped = 0
-
-    from pyspark import StorageLevel
-
-    labelled = _split_and_label(decoded, config, label_names).persist(StorageLevel.MEMORY_AND_DISK)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        counts = _count(labelled)
-        ingested = sum(counts["splits"].values())
-        if ingested == 0:
-            raise IngestError(
-                f"no decodable image in {src}: {counts['quarantined']} quarantined, "
-                f"{skipped} skipped as not images (check the source and --format)"
-            )
-        shape = [config.image_size, config.image_size, config.channels]
+        written, rejected = _decode_and_write(spark, plan, config, tmp)
+        rejected = {**plan.rejected, **rejected}
+        splits = _commit_splits(written, tmp, schema.prepared_schema(*shape))
+        ingested = sum(splits.values())
+        _check_counts(plan, rejected, ingested, src)
+        _write_quarantine(rejected, tmp)
         result = IngestResult(
             output=str(dst),
             source=str(src),
             format=fmt,
-            files_seen=ingested + counts["quarantined"] + skipped,
+            files_seen=ingested + len(rejected) + plan.skipped,
             ingested=ingested,
-            quarantined=counts["quarantined"],
-            skipped=skipped,
-            splits=counts["splits"],
-            classes={name: counts["classes"].get(name, 0) for name in label_names},
-            label_names=label_names,
+            quarantined=len(rejected),
+            skipped=plan.skipped,
+            splits=splits,
+            classes=_class_counts(plan, rejected),
+            label_names=plan.label_names,
             image_shape=shape,
             started_at=_iso(started),
             finished_at="",
         )
-        tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _write_splits(labelled, tmp, config, counts["splits"], shape)
-            _write_quarantine(labelled, tmp)
-            result = _finish(result, tmp)
-            _swap_into_place(tmp, dst)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        result = _finish(result, tmp)
+        _swap_into_place(tmp, dst)
     finally:
-        labelled.unpersist()
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "ingest: %d ingested %s, %d quarantined, %d skipped in %.1fs",
         result.ingested,
@@ -167,87 +212,56 @@ def ingest(
     return result
 
 
-def _folder_frame(
-    spark: SparkSession, src: Path, config: IngestConfig, partitions: int
-) -> tuple[DataFrame, int, list[str]]:
-    """Decode a class-per-folder tree with ``binaryFile`` and a pandas UDF.
+# --- planning, on the driver ---------------------------------------------------------------
 
-    The driver lists the tree first: Spark's file scan silently drops zero-length files
-    and hidden (``.``/``_``) names, and those must be counted, not lost.
 
-    Returns:
-        The decoded frame, the number of files skipped, the sorted class names.
+def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
+    """Plan a class-per-folder tree from the driver's listing.
+
+    Executors read the listed files by path rather than through Spark's ``binaryFile``
+    source: the listing is needed anyway (Spark's scan silently drops zero-length,
+    unreadable and hidden files, which must be counted), reading by path spares shipping
+    every file's bytes from the JVM to Python, and a file that cannot be read (gone since
+    the listing, say) is quarantined with the reason instead of failing the job.
     """
-    listing = _list_tree(src)
+    import pandas as pd
+
+    listing = list_tree(src)
     label_names = sorted({rel.split("/")[0] for rel in listing.images if "/" in rel})
     log.info(
-        "ingest: %d image files in %d classes, %d empty, %d other files skipped",
+        "ingest: %d image files in %d classes, %d empty, %d unreadable, %d other files skipped",
         len(listing.images),
         len(label_names),
         len(listing.empty),
+        len(listing.unreadable),
         listing.skipped,
     )
-    root, size, channels = str(src), config.image_size, config.channels
-
-    def decode(batches):
-        import pandas as pd
-
-        for batch in batches:
-            pairs = zip(batch.path, batch.content, strict=True)
-            rows = [_decode_file(p, c, root, size, channels) for p, c in pairs]
-            yield pd.DataFrame(rows, columns=["path", "rel", "label_name", "image", "reason"])
-
-    spark.conf.set("spark.sql.files.minPartitionNum", partitions)
-    decoded = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", _image_glob())
-        .load(_uri(src))
-        .select("path", "content")
-        .mapInPandas(decode, f"path string, {_DECODED}")
+    root = str(src).rstrip("/")  # strings, not Path objects: faster on a large tree
+    rejected = {f"{root}/{rel}": "empty file" for rel in listing.empty}
+    rejected.update({f"{root}/{rel}": reason for rel, reason in listing.unreadable.items()})
+    outside = "not inside a class folder (expected <source>/<class>/...)"
+    rejected.update({f"{root}/{rel}": outside for rel in listing.images if "/" not in rel})
+    rels = [rel for rel in listing.images if "/" in rel]
+    names = [rel.split("/")[0] for rel in rels]
+    index = {name: i for i, name in enumerate(label_names)}
+    records = pd.DataFrame(
+        {
+            "path": [f"{root}/{rel}" for rel in rels],
+            "rel": rels,
+            "label": pd.array([index[name] for name in names], dtype="int32"),
+            "label_name": names,
+        }
     )
-    if listing.empty:
-        empty = [
-            (str(src / rel), rel, rel.split("/")[0] if "/" in rel else None, None, "empty file")
-            for rel in listing.empty
-        ]
-        decoded = decoded.unionByName(spark.createDataFrame(empty, f"path string, {_DECODED}"))
-    return decoded, listing.skipped, label_names
+    size, channels = config.image_size, config.channels
+
+    def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
+        return [_decode_file(path, size, channels) for path in batch.path]
+
+    return _Plan(records, _RECORDS, decode, rejected, listing.skipped, label_names)
 
 
-@dataclass(frozen=True)
-class _Listing:
-    images: list[str]  # relative paths of non-empty files with an image extension
-    empty: list[str]  # relative paths of zero-length files with an image extension
-    skipped: int  # other files, and hidden ones Spark never reads
-
-
-def _list_tree(src: Path) -> _Listing:
-    """Walk the source on the driver, classifying every file by name and size."""
-    images, empty, skipped = [], [], 0
-    for directory, dirs, files in os.walk(src, followlinks=True):
-        hidden_dirs = [d for d in dirs if d.startswith((".", "_"))]
-        for hidden in hidden_dirs:
-            dirs.remove(hidden)
-            skipped += sum(len(f) for _, _, f in os.walk(Path(directory, hidden)))
-        for name in files:
-            path = Path(directory, name)
-            rel = path.relative_to(src).as_posix()
-            if name.startswith((".", "_")) or not is_image_path(name):
-                skipped += 1
-            elif path.stat().st_size == 0:
-                empty.append(rel)
-            else:
-                images.append(rel)
-    if not images and not empty and not skipped:
-        raise SourceError(f"source is empty: {src}")
-    return _Listing(images, empty, skipped)
-
-
-def _array_frame(
-    spark: SparkSession, src: Path, fmt: str, config: IngestConfig, partitions: int
-) -> tuple[DataFrame, list[str]]:
-    """Read MNIST IDX or CIFAR-10 arrays on the driver; convert and resize on executors.
+def _array_plan(src: Path, fmt: str, config: IngestConfig) -> _Plan:
+    """Plan an MNIST IDX or CIFAR-10 source, read on the driver.
 
     Each record counts as one file seen; its path is ``<file>#<index>``.
     """
@@ -259,114 +273,255 @@ def _array_frame(
         if part.label_names != label_names:
             raise SourceError(f"{src}: parts {parts[0].name} and {part.name} disagree on labels")
     shapes = {part.name: part.images.shape[1:] for part in parts}
-    frame = pd.concat(
+    records = pd.concat(
         pd.DataFrame(
             {
                 "path": [f"{src / part.name}#{i}" for i in range(len(part.labels))],
                 "rel": [f"{part.name}/{i:06d}" for i in range(len(part.labels))],
+                "label": part.labels.astype("int32"),
                 "label_name": [label_names[int(k)] for k in part.labels],
                 "raw": [img.tobytes() for img in part.images],
             }
         )
         for part in parts
     )
-    log.info("ingest: %d records in %d parts, %d classes", len(frame), len(parts), len(label_names))
+    records = records.sort_values("rel", ignore_index=True)
+    log.info(
+        "ingest: %d records in %d parts, %d classes", len(records), len(parts), len(label_names)
+    )
     size, channels = config.image_size, config.channels
 
-    def prepare(batches):
-        for batch in batches:
-            images, reasons = [], []
-            for rel, raw in zip(batch.rel, batch.raw, strict=True):
-                image, reason = _prepare_record(raw, shapes[rel.split("/")[0]], size, channels)
-                images.append(image)
-                reasons.append(reason)
-            yield batch.drop(columns=["raw"]).assign(image=images, reason=reasons)
+    def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
+        pairs = zip(batch.rel, batch.raw, strict=True)
+        return [
+            _prepare_record(raw, shapes[rel.split("/")[0]], size, channels) for rel, raw in pairs
+        ]
 
-    records = spark.createDataFrame(frame).repartition(partitions)
-    return records.mapInPandas(prepare, f"path string, {_DECODED}"), label_names
+    return _Plan(records, f"{_RECORDS}, raw binary", decode, {}, 0, label_names)
 
 
-def _split_and_label(decoded: DataFrame, config: IngestConfig, label_names: list[str]) -> DataFrame:
-    """Add ``split`` (by a stable hash of the relative path) and the ``label`` index."""
+def _task_count(spark: SparkSession, config: IngestConfig, records: int) -> int:
+    """Spark tasks for decoding and writing ``records`` records.
+
+    An explicit ``config.partitions`` is used as given. Otherwise one task per slot, and up
+    to two per slot (for balance) only while each task still writes at least
+    :data:`_ROW_GROUPS_PER_WRITER` full row groups: every task leaves one short row group
+    per split, and Petastorm shards by row group, so more tasks mean more uneven shards.
+    """
+    if config.partitions:
+        return config.partitions
+    slots = spark.sparkContext.defaultParallelism
+    enough = math.ceil(records / (config.rows_per_row_group * _ROW_GROUPS_PER_WRITER))
+    return max(1, min(records, max(slots, min(enough, 2 * slots))))
+
+
+def _split_column(fractions: SplitConfig) -> Column:
+    """The split of a record, by a stable hash of its relative path (column ``rel``)."""
     from pyspark.sql import functions as F
 
-    fractions = config.splits
     # xxhash64 is stable across runs and Spark versions: a file keeps its split forever,
     # and adding files never moves existing ones.
     bucket = F.pmod(F.xxhash64("rel"), F.lit(1_000_000)) / F.lit(1_000_000.0)
-    split = (
+    return (
         F.when(bucket < fractions.train, "train")
         .when(bucket < fractions.train + fractions.val, "val")
         .otherwise("test")
     )
-    pairs = [x for i, name in enumerate(label_names) for x in (F.lit(name), F.lit(i))]
-    label = F.create_map(*pairs)[F.col("label_name")] if pairs else F.lit(None)
-    return decoded.withColumn(schema.SPLIT, split).withColumn(schema.LABEL, label.cast("int"))
 
 
-def _count(labelled: DataFrame) -> dict[str, Any]:
-    """Ingested rows per split and per class, and the number quarantined, in one job."""
-    from pyspark.sql import functions as F
+# --- the Spark job -------------------------------------------------------------------------
 
-    rows = (
-        labelled.groupBy(F.col("reason").isNull().alias("ok"), schema.SPLIT, "label_name")
-        .count()
-        .collect()
+
+@dataclass(frozen=True)
+class _WrittenFile:
+    """A Parquet file written by a task, as reported back to the driver.
+
+    Attributes:
+        split: The split whose dataset it belongs to.
+        name: Its name inside the split's dataset (deterministic across runs).
+        staged: Where the task attempt wrote it.
+        rows: Rows in the file.
+        row_groups: Row groups in the file (Petastorm's ``row groups per file`` metadata).
+    """
+
+    split: str
+    name: str
+    staged: str
+    rows: int
+    row_groups: int
+
+
+def _decode_and_write(
+    spark: SparkSession, plan: _Plan, config: IngestConfig, tmp: Path
+) -> tuple[list[_WrittenFile], dict[str, str]]:
+    """Decode every record and write every split, in one Spark job.
+
+    Each task decodes its records and writes the good ones with pyarrow, in files of
+    ``rows_per_row_group`` rows, under a staging folder of its own (``tmp/_staging``); it
+    reports the files it wrote and the records it rejected as the job's (small) result.
+    Writing in the Python worker spares moving every image back to the JVM, sorting it
+    by split and re-encoding it there, which cost more than decoding. Only what successful
+    tasks report is used: files of failed or duplicate attempts stay in staging.
+
+    The records start as a local table on the driver, already in slices, so nothing is
+    shuffled for a small source; Spark computes the split there too (it folds a
+    projection of a local table on the driver).
+
+    Returns:
+        The files written, and the records rejected on the executors (path to reason).
+    """
+    if plan.records.empty:
+        return [], {}
+    staging = tmp / _STAGING_DIR
+    staging.mkdir(parents=True)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.max_records_per_batch)
+    records = spark.createDataFrame(plan.records, plan.spark_schema).withColumn(
+        schema.SPLIT, _split_column(config.splits)
     )
-    splits = {name: 0 for name in schema.SPLITS}
-    classes: dict[str, int] = {}
-    quarantined = 0
-    for row in rows:
-        if not row["ok"]:
-            quarantined += row["count"]
-            continue
-        splits[row[schema.SPLIT]] += row["count"]
-        classes[row["label_name"]] = classes.get(row["label_name"], 0) + row["count"]
-    return {"splits": splits, "classes": classes, "quarantined": quarantined}
+    tasks = _task_count(spark, config, len(plan.records))
+    # A local table comes in at most defaultParallelism slices: merge them without a
+    # shuffle, or (only for a large source) shuffle the small records before decoding.
+    if tasks <= spark.sparkContext.defaultParallelism:
+        records = records.coalesce(tasks)
+    else:
+        records = records.repartition(tasks)
+    log.info("ingest: decoding %d records in %d tasks", len(plan.records), tasks)
+    task = _decode_task(
+        plan.decode, str(staging), config.rows_per_row_group, config.row_group_size_mb << 20
+    )
+    report = [row.asDict() for row in records.mapInPandas(task, _REPORT_DDL).collect()]
+    written = [
+        _WrittenFile(**{field.name: row[field.name] for field in fields(_WrittenFile)})
+        for row in report
+        if row["name"] is not None
+    ]
+    rejected = {row["path"]: row["reason"] for row in report if row["reason"] is not None}
+    return written, rejected
 
 
-def _write_splits(
-    labelled: DataFrame, tmp: Path, config: IngestConfig, counts: dict[str, int], shape: list[int]
-) -> None:
-    """Write each non-empty split as its own Petastorm dataset of even-sized row groups."""
-    from petastorm.etl.dataset_metadata import materialize_dataset
-    from pyspark.sql import functions as F
+def _decode_task(
+    decode: _BatchDecoder, staging: str, rows_per_file: int, row_group_bytes: int
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """The ``mapInPandas`` function: decode, write, and yield the task's report."""
 
-    unischema = schema.prepared_schema(*shape)
-    columns = list(unischema.fields)
-    good = labelled.where(F.col("reason").isNull())
-    spark = labelled.sparkSession
+    def decode_and_write(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        import pandas as pd
+
+        writer = _TaskWriter(staging, rows_per_file, row_group_bytes)
+        rejected: list[tuple[str, str]] = []
+        for batch in batches:
+            results = decode(batch)
+            rejected += [
+                (path, reason)
+                for path, (_, reason) in zip(batch.path, results, strict=True)
+                if reason is not None
+            ]
+            decoded = batch.assign(**{schema.IMAGE: [image for image, _ in results]})
+            writer.add(decoded.loc[decoded[schema.IMAGE].notna(), list(_PREPARED)])
+        report = [asdict(file) for file in writer.close()]
+        report += [{"path": path, "reason": reason} for path, reason in rejected]
+        yield pd.DataFrame(
+            [[row.get(column) for column in _REPORT] for row in report],
+            columns=list(_REPORT),
+            dtype=object,
+        )
+
+    return decode_and_write
+
+
+# --- finishing, on the driver --------------------------------------------------------------
+
+
+def _commit_splits(written: list[_WrittenFile], tmp: Path, unischema: Unischema) -> dict[str, int]:
+    """Move the reported files into ``split=<name>`` folders and make each a Petastorm dataset.
+
+    Returns:
+        Rows per split (``0`` for a split that received none and is not written).
+    """
+    counts = {}
     for split in schema.SPLITS:
-        if counts[split] == 0:
+        files = [file for file in written if file.split == split]
+        counts[split] = sum(file.rows for file in files)
+        if not files:
             log.warning("ingest: split %s is empty; not written", split)
             continue
-        url = _uri(Path(schema.split_path(str(tmp), split)))
-        row_groups = math.ceil(counts[split] / config.rows_per_row_group)
-        # One writer per split gives row groups of exactly rows_per_row_group rows (but the
-        # last); several writers each leave one short row group, so use them only when big.
-        writers = max(
-            1, min(row_groups // _ROW_GROUPS_PER_WRITER, spark.sparkContext.defaultParallelism)
-        )
-        part = good.where(F.col(schema.SPLIT) == split).select(*columns)
-        part = part.repartition(writers, schema.PATH) if writers > 1 else part.coalesce(1)
-        log.info("ingest: writing %s: %d rows, ~%d row groups", split, counts[split], row_groups)
-        with materialize_dataset(spark, url, unischema, config.row_group_size_mb):
-            (
-                part.sortWithinPartitions(schema.PATH)
-                .write.mode("overwrite")
-                .option("maxRecordsPerFile", config.rows_per_row_group)
-                .parquet(url)
-            )
+        dataset = Path(schema.split_path(str(tmp), split))
+        dataset.mkdir()
+        for file in files:
+            os.rename(file.staged, dataset / file.name)
+        _write_petastorm_metadata(dataset, unischema, {f.name: f.row_groups for f in files})
+        log.info("ingest: wrote %s: %d rows in %d files", split, counts[split], len(files))
+    # Whatever is left was written by failed or duplicate task attempts.
+    shutil.rmtree(tmp / _STAGING_DIR, ignore_errors=True)
+    return counts
 
 
-def _write_quarantine(labelled: DataFrame, tmp: Path) -> None:
-    """Write every rejected file with its reason (an empty table when none was rejected)."""
-    from pyspark.sql import functions as F
+def _write_petastorm_metadata(
+    dataset: Path, unischema: Unischema, row_groups: dict[str, int]
+) -> None:
+    """Write Petastorm's ``_common_metadata`` (Unischema, row groups per file) for one split.
 
-    bad = labelled.where(F.col("reason").isNotNull()).select("path", "reason")
-    bad.coalesce(1).sortWithinPartitions("path").write.mode("overwrite").parquet(
-        _uri(tmp / schema.QUARANTINE_DIR)
+    What ``materialize_dataset`` does after a Spark write, with the row-group counts the
+    tasks reported instead of a Spark job that opens every file again.
+    """
+    import pyarrow.parquet as pq
+    from petastorm.etl.dataset_metadata import (
+        ROW_GROUPS_PER_FILE_KEY,
+        _generate_unischema_metadata,
     )
+    from petastorm.fs_utils import FilesystemResolver
+    from petastorm.utils import add_to_dataset_metadata
+
+    with warnings.catch_warnings():
+        # Petastorm's local file system and legacy dataset are deprecated in pyarrow 14.
+        warnings.simplefilter("ignore", FutureWarning)
+        resolver = FilesystemResolver(file_uri(dataset))
+        parquet = pq.ParquetDataset(
+            resolver.get_dataset_path(), filesystem=resolver.filesystem(), validate_schema=False
+        )
+        _generate_unischema_metadata(parquet, unischema)
+        add_to_dataset_metadata(parquet, ROW_GROUPS_PER_FILE_KEY, json.dumps(row_groups))
+
+
+def _check_counts(plan: _Plan, rejected: dict[str, str], ingested: int, src: Path) -> None:
+    """Fail unless something was ingested and every planned record is accounted for."""
+    if ingested == 0:
+        raise IngestError(
+            f"no decodable image in {src}: {len(rejected)} quarantined, "
+            f"{plan.skipped} skipped as not images (check the source and --format)"
+        )
+    planned = len(plan.records) + len(plan.rejected)
+    if ingested + len(rejected) != planned:
+        # Not a user error: rows were lost or duplicated between the listing and the write.
+        raise RuntimeError(
+            f"ingest: {planned} records planned but {ingested} written + "
+            f"{len(rejected)} quarantined"
+        )
+
+
+def _class_counts(plan: _Plan, rejected: dict[str, str]) -> dict[str, int]:
+    """Ingested records per class, every class listed (``0`` when all its files failed)."""
+    counts = Counter(
+        name
+        for path, name in zip(plan.records.path, plan.records.label_name, strict=True)
+        if path not in rejected
+    )
+    return {name: counts.get(name, 0) for name in plan.label_names}
+
+
+def _write_quarantine(rejected: dict[str, str], tmp: Path) -> None:
+    """Write every rejected record with its reason (an empty table when none was rejected)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = sorted(rejected)
+    table = pa.table(
+        {"path": pa.array(paths, pa.string()), "reason": [rejected[p] for p in paths]},
+        schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
+    )
+    folder = tmp / schema.QUARANTINE_DIR
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-00000.parquet")
 
 
 def _finish(result: IngestResult, tmp: Path) -> IngestResult:
@@ -392,20 +547,90 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
 # --- per-record work, run on the executors -------------------------------------------------
 
 
-def _decode_file(
-    path: str, content: bytes, root: str, size: int, channels: int
-) -> tuple[str, str, str | None, bytes | None, str | None]:
-    """Decode one file: ``(path, rel, label_name, encoded image, reason)``, reason on failure."""
-    rel = _relative(path, root)
-    parts = rel.split("/")
-    local = unquote(urlparse(path).path)
-    if len(parts) < 2:
-        return local, rel, None, None, "not inside a class folder (expected <source>/<class>/...)"
+class _TaskWriter:
+    """Writes one task's decoded rows, split by split, as Parquet files of a fixed row count.
+
+    Files go to a staging folder of this task attempt, named after the task's partition
+    so that a re-run gives the same names; the driver moves them into place.
+    """
+
+    def __init__(self, staging: str, rows_per_file: int, row_group_bytes: int) -> None:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        self._partition = context.partitionId()
+        self._folder = f"{staging}/{context.taskAttemptId()}"
+        # mkdir, not makedirs: an attempt still running after the driver removed the
+        # staging folder fails here instead of writing into the finished dataset.
+        os.mkdir(self._folder)
+        self._rows_per_file = rows_per_file
+        self._row_group_bytes = row_group_bytes
+        self._pending: dict[str, list[pd.DataFrame]] = {}
+        self._files = Counter[str]()  # files written per split, for their names
+        self._written: list[_WrittenFile] = []
+
+    def add(self, rows: pd.DataFrame) -> None:
+        """Buffer rows; write a file whenever a split has ``rows_per_file`` of them."""
+        import pandas as pd
+
+        for split, part in rows.groupby(schema.SPLIT, sort=False):
+            pending = self._pending.setdefault(split, [])
+            pending.append(part)
+            if sum(len(frame) for frame in pending) < self._rows_per_file:
+                continue
+            rows_of_split = pd.concat(pending, ignore_index=True)
+            full = len(rows_of_split) - len(rows_of_split) % self._rows_per_file
+            for start in range(0, full, self._rows_per_file):
+                self._write(split, rows_of_split.iloc[start : start + self._rows_per_file])
+            self._pending[split] = [rows_of_split.iloc[full:]]
+
+    def close(self) -> list[_WrittenFile]:
+        """Write the remaining (short) file of each split; return every file written."""
+        import pandas as pd
+
+        for split, pending in self._pending.items():
+            rest = pd.concat(pending, ignore_index=True)
+            if len(rest):
+                self._write(split, rest)
+        return self._written
+
+    def _write(self, split: str, rows: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(rows, schema=_arrow_schema(), preserve_index=False)
+        table = table.replace_schema_metadata()  # pandas' own metadata has no use here
+        # One row group per file, unless that would exceed row_group_size_mb.
+        rows_per_group = max(1, min(len(rows), self._row_group_bytes * len(rows) // table.nbytes))
+        name = f"part-{self._partition:05d}-{self._files[split]:05d}.parquet"
+        self._files[split] += 1
+        staged = f"{self._folder}/{split}-{name}"
+        footers: list[pq.FileMetaData] = []
+        pq.write_table(table, staged, row_group_size=rows_per_group, metadata_collector=footers)
+        self._written.append(
+            _WrittenFile(split, name, staged, footers[0].num_rows, footers[0].num_row_groups)
+        )
+
+
+def _arrow_schema() -> pa.Schema:
+    """Arrow schema of the prepared dataset's files (as Spark would write them)."""
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in _PREPARED.items()])
+
+
+def _decode_file(path: str, size: int, channels: int) -> tuple[bytes | None, str | None]:
+    """Read and decode one image file: ``(encoded image, None)`` or ``(None, reason)``."""
     try:
-        image = _encode(decode_image(content, size, channels))
+        with open(path, "rb") as file:
+            content = file.read()
+    except OSError as exc:
+        # Gone, unreadable or a directory since the listing: quarantined, not a failed job.
+        return None, f"cannot read file: {exc.strerror or exc}"
+    try:
+        return _encode(decode_image(content, size, channels)), None
     except ImageDecodeError as exc:
-        return local, rel, parts[0], None, str(exc)
-    return local, rel, parts[0], image, None
+        return None, str(exc)
 
 
 def _prepare_record(
@@ -430,25 +655,6 @@ def _encode(array) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
-
-
-def _relative(path: str, root: str) -> str:
-    """Path of a Spark-listed file (a URI, possibly %-encoded) relative to the source root."""
-    local = unquote(urlparse(path).path)
-    return local[len(root) :].lstrip("/") if local.startswith(root) else local
-
-
-def _image_glob() -> str:
-    """A case-insensitive Hadoop glob matching the image extensions (``*.{[pP][nN][gG],...}``)."""
-    classes = [
-        "".join(f"[{c.lower()}{c.upper()}]" for c in ext[1:]) for ext in sorted(IMAGE_EXTENSIONS)
-    ]
-    return "*.{" + ",".join(classes) + "}"
-
-
-def _uri(path: Path) -> str:
-    # Not Path.as_uri(): it %-encodes "=" in "split=train", which Spark then keeps literally.
-    return f"file://{path.resolve()}"
 
 
 def _iso(timestamp: float) -> str:

@@ -11,9 +11,8 @@ files and hidden (``.``/``_``) names; those must be counted, never lost.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from pipelines.images import IMAGE_EXTENSIONS, is_image_path
 from pipelines.sources import SourceError
@@ -24,40 +23,70 @@ class Listing:
     """Files under a source folder, by path relative to it (``/``-separated).
 
     Attributes:
-        images: Non-empty files with an image extension.
-        empty: Zero-length files with an image extension.
+        images: Non-empty files with an image extension, sorted.
+        empty: Zero-length files with an image extension, sorted.
         skipped: Other files, and hidden ones (``.``/``_`` names), which Spark never reads.
+        unreadable: Files with an image extension that cannot even be examined (a broken
+            link, no permission), with why. Spark's scan silently drops them too.
     """
 
     images: list[str]
     empty: list[str]
     skipped: int
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def list_tree(src: Path) -> Listing:
     """Walk ``src`` on the driver, classifying every file by name and size.
 
+    Symbolic links to folders are followed. Plain strings and ``os.scandir`` rather than
+    ``pathlib``: per-file ``Path`` objects cost more than the walk itself on a large tree.
+
+    Returns:
+        The listing, its relative paths sorted.
+
     Raises:
-        SourceError: ``src`` holds no file at all.
+        SourceError: ``src`` holds no file at all, or a folder in it cannot be listed.
     """
-    images, empty, skipped = [], [], 0
-    for directory, dirs, files in os.walk(src, followlinks=True):
-        hidden_dirs = [d for d in dirs if d.startswith((".", "_"))]
-        for hidden in hidden_dirs:
-            dirs.remove(hidden)
-            skipped += sum(len(f) for _, _, f in os.walk(Path(directory, hidden)))
-        for name in files:
-            path = Path(directory, name)
-            rel = path.relative_to(src).as_posix()
-            if name.startswith((".", "_")) or not is_image_path(name):
+    images, empty, skipped, unreadable = [], [], 0, {}
+    root = str(src)
+    folders = [""]  # relative paths of the folders still to list
+    while folders:
+        folder = folders.pop()
+        for entry in _entries(f"{root}/{folder}" if folder else root):
+            rel = f"{folder}/{entry.name}" if folder else entry.name
+            hidden = entry.name.startswith((".", "_"))
+            if entry.is_dir():
+                if hidden:
+                    skipped += _count_files(entry.path)
+                else:
+                    folders.append(rel)
+            elif hidden or not is_image_path(entry.name):
                 skipped += 1
-            elif path.stat().st_size == 0:
-                empty.append(rel)
             else:
-                images.append(rel)
-    if not images and not empty and not skipped:
+                try:
+                    size = entry.stat().st_size
+                except OSError as exc:
+                    unreadable[rel] = f"cannot read file: {exc.strerror or exc}"
+                    continue
+                (images if size else empty).append(rel)
+    if not images and not empty and not skipped and not unreadable:
         raise SourceError(f"source is empty: {src}")
-    return Listing(images, empty, skipped)
+    return Listing(sorted(images), sorted(empty), skipped, unreadable)
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    """The entries of one folder; an unreadable folder is an error, not silently empty."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise SourceError(f"cannot list {folder}: {exc.strerror or exc}") from exc
+
+
+def _count_files(folder: str) -> int:
+    """Files anywhere under ``folder`` (a hidden one: all of them are skipped)."""
+    return sum(len(files) for _, _, files in os.walk(folder))
 
 
 def image_glob() -> str:
@@ -69,17 +98,6 @@ def image_glob() -> str:
         "".join(f"[{c.lower()}{c.upper()}]" for c in ext[1:]) for ext in sorted(IMAGE_EXTENSIONS)
     ]
     return "*.{" + ",".join(classes) + "}"
-
-
-def local_path(uri: str) -> str:
-    """The file-system path of a Spark-listed file (a URI, possibly %-encoded)."""
-    return unquote(urlparse(uri).path)
-
-
-def relative(uri: str, root: str) -> str:
-    """Path of a Spark-listed file relative to the source root."""
-    local = local_path(uri)
-    return local[len(root) :].lstrip("/") if local.startswith(root) else local
 
 
 def file_uri(path: Path) -> str:

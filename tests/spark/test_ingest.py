@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -124,13 +125,73 @@ def test_petastorm_make_reader_reads_every_split(prepared):
     assert seen["cat 01.JPG"].image.mean() < 80 < seen["dog 01.JPG"].image.mean()
 
 
-def test_row_groups_are_small_enough_to_shard(prepared):
+def test_row_groups_are_small_enough_to_shard(spark, prepared):
     result, output, _ = prepared
     train = Path(split_path(str(output), "train"))
-    sizes = [pq.ParquetFile(f).metadata.num_rows for f in sorted(train.glob("*.parquet"))]
+    files = [pq.ParquetFile(f).metadata for f in sorted(train.glob("*.parquet"))]
+    sizes = [meta.num_rows for meta in files]
     assert sum(sizes) == result.splits["train"]
     assert max(sizes) <= CONFIG.rows_per_row_group
     assert len(sizes) >= 2  # two Horovod ranks each get a row group
+    assert all(meta.num_row_groups == 1 for meta in files)
+    # Similar sizes: each decoding task leaves at most one short row group per split.
+    short = [n for n in sizes if n < CONFIG.rows_per_row_group]
+    assert len(short) <= spark.sparkContext.defaultParallelism
+
+
+def test_each_split_is_a_complete_petastorm_dataset_and_nothing_else_is_left(prepared):
+    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+
+    result, output, _ = prepared
+    datasets = {f"split={s}" for s, n in result.splits.items() if n}
+    assert {p.name for p in output.iterdir()} == {*datasets, QUARANTINE_DIR, MANIFEST_FILE}
+    for name in datasets:
+        assert (output / name / "_common_metadata").is_file()
+        stored = get_schema_from_dataset_url(f"file://{output / name}")
+        assert list(stored.fields) == ["image", "label", "label_name", "path", "split"]
+
+
+def test_row_groups_stay_under_the_size_bound_and_petastorm_reads_them_all(spark, tree, tmp_path):
+    from petastorm import make_reader
+
+    source, expected = tree
+    # 600x600 RGB is about 1 MB a row: with a 1 MB bound every row is a row group of its own.
+    config = replace(CONFIG, image_size=600, channels=3, rows_per_row_group=4, row_group_size_mb=1)
+    result = ingest(spark, config, source, tmp_path / "out")
+    train = split_path(str(tmp_path / "out"), "train")
+    files = [pq.ParquetFile(f).metadata for f in Path(train).glob("*.parquet")]
+    assert all(meta.num_row_groups == meta.num_rows for meta in files)
+    assert max(meta.num_rows for meta in files) <= config.rows_per_row_group
+    with make_reader("file://" + train, num_epochs=1, reader_pool_type="dummy") as reader:
+        assert sum(1 for _ in reader) == result.splits["train"]
+
+
+def test_only_files_reported_by_successful_tasks_are_committed(tmp_path):
+    from pipelines.ingest import _commit_splits, _WrittenFile
+    from pipelines.schema import prepared_schema
+
+    staging = tmp_path / "_staging"
+    for attempt in ("7", "8"):  # 7 failed halfway, its retry 8 succeeded
+        (staging / attempt).mkdir(parents=True)
+        table = pa.table({"image": [b"x"], "label": [0], "path": ["a"], "split": ["train"]})
+        pq.write_table(table, staging / attempt / "train-part-00000-00000.parquet")
+    staged = str(staging / "8" / "train-part-00000-00000.parquet")
+    written = [_WrittenFile("train", "part-00000-00000.parquet", staged, 1, 1)]
+    counts = _commit_splits(written, tmp_path, prepared_schema(16, 16, 1))
+    assert counts == {"train": 1, "val": 0, "test": 0}
+    assert [p.name for p in (tmp_path / "split=train").glob("*.parquet")] == [
+        "part-00000-00000.parquet"
+    ]
+    assert not staging.exists()
+
+
+def test_ingest_decodes_in_one_spark_job(spark, tree, tmp_path):
+    source, _ = tree
+    tracker = spark.sparkContext.statusTracker()
+    before = set(tracker.getJobIdsForGroup())
+    ingest(spark, CONFIG, source, tmp_path / "out")
+    # One pass: no count, no per-split writes, no per-file metadata job (materialize_dataset).
+    assert len(set(tracker.getJobIdsForGroup()) - before) == 1
 
 
 def test_batch_reader_and_spark_see_the_same_rows(spark, prepared):
@@ -195,6 +256,18 @@ def test_failed_run_leaves_the_previous_dataset_intact(spark, tmp_path):
         ingest(spark, CONFIG, bad, output)
     assert (output / MANIFEST_FILE).read_text() == manifest
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_unreadable_files_are_quarantined_with_the_reason(spark, tmp_path):
+    source = tmp_path / "src"
+    make_tree(source, per_class=4)
+    (source / "cat" / "broken link.png").symlink_to(tmp_path / "nowhere.png")
+    result = ingest(spark, CONFIG, source, tmp_path / "out")
+    assert result.ingested == 8
+    assert result.files_seen == result.ingested + result.quarantined + result.skipped
+    table = pq.read_table(tmp_path / "out" / QUARANTINE_DIR).to_pandas()
+    reasons = dict(zip((Path(p).name for p in table.path), table.reason, strict=True))
+    assert reasons["broken link.png"] == "cannot read file: No such file or directory"
 
 
 def test_missing_empty_and_nested_sources_fail_with_the_path(spark, tmp_path):
