@@ -172,7 +172,10 @@ def score(
 
 
 def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[DataFrame, int]:
-    """``(path, content)`` rows of every image; the count of non-image files skipped."""
+    """``(path, content, read_error)`` rows of every image; the count of other files skipped.
+
+    ``read_error`` is set (and ``content`` empty or null) for a file that cannot be read.
+    """
     from pyspark.sql import functions as F
 
     src = Path(source).expanduser().resolve()
@@ -187,7 +190,13 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
                 f"{src}: table lacks column(s) {', '.join(sorted(missing))} "
                 f"(need path and score.image_column={column})"
             )
-        return frame.select(F.col("path").cast("string"), F.col(column).alias("content")), 0
+        return frame.select(
+            F.col("path").cast("string"),
+            F.col(column).alias("content"),
+            F.when(F.col(column).isNull(), F.lit(f"no image bytes in column {column}"))
+            .cast("string")
+            .alias("read_error"),
+        ), 0
 
     listing = list_tree(src)
     files = (
@@ -198,10 +207,13 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
         .select(F.col("path"), F.col("content"))
     )
     files = files.withColumn("path", _local_path_column(F.col("path")))
-    if listing.empty:
-        # Spark's scan drops zero-length files; they still get a row (with an error).
-        empty = [(str(src / rel), b"") for rel in listing.empty]
-        files = files.unionByName(spark.createDataFrame(empty, "path string, content binary"))
+    files = files.withColumn("read_error", F.lit(None).cast("string"))
+    # Spark's scan drops zero-length files and skips broken links; they still get a row.
+    missed = [(str(src / rel), b"", None) for rel in listing.empty]
+    missed += [(str(src / rel), None, reason) for rel, reason in listing.unreadable.items()]
+    if missed:
+        schema = "path string, content binary, read_error string"
+        files = files.unionByName(spark.createDataFrame(missed, schema))
     log.info(
         "score: %d image files (%d empty), %d other files skipped",
         len(listing.images) + len(listing.empty), len(listing.empty), listing.skipped,
@@ -252,7 +264,7 @@ _MODELS: dict[str, Any] = {}
 
 
 def _predict_batch(model_name: str, threads: int, batch: Any) -> Any:
-    """Run the pyfunc model over one Arrow batch of ``(path, content)`` rows."""
+    """Run the pyfunc model over one Arrow batch of ``(path, content, read_error)`` rows."""
     import pandas as pd
 
     model = _MODELS.get(model_name)
@@ -262,16 +274,20 @@ def _predict_batch(model_name: str, threads: int, batch: Any) -> Any:
 
         _limit_tf_threads(threads)
         model = _MODELS[model_name] = mlflow.pyfunc.load_model(SparkFiles.get(model_name))
-    output = model.predict(pd.DataFrame({"image": list(batch["content"])}))
-    return pd.DataFrame(
-        {
-            "path": batch["path"].to_numpy(),
-            "predicted_label": output["predicted_label"].to_numpy(),
-            "probability": output["probability"].to_numpy(),
-            "probabilities": output["probabilities"].to_numpy(),
-            "error": output["error"].to_numpy(),
-        }
-    )
+    readable = batch["read_error"].isna().to_numpy()
+    columns = {
+        "predicted_label": [None] * len(batch),
+        "probability": [float("nan")] * len(batch),
+        "probabilities": [None] * len(batch),
+        "error": list(batch["read_error"]),
+    }
+    if readable.any():
+        output = model.predict(pd.DataFrame({"image": list(batch["content"][readable])}))
+        positions = readable.nonzero()[0]
+        for name, values in columns.items():
+            for position, value in zip(positions, output[name].tolist(), strict=True):
+                values[position] = value
+    return pd.DataFrame({"path": batch["path"].to_numpy(), **columns})
 
 
 def _limit_tf_threads(threads: int) -> None:

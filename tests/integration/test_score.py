@@ -52,7 +52,7 @@ def trained(spark, tmp_path_factory) -> tuple[Config, Path]:
 
 @pytest.fixture()
 def incoming(trained, tmp_path) -> Path:
-    """Forty real digit images in nested folders, plus a corrupt and an empty one."""
+    """Forty real digit images in nested folders, plus a corrupt, an empty and a lost one."""
     _, digits = trained
     folder = tmp_path / "incoming-2026-11-22"
     for i, png in enumerate(sorted(digits.rglob("*.png"))[::45][:40]):
@@ -63,6 +63,7 @@ def incoming(trained, tmp_path) -> Path:
         shutil.copy(png, target)
     (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
     (folder / "empty.jpg").write_bytes(b"")
+    (folder / "gone.png").symlink_to(folder / "deleted-meanwhile.png")
     (folder / "notes.txt").write_text("not an image")
     return folder
 
@@ -73,15 +74,15 @@ def test_one_row_per_file_matching_the_in_process_model(spark, trained, incoming
     config, _ = trained
     table = str(tmp_path / "scores")
     result = score(spark, config, str(incoming), table=table)
-    assert (result.rows, result.errors, result.skipped) == (42, 2, 1)
+    assert (result.rows, result.errors, result.skipped) == (43, 3, 1)
     assert result.batch_id == "incoming-2026-11-22"
     assert result.model_version == "1"
 
     rows = read_table(spark, table).toPandas()
     assert list(rows.columns) == [c for c in TABLE_COLUMNS if c != "batch_id"] + ["batch_id"]
-    assert len(rows) == 42 and rows.path.is_unique
+    assert len(rows) == 43 and rows.path.is_unique
     errors = rows[rows.error.notna()]
-    assert sorted(Path(p).name for p in errors.path) == ["corrupt.png", "empty.jpg"]
+    assert sorted(Path(p).name for p in errors.path) == ["corrupt.png", "empty.jpg", "gone.png"]
     assert errors.predicted_label.isna().all() and errors.probabilities.isna().all()
 
     mlflow.set_tracking_uri(config.tracking_uri)
@@ -103,20 +104,20 @@ def test_rerunning_a_batch_replaces_only_that_batch(spark, trained, incoming, tm
     again = score(spark, config, str(incoming), table=table)
     frame = read_table(spark, table)
     counts = {r["batch_id"]: r["count"] for r in frame.groupBy("batch_id").count().collect()}
-    assert counts == {"incoming-2026-11-22": 42, "other": 42}
-    assert again.rows == 42
+    assert counts == {"incoming-2026-11-22": 43, "other": 43}
+    assert again.rows == 43
 
 
 def test_table_source_with_path_and_bytes(spark, trained, incoming, tmp_path):
     config, _ = trained
-    files = sorted(p for p in incoming.rglob("*.png"))
-    frame = pd.DataFrame(
-        {"path": [str(p) for p in files], "content": [p.read_bytes() for p in files]}
-    )
+    files = sorted(p for p in incoming.rglob("*.png") if p.exists())
+    rows = [(str(p), p.read_bytes()) for p in files] + [("lost.png", None)]
     source = tmp_path / "bytes_table"
-    spark.createDataFrame(frame).write.parquet(str(source))
+    spark.createDataFrame(rows, "path string, content binary").write.parquet(str(source))
     result = score(spark, config, str(source), table=str(tmp_path / "t"), batch_id="b1")
-    assert (result.rows, result.errors) == (len(files), 1)
+    assert (result.rows, result.errors) == (len(files) + 1, 2)  # corrupt.png and lost.png
+    lost = read_table(spark, str(tmp_path / "t")).where("path = 'lost.png'").first()
+    assert lost.error == "no image bytes in column content" and lost.predicted_label is None
 
 
 def test_missing_model_or_alias_is_a_one_line_error(spark, trained, incoming, tmp_path, capsys):
