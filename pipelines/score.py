@@ -16,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +46,8 @@ TABLE_SCHEMA = (
     "scored_at timestamp, batch_id string"
 )
 TABLE_COLUMNS = tuple(part.split()[0] for part in TABLE_SCHEMA.split(", "))
+#: Images a scoring task handles at most (beyond two tasks per slot): bounds retry cost.
+FILES_PER_TASK = 20_000
 #: Sidecar with the class order of ``probabilities``, one file per model version.
 CLASSES_DIR = "_classes"
 
@@ -114,7 +119,7 @@ def score(
     batch_id = batch_id or default_batch_id(source)
     log.info("score: %s with %s into %s (batch %s)", source, resolved.uri, table, batch_id)
 
-    images, skipped = _read_source(spark, config, source)
+    images, skipped, images_listed = _read_source(spark, config, source)
     mlflow.set_tracking_uri(config.tracking_uri)
     local_model = _local_model(resolved, config.work_path / "cache" / "models")
     label_names = _label_names(local_model)
@@ -147,7 +152,8 @@ def score(
         F.lit(scored_at).cast("timestamp").alias("scored_at"),
         F.lit(batch_id).alias("batch_id"),
     )
-    _write(rows, table, config.score.format, batch_id)
+    with _scan_tasks(spark, _task_count(spark, images_listed)):
+        _write(rows, table, config.score.format, batch_id)
     classes_file = _write_classes(table, resolved, label_names, config.score.format)
     counts = _count(spark, table, batch_id, config.score.format)
     result = ScoreResult(
@@ -171,10 +177,13 @@ def score(
     return result
 
 
-def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[DataFrame, int]:
-    """``(path, content, read_error)`` rows of every image; the count of other files skipped.
+def _read_source(
+    spark: SparkSession, config: Config, source: str
+) -> tuple[DataFrame, int, int | None]:
+    """``(path, content, read_error)`` rows of every image, and two counts.
 
     ``read_error`` is set (and ``content`` empty or null) for a file that cannot be read.
+    The counts: other files skipped, and image files listed (``None`` for a table source).
     """
     from pyspark.sql import functions as F
 
@@ -190,13 +199,17 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
                 f"{src}: table lacks column(s) {', '.join(sorted(missing))} "
                 f"(need path and score.image_column={column})"
             )
-        return frame.select(
-            F.col("path").cast("string"),
-            F.col(column).alias("content"),
-            F.when(F.col(column).isNull(), F.lit(f"no image bytes in column {column}"))
-            .cast("string")
-            .alias("read_error"),
-        ), 0
+        return (
+            frame.select(
+                F.col("path").cast("string"),
+                F.col(column).alias("content"),
+                F.when(F.col(column).isNull(), F.lit(f"no image bytes in column {column}"))
+                .cast("string")
+                .alias("read_error"),
+            ),
+            0,
+            None,
+        )
 
     listing = list_tree(src)
     files = (
@@ -218,7 +231,7 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
         "score: %d image files (%d empty), %d other files skipped",
         len(listing.images) + len(listing.empty), len(listing.empty), listing.skipped,
     )  # fmt: skip
-    return files, listing.skipped
+    return files, listing.skipped, len(listing.images)
 
 
 def _local_path_column(uri: Column) -> Column:
@@ -252,6 +265,41 @@ def _local_model(model: ResolvedModel, cache: Path) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _task_count(spark: SparkSession, files: int | None) -> int | None:
+    """Scan tasks for ``files`` images: one wave over the task slots, more for big batches."""
+    if not files:
+        return None
+    slots = spark.sparkContext.defaultParallelism
+    return slots * max(1, math.ceil(files / (FILES_PER_TASK * slots)))
+
+
+@contextmanager
+def _scan_tasks(spark: SparkSession, tasks: int | None) -> Iterator[None]:
+    """Plan the ``binaryFile`` scan as ``tasks`` even partitions, for this job only.
+
+    Left alone, Spark caps a scan partition at 128 MB counting 4 MB per file: 5,000 small
+    images became 3 partitions on 2 slots, two waves with one slot idle in the second (a
+    third of the scoring time). Without the cap, ``minPartitionNum`` splits files evenly.
+    """
+    settings = {
+        "spark.sql.files.minPartitionNum": str(tasks),
+        "spark.sql.files.maxPartitionBytes": str(1 << 40),
+    }
+    previous = {key: spark.conf.get(key, None) for key in settings}
+    if tasks:
+        for key, value in settings.items():
+            spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if tasks:
+            for key, value in previous.items():
+                if value is None:
+                    spark.conf.unset(key)
+                else:
+                    spark.conf.set(key, value)
 
 
 def _is_table(src: Path) -> bool:

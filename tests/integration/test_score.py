@@ -77,6 +77,8 @@ def test_one_row_per_file_matching_the_in_process_model(spark, trained, incoming
     assert (result.rows, result.errors, result.skipped) == (43, 3, 1)
     assert result.batch_id == "incoming-2026-11-22"
     assert result.model_version == "1"
+    # The scan's partitioning was set for that job only.
+    assert spark.conf.get("spark.sql.files.minPartitionNum", None) is None
 
     rows = read_table(spark, table).toPandas()
     assert list(rows.columns) == [c for c in TABLE_COLUMNS if c != "batch_id"] + ["batch_id"]
