@@ -232,7 +232,7 @@ def _confusion(
         [[names[k], *cm[k].tolist()] for k in range(len(names))],
     )
     report = classification_report(cm, names)
-    (out / "classification_report.json").write_text(json.dumps(report, indent=2))
+    (out / "classification_report.json").write_text(json.dumps(_jsonable(report), indent=2))
     save_png(plot_confusion(cm, names, report["accuracy"]), out / "confusion_matrix.png")
     return {
         "accuracy": report["accuracy"],
@@ -333,7 +333,7 @@ def _filters(out: Path, model: KerasModel) -> dict[str, Any]:
     }
     if note:
         data["note"] = note
-    (out / "filters_layer1.json").write_text(json.dumps(data))
+    (out / "filters_layer1.json").write_text(json.dumps(_jsonable(data)))
     title = (
         f"{layer.name}: {len(tiles)} filters {'x'.join(str(d) for d in kernel.shape[:3])}"
         if kind == "conv"
@@ -389,7 +389,7 @@ def _activations(
             }
         )
     (out / "activations.json").write_text(
-        json.dumps({"samples": sample_info, "layers": layers_info}, indent=1)
+        json.dumps(_jsonable({"samples": sample_info, "layers": layers_info}), indent=1)
     )
     fig = plot_activations(arrays.images[picked], sample_info, layers_info, maps)
     save_png(fig, out / "activations.png")
