@@ -31,6 +31,7 @@ import shutil
 import time
 import uuid
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -375,9 +376,8 @@ def _decode_and_write(
     staging = tmp / _STAGING_DIR
     staging.mkdir(parents=True)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.max_records_per_batch)
-    records = spark.createDataFrame(plan.records, plan.spark_schema).withColumn(
-        schema.SPLIT, _split_column(config.splits)
-    )
+    records = spark.createDataFrame(_in_mixed_order(plan.records), plan.spark_schema)
+    records = records.withColumn(schema.SPLIT, _split_column(config.splits))
     tasks = _task_count(spark, config, len(plan.records))
     # A local table comes in at most defaultParallelism slices: merge them without a
     # shuffle, or (only for a large source) shuffle the small records before decoding.
@@ -397,6 +397,21 @@ def _decode_and_write(
     ]
     rejected = {row["path"]: row["reason"] for row in report if row["reason"] is not None}
     return written, rejected
+
+
+def _in_mixed_order(records: pd.DataFrame) -> pd.DataFrame:
+    """The records in a fixed pseudo-random order (by a hash of the relative path).
+
+    Rows are written in this order and Petastorm reads a row group as a unit: in listing
+    order every row group held one or two classes, batches were nearly single-class and
+    the digits' test accuracy fell from 99.5% to 95.7%. A hash keeps re-runs identical.
+    """
+    import numpy as np
+
+    keys = np.fromiter(
+        (zlib.crc32(rel.encode()) for rel in records["rel"]), dtype=np.uint32, count=len(records)
+    )
+    return records.iloc[np.argsort(keys, kind="stable")].reset_index(drop=True)
 
 
 def _decode_task(

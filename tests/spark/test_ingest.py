@@ -139,6 +139,25 @@ def test_row_groups_are_small_enough_to_shard(spark, prepared):
     assert len(short) <= spark.sparkContext.defaultParallelism
 
 
+def test_row_groups_mix_the_classes(spark, tmp_path):
+    """Petastorm reads a row group as a unit: one class per row group spoils SGD batches."""
+    source = tmp_path / "classes"
+    for label in range(4):
+        (source / f"class{label}").mkdir(parents=True)
+        for i in range(30):
+            path = source / f"class{label}" / f"{i:03d}.png"
+            path.write_bytes(_image_bytes(label * 60 + i, "PNG"))
+    output = tmp_path / "out"
+    ingest(spark, replace(CONFIG, rows_per_row_group=16), source, output)
+    train = Path(split_path(str(output), "train"))
+    groups = [
+        pq.read_table(f, columns=["label"]).column("label").to_pylist()
+        for f in sorted(train.glob("*.parquet"))
+    ]
+    full = [labels for labels in groups if len(labels) == 16]
+    assert full and all(len(set(labels)) >= 3 for labels in full)
+
+
 def test_each_split_is_a_complete_petastorm_dataset_and_nothing_else_is_left(prepared):
     from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
 
