@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Config
+from pipelines.host import cores_per_process, limit_tf_threads
 from pipelines.listing import file_uri, image_glob, list_tree
 from pipelines.registry import ResolvedModel, resolve_model_uri
 from pipelines.sources import SourceError
@@ -127,7 +127,7 @@ def score(
     # worker and kept there for later jobs (the name is unique per model version).
     spark.sparkContext.addFile(str(local_model), recursive=True)
     model_name = local_model.name
-    threads = max(1, (os.cpu_count() or 1) // max(1, spark.sparkContext.defaultParallelism))
+    threads = cores_per_process(spark.sparkContext.defaultParallelism)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.score.arrow_batch_size)
 
     def predict(batches):
@@ -320,7 +320,8 @@ def _predict_batch(model_name: str, threads: int, batch: Any) -> Any:
         import mlflow
         from pyspark import SparkFiles
 
-        _limit_tf_threads(threads)
+        # Share the host's cores between the Python workers instead of oversubscribing.
+        limit_tf_threads(threads, 1)
         model = _MODELS[model_name] = mlflow.pyfunc.load_model(SparkFiles.get(model_name))
     readable = batch["read_error"].isna().to_numpy()
     columns = {
@@ -336,17 +337,6 @@ def _predict_batch(model_name: str, threads: int, batch: Any) -> Any:
             for position, value in zip(positions, output[name].tolist(), strict=True):
                 values[position] = value
     return pd.DataFrame({"path": batch["path"].to_numpy(), **columns})
-
-
-def _limit_tf_threads(threads: int) -> None:
-    """Share the host's cores between the Python workers instead of oversubscribing them."""
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        pass  # TensorFlow already running in this worker.
 
 
 def _label_names(model_dir: Path) -> list[str]:

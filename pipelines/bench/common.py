@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,6 +36,7 @@ import numpy as np
 from pipelines import schema
 from pipelines.config import Config, SplitConfig
 from pipelines.errors import UserError
+from pipelines.host import git_commit
 
 log = logging.getLogger("pipelines.bench")
 
@@ -515,7 +515,7 @@ def append_csv(report: dict[str, Any], csv_path: str | os.PathLike) -> Path:
     path = Path(csv_path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
-    commit = _git_commit()
+    commit = git_commit(short=True) or ""
     machine = report["machine"]
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -535,22 +535,6 @@ def append_csv(report: dict[str, Any], csv_path: str | os.PathLike) -> Path:
                 }
             )
     return path
-
-
-def _git_commit() -> str:
-    """Short commit of the checkout this module lives in; empty when not available."""
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def format_table(report: dict[str, Any]) -> str:

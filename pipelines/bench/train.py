@@ -78,11 +78,11 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         and ``seconds`` (the whole rank, start-up included).
     """
     from pipelines.train.launcher import distribution
-    from pipelines.train.worker import _limit_threads, weights_digest
+    from pipelines.train.worker import limit_threads, weights_digest
 
     started = time.perf_counter()
     dist = distribution(spec.launcher)
-    _limit_threads(dist.local_size)
+    limit_threads(dist.local_size)
 
     from pipelines.keras_api import keras
     from pipelines.models import build_model

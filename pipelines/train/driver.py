@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,14 +22,13 @@ from typing import TYPE_CHECKING, Any
 from pipelines import schema
 from pipelines.config import Config
 from pipelines.errors import UserError
+from pipelines.host import git_commit
 from pipelines.train.worker import FINAL_MODEL, WorkerSpec, read_checkpoint_state, train_worker
 
 if TYPE_CHECKING:
     from pipelines.train.launcher import Launcher
 
 log = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parent.parent.parent
 
 
 class RanksDivergedError(RuntimeError):
@@ -301,7 +299,7 @@ def _log_inputs(
     mlflow.log_params(params)
     mlflow.log_text(manifest_bytes.decode(), "dataset/_manifest.json")
     tags = {"stage": "train", "launcher": launcher.kind}
-    commit = _git_commit()
+    commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
@@ -339,12 +337,3 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None

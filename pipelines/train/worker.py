@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import TrainConfig
+from pipelines.host import cores_per_process, limit_tf_threads
 from pipelines.schema import split_path
 
 #: Files rank 0 writes into the run's output directory.
@@ -63,7 +64,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     # Checkpoints are HDF5 on purpose: hvd.load_model restores legacy optimizers from it.
     warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
     dist = distribution(spec.launcher)
-    _limit_threads(dist.local_size)
+    limit_threads(dist.local_size)
 
     from pipelines.keras_api import keras
     from pipelines.models import build_model, is_autoencoder
@@ -179,16 +180,10 @@ def _read_state(out: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def _limit_threads(ranks_on_this_host: int) -> None:
+def limit_threads(ranks_on_this_host: int) -> None:
     """Split the host's cores between the ranks on it instead of oversubscribing them."""
-    import tensorflow as tf
-
-    threads = max(1, (os.cpu_count() or 1) // max(1, ranks_on_this_host))
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
-    except RuntimeError:
-        pass  # TF already initialised in this process (the local launcher): keep its pool.
+    threads = cores_per_process(ranks_on_this_host)
+    limit_tf_threads(threads, min(2, threads))
 
 
 def _Checkpoint(out: Path, history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802
