@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import schema
-from pipelines.config import Config, SplitConfig
+from pipelines.config import Config, IngestConfig, SplitConfig
 from pipelines.errors import UserError
 from pipelines.host import git_commit
 
@@ -446,6 +446,18 @@ class PreparedDataset:
         }
 
 
+def folder_ingest_config(config: Config, image_size: int, channels: int) -> IngestConfig:
+    """``config.ingest`` for a benchmark's generated class folders at a fixed image shape."""
+    return replace(
+        config.ingest,
+        source=None,
+        output=None,
+        format="folder",
+        image_size=image_size,
+        channels=channels,
+    )
+
+
 def prepared_dataset(config: Config, images: int) -> PreparedDataset:
     """The shared benchmark dataset of ``images`` images, generated and ingested once.
 
@@ -475,15 +487,7 @@ def prepared_dataset(config: Config, images: int) -> PreparedDataset:
         from pipelines.ingest import ingest
         from pipelines.spark import get_spark
 
-        cfg = replace(
-            config.ingest,
-            source=None,
-            output=None,
-            format="folder",
-            image_size=side,
-            channels=channels,
-            splits=SplitConfig(),
-        )
+        cfg = replace(folder_ingest_config(config, side, channels), splits=SplitConfig())
         log.info("bench: ingesting %d generated images into %s (cached)", images, path)
         ingest(get_spark(config.spark), cfg, source, path)
     manifest = json.loads(manifest_file.read_text())

@@ -27,6 +27,7 @@ from pipelines.bench.common import (
     bench_dir,
     cached_jpegs,
     check_sizes,
+    folder_ingest_config,
     pair,
     scratch,
     tree_cpu_seconds,
@@ -86,14 +87,7 @@ def bench_ingest(
     from pipelines.spark import get_spark
 
     check_sizes("ingest", images, repeats)
-    cfg = replace(
-        config.ingest,
-        source=None,
-        output=None,
-        format="folder",
-        image_size=INGEST_IMAGE_SIZE,
-        channels=INGEST_CHANNELS,
-    )
+    cfg = folder_ingest_config(config, INGEST_IMAGE_SIZE, INGEST_CHANNELS)
     source = cached_jpegs(config, images, INGEST_SOURCE_SIZE)
     # A third of the data (at most 1,000 images): JVM hot paths compiled, Python workers up.
     warm_source = cached_jpegs(config, max(8, min(1000, images // 3)), INGEST_SOURCE_SIZE)
