@@ -43,8 +43,9 @@ from pipelines import schema
 from pipelines.config import IngestConfig, SplitConfig
 from pipelines.errors import UserError
 from pipelines.images import ImageDecodeError, decode_image, prepare_array
-from pipelines.listing import file_uri, list_tree
+from pipelines.listing import file_uri, list_tree, read_file
 from pipelines.sources import SourceError, detect_format, read_cifar10, read_mnist_idx
+from pipelines.spark import driver_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -376,15 +377,9 @@ def _decode_and_write(
     staging = tmp / _STAGING_DIR
     staging.mkdir(parents=True)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.max_records_per_batch)
-    records = spark.createDataFrame(_in_mixed_order(plan.records), plan.spark_schema)
-    records = records.withColumn(schema.SPLIT, _split_column(config.splits))
     tasks = _task_count(spark, config, len(plan.records))
-    # A local table comes in at most defaultParallelism slices: merge them without a
-    # shuffle, or (only for a large source) shuffle the small records before decoding.
-    if tasks <= spark.sparkContext.defaultParallelism:
-        records = records.coalesce(tasks)
-    else:
-        records = records.repartition(tasks)
+    records = driver_table(spark, _in_mixed_order(plan.records), plan.spark_schema, tasks)
+    records = records.withColumn(schema.SPLIT, _split_column(config.splits))
     log.info("ingest: decoding %d records in %d tasks", len(plan.records), tasks)
     task = _decode_task(
         plan.decode, str(staging), config.rows_per_row_group, config.row_group_size_mb << 20
@@ -636,12 +631,9 @@ def _arrow_schema() -> pa.Schema:
 
 def _decode_file(path: str, size: int, channels: int) -> tuple[bytes | None, str | None]:
     """Read and decode one image file: ``(encoded image, None)`` or ``(None, reason)``."""
-    try:
-        with open(path, "rb") as file:
-            content = file.read()
-    except OSError as exc:
-        # Gone, unreadable or a directory since the listing: quarantined, not a failed job.
-        return None, f"cannot read file: {exc.strerror or exc}"
+    content, unreadable = read_file(path)
+    if content is None:
+        return None, unreadable  # quarantined with the reason, not a failed job
     try:
         return _encode(decode_image(content, size, channels)), None
     except ImageDecodeError as exc:

@@ -3,6 +3,7 @@
 In: :class:`~pipelines.config.SparkConfig`. Out: a SparkSession. With ``master: null`` the
 session attaches to whatever the environment provides (``spark-submit --master``, a
 Databricks cluster); otherwise the configured master (``local[2]`` by default) is used.
+Also :func:`driver_table`, how a job spreads a table built on the driver over its tasks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING
 from pipelines.config import SparkConfig
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    import pandas as pd
+    from pyspark.sql import DataFrame, SparkSession
 
 # Quiet, laptop-friendly defaults; anything in spark.conf overrides them.
 _LOCAL_DEFAULTS = {
@@ -49,3 +51,36 @@ def get_spark(config: SparkConfig) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def driver_table(spark: SparkSession, rows: pd.DataFrame, schema: str, tasks: int) -> DataFrame:
+    """A DataFrame of ``rows`` (built on the driver, e.g. from a listing) in ``tasks`` partitions.
+
+    A local table enters Spark as Arrow batches of ``spark.sql.execution.arrow.
+    maxRecordsPerBatch`` rows, dealt whole to ``defaultParallelism`` slices: left to the
+    job's batch size, a table of one batch would land in one slice and leave the other task
+    slots idle. So it is cut here into one batch per slice used (also faster to convert
+    than many small ones), and the setting restored for the job's own batches. Slices are
+    merged without a shuffle; only when more tasks than slots are asked (a large source)
+    are the small rows shuffled.
+
+    Args:
+        spark: The session.
+        rows: The table.
+        schema: Its Spark DDL schema.
+        tasks: Partitions wanted.
+
+    Returns:
+        The DataFrame, in ``tasks`` partitions.
+    """
+    slots = spark.sparkContext.defaultParallelism
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    previous = spark.conf.get(key)
+    spark.conf.set(key, str(max(1, -(-len(rows) // min(tasks, slots)))))
+    try:
+        frame = spark.createDataFrame(rows, schema)
+    finally:
+        spark.conf.set(key, previous)
+    if tasks <= slots:
+        return frame.coalesce(tasks)
+    return frame.repartition(tasks)
