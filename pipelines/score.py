@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Config
-from pipelines.host import cores_per_process, limit_tf_threads
+from pipelines.host import cores_per_process, limit_tf_threads, settle_python_worker
 from pipelines.listing import file_uri, list_tree, read_file
 from pipelines.registry import ResolvedModel, resolve_model_uri
 from pipelines.sources import SourceError
@@ -304,6 +304,7 @@ def _predict_batch(model_name: str, threads: int, batch: Any) -> Any:
         # Share the host's cores between the Python workers instead of oversubscribing.
         limit_tf_threads(threads, 1)
         model = _MODELS[model_name] = mlflow.pyfunc.load_model(SparkFiles.get(model_name))
+        settle_python_worker()
     errors = list(batch["read_error"])
     if "content" in batch.columns:
         contents = list(batch["content"])
