@@ -1,4 +1,4 @@
-"""The driver-table helper, on a real local Spark."""
+"""The session builder's local defaults and the driver-table helper, on a real local Spark."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from pipelines.spark import driver_table
 pytestmark = pytest.mark.spark
 
 ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+
+def test_a_local_master_runs_the_jvm_with_the_c1_compiler_only(spark):
+    runtime = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
+    assert "-XX:TieredStopAtLevel=1" in list(runtime.getInputArguments())
 
 
 @pytest.mark.parametrize(("rows", "tasks"), [(10, 1), (10, 2), (5000, 2), (9, 3), (10, 4)])
