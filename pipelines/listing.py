@@ -8,7 +8,7 @@ The driver lists the tree itself because Spark's file scan silently drops zero-l
 files and hidden (``.``/``_``) names; those must be counted, never lost. Executors read
 the listed files by path (ingest and scoring alike) rather than through Spark's
 ``binaryFile`` source, which would list the tree again and ship every file's bytes
-through the JVM: measured, the larger part of both jobs' time on small images.
+through the JVM: measured, a large share of both jobs' time on small images.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def score(
         F.lit(batch_id).alias("batch_id"),
     )
     _write(rows, table, config.score.format, batch_id)
-    classes_file = _write_classes(table, resolved, label_names, config.score.format)
+    classes_file = _write_classes(spark, table, resolved, label_names, config.score.format)
     counts = _count(spark, table, batch_id, config.score.format)
     result = ScoreResult(
         table=table,
@@ -351,16 +351,31 @@ def _write(rows: DataFrame, table: str, fmt: str, batch_id: str) -> None:
 
 
 def _write_classes(
-    table: str, model: ResolvedModel, label_names: list[str], fmt: str
+    spark: SparkSession, table: str, model: ResolvedModel, label_names: list[str], fmt: str
 ) -> str | None:
-    """Record the class order of ``probabilities`` beside the table, per model version."""
+    """Record the class order of ``probabilities`` beside the table, per model version.
+
+    A table given as a URI (``s3a://``, ``dbfs:/``, ``file://``) gets the file through
+    Hadoop's file system, as Spark wrote the table.
+    """
     if fmt != "parquet" or not label_names:
         return None
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model.name or 'model'}-v{model.version or 'x'}")
+    text = json.dumps({"model_uri": model.uri, "label_names": label_names}) + "\n"
+    if not _is_path(table):
+        uri = f"{table.rstrip('/')}/{CLASSES_DIR}/{stem}.json"
+        hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(uri)
+        fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+        stream = fs.create(hadoop_path, True)
+        try:
+            stream.write(bytearray(text.encode()))
+        finally:
+            stream.close()
+        return uri
     folder = Path(table) / CLASSES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model.name or 'model'}-v{model.version or 'x'}")
     path = folder / f"{stem}.json"
-    path.write_text(json.dumps({"model_uri": model.uri, "label_names": label_names}) + "\n")
+    path.write_text(text)
     return str(path)
 
 
@@ -371,7 +386,7 @@ def _count(spark: SparkSession, table: str, batch_id: str, fmt: str) -> dict[str
     driver: a Spark job over the table cost about a sixth of a small batch's scoring time.
     """
     folder = Path(table) / f"batch_id={batch_id}"
-    if fmt == "parquet" and _is_local(table) and _PLAIN_PARTITION_VALUE.fullmatch(batch_id):
+    if fmt == "parquet" and _is_path(table) and _PLAIN_PARTITION_VALUE.fullmatch(batch_id):
         import pyarrow.parquet as pq
 
         rows = errors = 0
@@ -392,14 +407,13 @@ def _count(spark: SparkSession, table: str, batch_id: str, fmt: str) -> dict[str
     return {"rows": rows, "errors": errors, "scored": rows - errors}
 
 
-def _is_local(table: str) -> bool:
-    return _table_uri(table).startswith("file:")
+def _is_path(table: str) -> bool:
+    """A local file-system path, as opposed to a URI (``file://``, ``s3a://``, ``dbfs:/``)."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", table) is None
 
 
 def _table_uri(table: str) -> str:
-    if "://" in table or table.startswith(("dbfs:", "s3", "abfss:", "gs:")):
-        return table
-    return file_uri(Path(table))
+    return file_uri(Path(table)) if _is_path(table) else table
 
 
 def read_table(spark: SparkSession, table: str, fmt: str = "parquet") -> DataFrame:

@@ -117,10 +117,15 @@ def test_table_source_with_path_and_bytes(spark, trained, incoming, tmp_path):
     rows = [(str(p), p.read_bytes()) for p in files] + [("lost.png", None)]
     source = tmp_path / "bytes_table"
     spark.createDataFrame(rows, "path string, content binary").write.parquet(str(source))
-    result = score(spark, config, str(source), table=str(tmp_path / "t"), batch_id="b1")
+    # The table as a URI, as on a cluster: counted by Spark, class order via Hadoop's FS.
+    table = f"file://{tmp_path / 't'}"
+    result = score(spark, config, str(source), table=table, batch_id="b1")
     assert (result.rows, result.errors) == (len(files) + 1, 2)  # corrupt.png and lost.png
-    lost = read_table(spark, str(tmp_path / "t")).where("path = 'lost.png'").first()
+    lost = read_table(spark, table).where("path = 'lost.png'").first()
     assert lost.error == "no image bytes in column content" and lost.predicted_label is None
+    classes = json.loads((tmp_path / "t" / "_classes" / "digits-classifier-v1.json").read_text())
+    assert result.classes_file == f"{table}/_classes/digits-classifier-v1.json"
+    assert classes["label_names"] == [str(d) for d in range(10)]
 
 
 def test_missing_model_or_alias_is_a_one_line_error(spark, trained, incoming, tmp_path, capsys):
