@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +20,7 @@ from pipelines.serve import serve_command
 from pipelines.sources import SourceError
 from pipelines.train.driver import train
 from pipelines.train.launcher import LocalLauncher
+from tests.integration.rest import free_port, post_images, stop, wait_until_serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -171,28 +168,16 @@ def test_rest_server_answers_like_the_in_process_model(trained, incoming):
     import mlflow
 
     config, _ = trained
-    port = _free_port()
+    port = free_port()
     command, env, uri = serve_command(config, None, "127.0.0.1", port)
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", server)
+        wait_until_serving(base, server, lambda: server.stderr.read().decode())
         images = sorted(incoming.rglob("*.png"))[:5]
-        body = {
-            "dataframe_split": {
-                "columns": ["image"],
-                "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images],
-            }
-        }
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            served = json.loads(response.read())["predictions"]
+        served = post_images(base, [p.read_bytes() for p in images], timeout=60)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server, 30)
     mlflow.set_tracking_uri(config.tracking_uri)
     local = mlflow.pyfunc.load_model(uri).predict(
         pd.DataFrame({"image": [p.read_bytes() for p in images]})
@@ -201,25 +186,6 @@ def test_rest_server_answers_like_the_in_process_model(trained, incoming):
     assert [row["probability"] for row in served] == pytest.approx(
         list(local.probability), abs=1e-6
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"server exited: {server.stderr.read().decode()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"server did not answer {url} within {seconds}s")
 
 
 def test_serve_binds_to_localhost_by_default():

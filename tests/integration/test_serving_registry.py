@@ -13,10 +13,8 @@ import io
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from pipelines.registry import (
 )
 from pipelines.serving import OUTPUT_COLUMNS, log_image_model, model_signature, pip_requirements
 from tests.integration.conftest import Store
+from tests.integration.rest import free_port, post_images, stop, wait_until_serving
 
 LABELS = ["dark", "mid", "bright"]
 SIZE = 8
@@ -377,18 +376,12 @@ def test_resolve_missing_model_alias_or_version(store: Store, classifier, uri, n
 # --- the real REST server -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_scores_base64_images(
     store: Store, classifier: Logged, tmp_path: Path
 ) -> None:
     model_dir = mlflow.artifacts.download_artifacts(classifier.model_uri)
-    port = _free_port()
+    port = free_port()
     # The server execs `uvicorn` by name: the venv's bin must be on PATH (an activated venv).
     bin_dir = str(Path(sys.executable).parent)
     env = {
@@ -406,32 +399,9 @@ def test_mlflow_models_serve_scores_base64_images(
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as ping:
-                    if ping.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not start"
-            time.sleep(0.5)
-
+        wait_until_serving(base, server, lambda: (tmp_path / "serve.log").read_text())
         x, labels = _test_set()
-        body = {
-            "dataframe_split": {
-                "columns": ["image"],
-                "data": [[base64.b64encode(encode_png(img)).decode("ascii")] for img in x],
-            }
-        }
-        request = urllib.request.Request(
-            f"{base}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            predictions = json.loads(response.read())["predictions"]
+        predictions = post_images(base, [encode_png(img) for img in x], timeout=30)
         assert [p["predicted_label"] for p in predictions] == [LABELS[k] for k in labels]
         assert all(p["error"] is None for p in predictions)
 
@@ -442,10 +412,5 @@ def test_mlflow_models_serve_scores_base64_images(
             urllib.request.urlopen(broken, timeout=30)
         assert caught.value.code == 400
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, 20)
         log.close()
