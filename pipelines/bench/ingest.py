@@ -121,7 +121,6 @@ def bench_ingest(
                     raise RuntimeError(f"bench ingest: {name} wrote {done} of {images} images")
                 shutil.rmtree(out, ignore_errors=True)
                 log.info("bench ingest: %s run %d: %.2fs", name, i + 1, seconds[name][-1])
-        scan_partitions = _scan_partitions(spark, source)
 
     rates = {name: [images / s for s in runs_s] for name, runs_s in seconds.items()}
     details = {
@@ -131,7 +130,6 @@ def bench_ingest(
         "output": f"{INGEST_IMAGE_SIZE}x{INGEST_IMAGE_SIZE}x{INGEST_CHANNELS}",
         "spark_master": spark.sparkContext.master,
         "task_slots": slots,
-        "scan_partitions": scan_partitions,
         "rows_per_row_group": cfg.rows_per_row_group,
         "cache": str(bench_dir(config)),
         "seconds": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
@@ -174,7 +172,7 @@ def _plain_pil(path: Path) -> np.ndarray:
 
 
 def _same_function(path: Path) -> np.ndarray:
-    """The ingest's own decode, reading the file as Spark's ``binaryFile`` does."""
+    """The ingest's own decode, reading the whole file first as its executors do."""
     from pipelines.images import decode_image
 
     return decode_image(path.read_bytes(), INGEST_IMAGE_SIZE, INGEST_CHANNELS)
@@ -254,9 +252,3 @@ def _loop_ingest(
         for writer in writers.values():
             writer.close()
     return written
-
-
-def _scan_partitions(spark: Any, source: Path) -> int:
-    """Partitions of a ``binaryFile`` scan of ``source`` under the session's current settings."""
-    frame = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-    return frame.load(f"file://{source}").rdd.getNumPartitions()
