@@ -1,7 +1,8 @@
 """Typed configuration: the only place that reads YAML.
 
-In: ``conf/base.yaml`` (the local embedded target), an optional overlay such as
-``conf/databricks.yaml``, and ``--set section.key=value`` overrides, applied in that order.
+In: ``conf/base.yaml`` (the local embedded target), an optional overlay (a YAML file, or the
+name of a target that ships with the package: ``cluster``, ``databricks``), and
+``--set section.key=value`` overrides, applied in that order.
 Out: a frozen :class:`Config`. An unknown key, a value of the wrong type or a value out of
 range fails at load time with a :class:`ConfigError` naming the key's dotted path.
 """
@@ -9,11 +10,13 @@ range fails at load time with a :class:`ConfigError` naming the key's dotted pat
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +24,23 @@ import yaml
 
 from pipelines.errors import UserError
 
+#: The repository's conf/ folder: the targets, when running from a checkout.
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _bundled_conf() -> Path | Traversable:
+    """The folder of shipped targets: conf/ of a checkout, else ``pipelines/conf`` in the wheel.
+
+    An installed wheel (a Databricks library, a packed environment) or a zipped one on the
+    executors' path (``--py-files``) has no checkout around it; the wheel carries conf/.
+    """
+    if (_CHECKOUT_CONF / "base.yaml").is_file():
+        return _CHECKOUT_CONF
+    return importlib.resources.files("pipelines") / "conf"
+
+
 #: The config that ships with the package: the local embedded target.
-BASE_CONF = Path(__file__).resolve().parent.parent / "conf" / "base.yaml"
+BASE_CONF = _bundled_conf() / "base.yaml"
 
 
 class ConfigError(UserError, ValueError):
@@ -111,8 +129,16 @@ class TrainConfig:
         early_stopping_patience: Epochs without val improvement before stopping (0: off).
         seed: Random seed for weights and shuffling.
         launcher: ``horovod`` (on Spark executors) or ``local`` (one rank in-process).
+        nics: Network interfaces Horovod's ranks talk over (e.g. ``[eth0]``); empty lets
+            Horovod pick among those every task shares. Name one where nodes have several
+            (a wrong pick is a known cause of start-up hangs).
         tsne: Add a t-SNE projection of the test embeddings to the run report (slower than
             the PCA that is always drawn).
+        use_gpu: ``false`` (every rank on its CPU, GPUs hidden), ``true`` (each rank pins
+            the GPU of its local rank; no GPU is an error) or ``auto`` (a GPU where there is
+            one, else the CPU). What each rank used is tagged on the run (``devices``).
+        mixed_precision: Train with Keras' ``mixed_float16`` policy (float32 outputs and
+            loss scaling); needs ``use_gpu`` true or auto. The saved model is float32.
     """
 
     model: Literal["mlp", "lenet5", "mnist_cnn", "resnet_small", "autoencoder"] = "mnist_cnn"
@@ -130,7 +156,18 @@ class TrainConfig:
     early_stopping_patience: int = field(default=8, metadata=_range(ge=0))
     seed: int = 42
     launcher: Literal["horovod", "local"] = "horovod"
+    nics: list[str] = field(default_factory=list)
     tsne: bool = False
+    use_gpu: bool | Literal["auto"] = False
+    mixed_precision: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision and self.use_gpu is False:
+            # float16 is emulated on CPUs: many times slower than float32, never what one wants.
+            raise ConfigError(
+                "train.mixed_precision=true needs train.use_gpu=true or auto "
+                "(mixed float16 on a CPU is many times slower than float32)"
+            )
 
 
 @dataclass(frozen=True)
@@ -140,12 +177,16 @@ class MlflowConfig:
     Attributes:
         tracking_uri: ``null``: ``MLFLOW_TRACKING_URI`` if set, else a sqlite file in the
             work directory.
+        registry_uri: Model registry URI when it is not the tracking store's own, e.g.
+            ``databricks-uc`` (Unity Catalog; model names are then ``catalog.schema.model``).
+            ``null``: MLflow's default (``MLFLOW_REGISTRY_URI``, else the tracking URI).
         experiment: Experiment name.
         model_name: Registered model name.
         champion_alias: Alias moved to a new version only when it beats the current one.
     """
 
     tracking_uri: str | None = None
+    registry_uri: str | None = None
     experiment: str = "spark-dl-pipelines"
     model_name: str = "digits-classifier"
     champion_alias: str = "champion"
@@ -162,6 +203,8 @@ class ScoreConfig:
         format: ``parquet`` (local) or ``delta`` (Databricks).
         image_column: Binary column of a table source (``path`` names the image).
         arrow_batch_size: Rows per Arrow batch into the model; bounds executor memory.
+        use_gpu: ``false`` (CPU, GPUs hidden), ``true`` (each Python worker pins a GPU; no
+            GPU is an error) or ``auto`` (a GPU where there is one).
     """
 
     model: str | None = None
@@ -170,6 +213,7 @@ class ScoreConfig:
     format: Literal["parquet", "delta"] = "parquet"
     image_column: str = "content"
     arrow_batch_size: int = field(default=256, metadata=_range(ge=1))
+    use_gpu: bool | Literal["auto"] = False
 
 
 @dataclass(frozen=True)
@@ -226,12 +270,14 @@ class Config:
 def load_config(
     overlay: str | os.PathLike | None = None,
     overrides: Iterable[str] = (),
-    base: str | os.PathLike = BASE_CONF,
+    base: str | os.PathLike | Traversable = BASE_CONF,
 ) -> Config:
     """Load base YAML, merge an overlay, apply ``section.key=value`` overrides, validate.
 
     Args:
-        overlay: Optional YAML file merged over the base (e.g. ``conf/databricks.yaml``).
+        overlay: Optional YAML file merged over the base (e.g. ``conf/databricks.yaml``), or
+            the name of a shipped target (``databricks`` = ``conf/databricks.yaml``, found
+            inside the installed package too).
         overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars.
         base: The base YAML file.
 
@@ -242,9 +288,9 @@ def load_config(
         ConfigError: A file is missing or malformed, or a key is unknown, mistyped or out
             of range. The message names the key's dotted path.
     """
-    merged = _read_yaml(Path(base))
+    merged = _read_yaml(base if isinstance(base, Traversable) else Path(base))
     if overlay:
-        merged = _deep_merge(merged, _read_yaml(Path(overlay)), "")
+        merged = _deep_merge(merged, _read_yaml(_overlay_file(str(overlay))), "")
     for override in overrides:
         key, value = _parse_override(override)
         merged = _deep_merge(merged, _nest(key.split("."), value), "")
@@ -253,7 +299,29 @@ def load_config(
     return config
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def bundled_targets() -> list[str]:
+    """Names accepted by ``--conf NAME``: the overlays shipped in conf/."""
+    return sorted(
+        entry.name.removesuffix(".yaml")
+        for entry in _bundled_conf().iterdir()
+        if entry.name.endswith(".yaml") and entry.name != "base.yaml"
+    )
+
+
+def _overlay_file(overlay: str) -> Path | Traversable:
+    """A file path as given, else the shipped target of that name."""
+    path = Path(overlay).expanduser()
+    if path.is_file() or os.sep in overlay or overlay.endswith((".yaml", ".yml")):
+        return path
+    if overlay in bundled_targets():
+        return _bundled_conf() / f"{overlay}.yaml"
+    raise ConfigError(
+        f"config file not found: {overlay} (not a file, nor a shipped target: "
+        f"{', '.join(bundled_targets())})"
+    )
+
+
+def _read_yaml(path: Path | Traversable) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -322,12 +390,24 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, dotted)
+        if len(inner) == 1:
+            return _coerce(inner[0], value, dotted)
+        for candidate in inner:  # e.g. bool | Literal["auto"]: the first that fits
+            try:
+                return _coerce(candidate, value, dotted)
+            except ConfigError:
+                pass
+        choices = ", ".join(_choices(a) for a in inner)
+        raise ConfigError(f"{dotted}: {value!r} is not one of {choices}")
     if origin is Literal:
         if value not in args or isinstance(value, bool):
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{dotted}: {value!r} is not one of {choices}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{dotted}: expected a list, got {_describe(value)}")
+        return [_coerce(args[0], item, f"{dotted}[{index}]") for index, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{dotted}: expected a mapping, got {_describe(value)}")
@@ -349,6 +429,15 @@ def _coerce(hint: Any, value: Any, dotted: str) -> Any:
             raise ConfigError(f"{dotted}: expected a string, got {_describe(value)}")
         return value
     raise ConfigError(f"{dotted}: unsupported config type {hint!r}")  # pragma: no cover
+
+
+def _choices(hint: Any) -> str:
+    """A union member as the values a user may write, for error messages."""
+    if hint is bool:
+        return "true, false"
+    if typing.get_origin(hint) is Literal:
+        return ", ".join(repr(a) for a in typing.get_args(hint))
+    return f"a {getattr(hint, '__name__', hint)}"
 
 
 def _scalar_to_str(value: Any, dotted: str) -> str:

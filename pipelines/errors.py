@@ -7,3 +7,7 @@ a traceback; anything else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """Bad input, configuration or environment; the message names the thing and the fix."""
+
+
+class NoGpuError(UserError):
+    """``use_gpu: true`` on a host where TensorFlow finds no GPU (instead of a silent CPU run)."""

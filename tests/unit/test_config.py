@@ -106,3 +106,32 @@ def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch):
 def test_shipped_overlays_load():
     for overlay in sorted(BASE_CONF.parent.glob("*.yaml")):
         load_config(overlay)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("true", True), ("false", False), ("auto", "auto"), ("yes", True)]
+)
+def test_use_gpu_takes_a_boolean_or_auto(value: str, expected: object, tmp_path: Path):
+    config = load_config(overrides=[f"train.use_gpu={value}", f"score.use_gpu={value}"])
+    assert config.train.use_gpu == expected and config.score.use_gpu == expected
+    assert type(config.train.use_gpu) is type(expected)  # "auto" stays a str, true a bool
+    overlay = tmp_path / "gpu.yaml"
+    overlay.write_text("train:\n  use_gpu: auto\n  mixed_precision: true\n")
+    assert load_config(overlay).train.mixed_precision is True
+
+
+@pytest.mark.parametrize("value", ["maybe", "1", "0", "GPU", "[auto]"])
+def test_use_gpu_rejects_anything_else_naming_the_choices(value: str):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[f"train.use_gpu={value}"])
+    message = str(info.value)
+    assert message.startswith("train.use_gpu: ") and "\n" not in message
+    assert "is not one of true, false, 'auto'" in message
+
+
+def test_mixed_precision_without_a_gpu_setting_is_rejected():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["train.mixed_precision=true"])
+    assert "train.mixed_precision=true needs train.use_gpu=true or auto" in str(info.value)
+    for use_gpu in ("true", "auto"):
+        load_config(overrides=["train.mixed_precision=true", f"train.use_gpu={use_gpu}"])
