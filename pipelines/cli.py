@@ -45,6 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def console() -> None:
+    """The ``dlpipe`` console script: :func:`main`, its exit code raised as ``SystemExit``.
+
+    Raised rather than returned because a caller that ignores return values (a Databricks
+    ``python_wheel_task`` calls the entry point function) must still see the failure.
+    """
+    code = main()
+    if code:
+        sys.exit(code)
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -70,14 +81,13 @@ def _train(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 
 def _score(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines.score import score
-    from pipelines.spark import get_spark
 
     source = args.source or config.score.source
     if not source and config.demo_data_path.is_dir():
         source = str(config.demo_data_path)
     if not source:
         raise UserError("no source: pass --source DIR or set score.source")
-    spark = get_spark(config.spark)
+    spark = _spark(config)
     return score(spark, config, source, args.output, args.model, args.batch_id).to_dict()
 
 
@@ -112,7 +122,6 @@ def _bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 def _run(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines.report import render_run_report
     from pipelines.score import score
-    from pipelines.spark import get_spark
 
     started = time.time()
     summary: dict[str, Any] = {"work_dir": str(config.work_path)}
@@ -126,7 +135,7 @@ def _run(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     summary["ingest"] = {key: ingested[key] for key in headline}
     trained = _run_train(config, None, resume=False)
     summary["train"] = trained
-    scored = score(get_spark(config.spark), config, config.score.source or source)
+    scored = score(_spark(config), config, config.score.source or source)
     summary["score"] = scored.to_dict()
     page = render_run_report(
         trained["run_id"], tracking_uri=config.tracking_uri, out_dir=config.work_path / "reports"
@@ -150,9 +159,8 @@ def _run(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 
 def _run_ingest(config: Config, source: str, output: str) -> dict[str, Any]:
     from pipelines.ingest import ingest
-    from pipelines.spark import get_spark
 
-    spark = get_spark(config.spark)
+    spark = _spark(config)
     return ingest(spark, config.ingest, source, output).to_dict()
 
 
@@ -162,11 +170,37 @@ def _run_train(config: Config, dataset: str | None, resume: bool) -> dict[str, A
 
     spark = None
     if config.train.launcher == "horovod":
+        spark = _spark(config)
+    launcher = make_launcher(config.train.launcher, spark, config.train.num_proc, config.train.nics)
+    return train(config, launcher, dataset, resume).to_dict()
+
+
+def _spark(config: Config) -> Any:
+    """The session, after the preflight: the driver's stack, then its executors' (once)."""
+    from pipelines import preflight
+    from pipelines.spark import get_spark
+
+    horovod = config.train.launcher == "horovod"
+    preflight.check_driver(horovod=horovod)  # before any Spark work
+    spark = get_spark(config.spark)
+    preflight.check_executors(spark, horovod=horovod)  # before the stage's first job
+    return spark
+
+
+def _doctor(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from pipelines import preflight
+
+    spark = None
+    if args.executors:
         from pipelines.spark import get_spark
 
         spark = get_spark(config.spark)
-    launcher = make_launcher(config.train.launcher, spark, config.train.num_proc)
-    return train(config, launcher, dataset, resume).to_dict()
+    diagnosis = preflight.diagnose(spark, horovod=config.train.launcher == "horovod")
+    result = {**diagnosis.to_dict(), HUMAN: diagnosis.table()}
+    if not diagnosis.ok:
+        _print_result(result, args.json)  # the table (and JSON) also when it fails
+        raise preflight.PreflightError(diagnosis.problems)
+    return result
 
 
 def _with_ingest_options(config: Config, args: argparse.Namespace) -> Config:
@@ -321,6 +355,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, metavar="R", help="median of R runs")
     bench.add_argument("--csv", metavar="FILE", help="append the results to this CSV file")
 
+    doctor = add(
+        "doctor",
+        _doctor,
+        "check the installed stack against the pinned one (TensorFlow, Keras 2, Horovod built "
+        "with TensorFlow and Gloo, pyarrow, Petastorm, MLflow, ...); exit 1 if anything is off",
+    )
+    doctor.add_argument(
+        "--executors",
+        action="store_true",
+        help="also check every executor Python worker of the configured Spark master",
+    )
+
     add(
         "run",
         _run,
@@ -368,4 +414,4 @@ def _human_lines(result: dict[str, Any], indent: str = "") -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
