@@ -29,6 +29,13 @@ Contract callers rely on:
   with momentum 0.9, ``adam`` is Adam with Keras' defaults.
 * ``weight_decay`` > 0 adds ``keras.regularizers.L2(weight_decay)`` (a penalty of
   ``weight_decay * sum(w ** 2)`` added to the loss) to every convolution and dense kernel.
+* Under Keras' ``mixed_float16`` policy (``train.mixed_precision``) the layers compute in
+  float16 but the output layers (``predictions``, ``reconstruction``) are float32, so the
+  softmax, sigmoid and loss stay numerically sound. :func:`build_model` applies
+  ``optimizer_wrapper`` to the plain optimizer and ``compile`` then wraps the result in a
+  ``LossScaleOptimizer``: loss scaling outside, Horovod's allreduce of the (scaled)
+  gradients inside, the only order Horovod 0.28.1 supports. :func:`as_float32` gives the
+  float32 twin of a mixed-precision model for saving.
 * Weights are initialised from ``cfg.seed`` alone (seeded initialisers per layer, no global
   random state is touched): two builds with the same config give identical weights.
 """
@@ -136,6 +143,8 @@ def build_model(
 
     optimizer = make_optimizer(cfg.optimizer, lr)
     if optimizer_wrapper is not None:
+        # Horovod wraps the plain optimizer; under mixed_float16, compile() wraps that in a
+        # LossScaleOptimizer (Horovod cannot wrap a LossScaleOptimizer itself).
         optimizer = optimizer_wrapper(optimizer)
     if is_autoencoder(cfg):
         model.compile(
@@ -148,6 +157,38 @@ def build_model(
             optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"]
         )
     return model
+
+
+def as_float32(
+    model: KerasModel, cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int
+) -> KerasModel:
+    """Return ``model`` if it computes in float32, else its float32 twin with its weights.
+
+    A model built under ``mixed_float16`` keeps that policy per layer when saved, so it
+    would compute in (emulated, slow) float16 wherever it is loaded. Its variables are
+    float32 already, so the twin built under the float32 policy takes them unchanged.
+
+    Args:
+        model: A model :func:`build_model` built with ``cfg``.
+        cfg: The configuration it was built with.
+        input_shape: Its ``(height, width, channels)``.
+        num_classes: Its number of classes.
+
+    Returns:
+        A float32 model with identical weights (compiled, without optimizer state).
+
+    """
+    if model.dtype_policy.name == "float32":
+        return model
+    policies = keras().mixed_precision
+    previous = policies.global_policy()
+    policies.set_global_policy("float32")
+    try:
+        twin = build_model(cfg, input_shape, num_classes)
+    finally:
+        policies.set_global_policy(previous)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def make_optimizer(name: str, learning_rate: float) -> KerasOptimizer:
@@ -256,7 +297,8 @@ class _Parts:
         return self.k.Input(shape=shape, dtype="float32", name="image")
 
     def classifier_head(self, x: Any, num_classes: int) -> Any:
-        return self.dense(num_classes, "predictions", activation="softmax")(x)
+        # float32 output even under mixed_float16: a float16 softmax under/overflows.
+        return self.dense(num_classes, "predictions", activation="softmax", dtype="float32")(x)
 
 
 def _mlp(p: _Parts, shape: tuple[int, int, int], num_classes: int) -> KerasModel:
@@ -366,12 +408,17 @@ def _autoencoder(p: _Parts, shape: tuple[int, int, int], num_classes: int) -> Ke
         x = layers.Reshape(small, name="unflatten")(x)
         x = p.deconv(64, 3, "deconv1")(x)
         x = p.deconv(32, 3, "deconv2")(x)
-        outputs = p.conv(channels, 3, "reconstruction", padding="same", activation="sigmoid")(x)
+        outputs = p.conv(
+            channels, 3, "reconstruction", padding="same", activation="sigmoid", dtype="float32"
+        )(x)
     else:
         x = layers.Flatten(name="flatten")(inputs)
         x = p.dense(p.cfg.hidden_units, "encoder1")(x)
         x = p.dense(p.cfg.latent_dim, "latent")(x)
         x = p.dense(p.cfg.hidden_units, "decoder1")(x)
-        x = p.dense(height * width * channels, "decoder_out", activation="sigmoid")(x)
-        outputs = layers.Reshape(shape, name="reconstruction")(x)
+        x = p.dense(
+            height * width * channels, "decoder_out", activation="sigmoid", dtype="float32"
+        )(x)
+        # float32 too: under mixed_float16 a float16 layer would cast its input back down.
+        outputs = layers.Reshape(shape, name="reconstruction", dtype="float32")(x)
     return p.k.Model(inputs, outputs, name="autoencoder")
