@@ -117,6 +117,7 @@ def score(
         model_name=config.mlflow.model_name,
         alias=config.mlflow.champion_alias,
         tracking_uri=config.tracking_uri,
+        registry_uri=config.mlflow.registry_uri,
     )
     table = table or config.table_path
     batch_id = batch_id or default_batch_id(source)
@@ -124,16 +125,19 @@ def score(
 
     images, skipped = _read_source(spark, config, source)
     mlflow.set_tracking_uri(config.tracking_uri)
+    if config.mlflow.registry_uri:  # models:/ URIs are downloaded through the registry
+        mlflow.set_registry_uri(config.mlflow.registry_uri)
     local_model = _local_model(resolved, config.work_path / "cache" / "models")
     label_names = _label_names(local_model)
-    _ship(spark, local_model)
-    model_name = local_model.name
+    model_name = _ship(spark, local_model)
     threads = cores_per_process(spark.sparkContext.defaultParallelism)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.score.arrow_batch_size)
 
+    use_gpu = config.score.use_gpu
+
     def predict(batches):
         for batch in batches:
-            yield _predict_batch(model_name, threads, batch)
+            yield _predict_batch(model_name, threads, batch, use_gpu)
 
     scored_at = datetime.fromtimestamp(started, tz=UTC).replace(tzinfo=None)
     predictions = images.mapInPandas(
@@ -258,16 +262,28 @@ def _local_model(model: ResolvedModel, cache: Path) -> Path:
     return target
 
 
-def _ship(spark: SparkSession, model_dir: Path) -> None:
+def _ship(spark: SparkSession, model_dir: Path) -> str:
     """Ship the model folder with the session's jobs, once: each executor gets a local copy.
 
-    The copy is loaded once per Python worker and kept for later jobs (the folder's name
-    is unique per model version). Spark cannot replace a file once added (it warns), hence
-    the check.
+    Spark ships a folder only on a local master (``addFile(recursive=True)`` is refused on
+    a cluster), so the folder goes as a zip archive, made once per model version beside
+    it, which every executor unpacks into its working folder. Each Python worker loads it
+    once and keeps it for later jobs (the name is unique per model version). Spark cannot
+    replace a file once added (it warns), hence the check.
+
+    Returns:
+        The archive's name, which ``SparkFiles.get`` resolves to the unpacked model folder.
     """
-    shipped = {uri.rstrip("/").rsplit("/", 1)[-1] for uri in spark.sparkContext.listFiles}
-    if model_dir.name not in shipped:
-        spark.sparkContext.addFile(str(model_dir), recursive=True)
+    archive = model_dir.with_name(f"{model_dir.name}.zip")
+    if not archive.is_file():
+        staging = Path(
+            shutil.make_archive(str(model_dir.with_name(f".{archive.name}.tmp")), "zip", model_dir)
+        )
+        staging.replace(archive)
+    shipped = {uri.rstrip("/").rsplit("/", 1)[-1] for uri in spark.sparkContext.listArchives}
+    if archive.name not in shipped:
+        spark.sparkContext.addArchive(str(archive))
+    return archive.name
 
 
 def _task_count(spark: SparkSession, files: int) -> int:
@@ -289,18 +305,30 @@ def _is_table(src: Path) -> bool:
 _MODELS: dict[str, Any] = {}
 
 
-def _predict_batch(model_name: str, threads: int, batch: Any) -> Any:
+def _predict_batch(model_name: str, threads: int, batch: Any, use_gpu: bool | str = False) -> Any:
     """Run the pyfunc model over one batch of ``(path, [content,] read_error)`` rows.
 
-    Without a ``content`` column (a folder source) each file is read here, by path.
+    Without a ``content`` column (a folder source) each file is read here, by path. The
+    first batch of a Python worker also sets its device (``score.use_gpu``): the GPU Spark
+    assigned to the task (``spark.task.resource.gpu.amount``), else one by partition id.
     """
     import pandas as pd
 
     model = _MODELS.get(model_name)
     if model is None:
         import mlflow
-        from pyspark import SparkFiles
+        from pyspark import SparkFiles, TaskContext
 
+        from pipelines.devices import pin_device
+
+        # Before TensorFlow's first op, as thread pools: false hides the host's GPUs.
+        task = TaskContext.get()
+        gpu = task.resources().get("gpu") if task else None
+        if gpu and gpu.addresses and gpu.addresses[0].isdigit():
+            index = int(gpu.addresses[0])
+        else:
+            index = task.partitionId() if task else 0
+        log.info("score: model on %s", pin_device(use_gpu, index, key="score.use_gpu"))
         # Share the host's cores between the Python workers instead of oversubscribing.
         limit_tf_threads(threads, 1)
         model = _MODELS[model_name] = mlflow.pyfunc.load_model(SparkFiles.get(model_name))

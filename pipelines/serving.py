@@ -32,15 +32,16 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import importlib.resources
 import json
 import logging
 import math
 import re
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from importlib import metadata
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -395,9 +396,8 @@ def log_image_model(
         artifacts = save_keras_artifacts(
             model, label_names, image_shape, autoencoder, root / "artifacts"
         )
-        package = Path(__file__).resolve().parent
-        code_copy = root / "code" / package.name
-        shutil.copytree(package, code_copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        code_copy = root / "code" / __package__
+        _copy_package(importlib.resources.files(__package__), code_copy)
         with _quiet_cloudpickle_notice():
             return mlflow.pyfunc.log_model(
                 name=name,
@@ -408,6 +408,22 @@ def log_image_model(
                 code_paths=[str(code_copy)],
                 pip_requirements=pip_requirements(),
             )
+
+
+def _copy_package(source: Traversable, target: Path) -> None:
+    """Copy the package's files (no bytecode), from a folder or from a zip on the path.
+
+    On a cluster the driver may import the project from the archive spark-submit shipped
+    (``--py-files``), where there is no folder to ``copytree``.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name == "__pycache__" or entry.name.endswith(".pyc"):
+            continue
+        if entry.is_dir():
+            _copy_package(entry, target / entry.name)
+        else:
+            (target / entry.name).write_bytes(entry.read_bytes())
 
 
 class _DropMessage(logging.Filter):

@@ -44,15 +44,24 @@ def get_spark(config: SparkConfig) -> SparkSession:
     Returns:
         A SparkSession whose executors run this interpreter's Python when local.
     """
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
-    # Executors of a local master must run the same interpreter (and so the same venv).
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    master = config.master or "local[*]"  # PySpark's own default outside spark-submit
+    if not config.master and os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Under spark-submit its JVM is up and holds the master (connecting starts nothing;
+        # outside it, starting the JVM here would lose the builder's JVM options).
+        SparkContext._ensure_initialized()
+        master = SparkConf().get("spark.master", "")
+    local = master.startswith("local")
+    if local:
+        # Executors of a local master must run this interpreter (and so the same venv). On
+        # a cluster this path may not exist on the nodes: spark.pyspark.python says there.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(config.app_name)
     if config.master:
         builder = builder.master(config.master)
-    local = (config.master or "").startswith("local")
     defaults = {**_LOCAL_DEFAULTS, **(_LOCAL_MASTER_DEFAULTS if local else {})}
     for key, value in {**defaults, **config.conf}.items():
         builder = builder.config(key, value)

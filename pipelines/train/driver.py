@@ -107,6 +107,8 @@ def train(
         shutil.rmtree(out, ignore_errors=True)
 
     mlflow.set_tracking_uri(config.tracking_uri)
+    if config.mlflow.registry_uri:
+        mlflow.set_registry_uri(config.mlflow.registry_uri)
     _use_experiment(config)
     run_id = _remembered_run(out) if state else None
     with mlflow.start_run(run_id=run_id) as run:
@@ -149,7 +151,15 @@ def _train_in_run(
         resume=resume,
     )
     ranks = launcher.run(train_worker, [spec])
+    # What train.use_gpu (auto in particular) gave each rank; tags, as a resume may differ.
+    devices = {str(r["rank"]): r["device"] for r in sorted(ranks, key=lambda r: r["rank"])}
+    mlflow.set_tags({"devices": json.dumps(devices), "precision": ranks[0]["precision"]})
+    # Which executor each rank ran on (on a cluster, two ranks should not share one), and
+    # each rank's final weights: the one check that gradients really were averaged.
+    placements = {str(r["rank"]): r["placement"] for r in ranks}
+    mlflow.set_tag("rank_placement", json.dumps(placements, sort_keys=True))
     digests = {r["rank"]: r["weights_sha256"] for r in ranks}
+    mlflow.set_tag("rank_weights_sha256", json.dumps(digests, sort_keys=True))
     if len(set(digests.values())) != 1:
         raise RanksDivergedError(f"ranks finished with different weights: {digests}")
     rank0 = min(ranks, key=lambda r: r["rank"])
@@ -183,6 +193,7 @@ def _train_in_run(
         metric=metric,
         higher_is_better=not autoencoder,
         tracking_uri=config.tracking_uri,
+        registry_uri=config.mlflow.registry_uri,
     )
     log.info("train: %s", registration.decision)
     return {

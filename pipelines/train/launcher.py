@@ -34,6 +34,8 @@ class Distribution(Protocol):
     rank: int
     size: int
     local_size: int
+    #: This rank's index among the ranks on its host: which of the host's GPUs it pins.
+    local_rank: int
 
     def wrap_optimizer(self, optimizer: Any) -> Any:
         """Wrap a Keras optimizer so gradients are averaged across ranks."""
@@ -47,11 +49,14 @@ class Distribution(Protocol):
     def broadcast(self, value: Any, name: str) -> Any:
         """Rank 0's ``value`` on every rank."""
 
+    def allgather(self, value: Any, name: str) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+
 
 class LocalDistribution:
     """A world of one: every collective is the identity."""
 
-    rank, size, local_size = 0, 1, 1
+    rank, size, local_size, local_rank = 0, 1, 1, 0
 
     def wrap_optimizer(self, optimizer: Any) -> Any:
         """Return the optimizer unchanged."""
@@ -71,6 +76,10 @@ class LocalDistribution:
         """Return the value unchanged."""
         return value
 
+    def allgather(self, value: Any, name: str) -> list[Any]:
+        """Return the one value as a list."""
+        return [value]
+
 
 class HorovodDistribution:
     """Horovod's Keras API; :meth:`__init__` calls ``hvd.init()``."""
@@ -81,6 +90,7 @@ class HorovodDistribution:
         hvd.init()
         self._hvd = hvd
         self.rank, self.size, self.local_size = hvd.rank(), hvd.size(), hvd.local_size()
+        self.local_rank = hvd.local_rank()
 
     def wrap_optimizer(self, optimizer: Any) -> Any:
         """Horovod: average gradients across ranks with allreduce."""
@@ -115,13 +125,35 @@ class HorovodDistribution:
         """Horovod: reload with the optimizer state, re-wrapped in a DistributedOptimizer."""
         if self.size == 1:
             return LocalDistribution().load_model(path)
-        return self._hvd.load_model(path, legacy_opts=True)
+        # A mixed-precision checkpoint holds LossScaleOptimizer(inner): Horovod must wrap
+        # the inner optimizer (its own mapping would wrap the LossScaleOptimizer and fail).
+        return self._hvd.load_model(
+            path,
+            legacy_opts=True,
+            custom_objects={"lossscaleoptimizer": self._loss_scale_optimizer},
+        )
+
+    def _loss_scale_optimizer(self, inner_optimizer: dict[str, Any], **config: Any) -> Any:
+        """Horovod: rebuild ``LossScaleOptimizer(DistributedOptimizer(inner))`` from its config."""
+        from pipelines.keras_api import keras
+
+        k = keras()
+        inner = k.optimizers.deserialize(inner_optimizer, use_legacy_optimizer=True)
+        if not hasattr(inner, "_allreduce"):  # hvd.load_model's scope may have wrapped it
+            inner = self.wrap_optimizer(inner)
+        return k.mixed_precision.LossScaleOptimizer(inner, **config)
 
     def broadcast(self, value: Any, name: str) -> Any:
         """Horovod: rank 0's value everywhere."""
         import horovod.tensorflow as hvd_tf
 
         return hvd_tf.broadcast_object(value, root_rank=0, name=name)
+
+    def allgather(self, value: Any, name: str) -> list[Any]:
+        """Horovod: every rank's value everywhere."""
+        import horovod.tensorflow as hvd_tf
+
+        return hvd_tf.allgather_object(value, name=name)
 
 
 def distribution(kind: str) -> Distribution:
@@ -154,9 +186,10 @@ class HorovodSparkLauncher:
 
     kind = "horovod"
 
-    def __init__(self, spark: SparkSession, num_proc: int) -> None:
+    def __init__(self, spark: SparkSession, num_proc: int, nics: Sequence[str] = ()) -> None:
         self.spark = spark
         self.num_proc = num_proc
+        self.nics = set(nics) or None
 
     def run(self, fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
         """Run ``fn(*args)`` as ``num_proc`` ranks with ``horovod.spark.run``."""
@@ -174,15 +207,55 @@ class HorovodSparkLauncher:
                 f"but the session has {slots}; lower train.num_proc or add executor cores"
             )
         log.info("train: starting %d Horovod ranks on Spark (Gloo)", self.num_proc)
-        return horovod.spark.run(
-            fn, args=tuple(args), num_proc=self.num_proc, use_gloo=True, verbose=0
+        import cloudpickle
+
+        from pipelines.train import rank_entry
+
+        # Horovod: each rank is a fresh process that sees only installed packages; the
+        # entry point (pickled by value) first puts the shipped --py-files on its path.
+        cloudpickle.register_pickle_by_value(rank_entry)
+        payload = cloudpickle.dumps((_returning_user_errors, (fn, *args)))
+        # The .zip/.egg files shipped with the application (PySpark's own list of them).
+        includes = list(getattr(self.spark.sparkContext, "_python_includes", None) or [])
+        results = horovod.spark.run(
+            rank_entry.run_shipped,
+            args=(payload, includes),
+            num_proc=self.num_proc,
+            use_gloo=True,
+            nics=self.nics,
+            verbose=0,
         )
+        for result in results:
+            if isinstance(result, _RankUserError):
+                raise result.error
+        return results
 
 
-def make_launcher(kind: str, spark: SparkSession | None, num_proc: int) -> Launcher:
-    """The launcher for ``train.launcher``; ``local`` ignores ``num_proc``."""
+class _RankUserError:
+    """A rank's :class:`UserError`, returned instead of raised so the driver can re-raise it.
+
+    Raised in a rank it would reach the driver only as Horovod's "process exited with
+    non-zero status"; the ranks raise together (e.g. after an allgather), so none is left
+    waiting in a collective.
+    """
+
+    def __init__(self, error: UserError) -> None:
+        self.error = error
+
+
+def _returning_user_errors(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except UserError as exc:
+        return _RankUserError(exc)
+
+
+def make_launcher(
+    kind: str, spark: SparkSession | None, num_proc: int, nics: Sequence[str] = ()
+) -> Launcher:
+    """The launcher for ``train.launcher``; ``local`` ignores ``num_proc`` and ``nics``."""
     if kind == "local":
         return LocalLauncher()
     if spark is None:
         raise ValueError("the horovod launcher needs a SparkSession")
-    return HorovodSparkLauncher(spark, num_proc)
+    return HorovodSparkLauncher(spark, num_proc, nics)

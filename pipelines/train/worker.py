@@ -19,11 +19,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import TrainConfig
+from pipelines.devices import CPU, pin_device, precision
+from pipelines.errors import NoGpuError
 from pipelines.host import cores_per_process, limit_tf_threads
 from pipelines.schema import split_path
+
+if TYPE_CHECKING:
+    from pipelines.train.launcher import Distribution
 
 #: Files rank 0 writes into the run's output directory.
 CHECKPOINT_MODEL = "checkpoint.h5"  # full model with optimizer state, after each epoch
@@ -57,17 +62,37 @@ class WorkerSpec:
 
 
 def train_worker(spec: WorkerSpec) -> dict[str, Any]:
-    """Train on this rank's shard; return its history and final-weights digest."""
+    """Train on this rank's shard; return its history, final-weights digest and device.
+
+    Raises:
+        NoGpuError: ``train.use_gpu`` is true and a rank's host has no GPU (every rank
+            raises it, so none waits in a collective for one that stopped).
+    """
     from pipelines.train.launcher import distribution
 
     started = time.time()
     # Checkpoints are HDF5 on purpose: hvd.load_model restores legacy optimizers from it.
     warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
     dist = distribution(spec.launcher)
+    # Before any TensorFlow op (devices and thread pools are fixed by the first one).
+    try:
+        device, failure = pin_device(spec.train.use_gpu, dist.local_rank), None
+    except NoGpuError as exc:
+        device, failure = CPU, str(exc)
     limit_threads(dist.local_size)
+    # Horovod: every rank learns whether one lacks its GPU, so they all stop together.
+    failures = [f for f in dist.allgather(failure, "device_check") if f]
+    if failures:
+        raise NoGpuError(failures[0])
+    with precision(spec.train.mixed_precision, device) as policy:
+        result = _train(spec, dist, started)
+    return {**result, "device": device, "precision": policy}
 
+
+def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, Any]:
+    """The rank's training proper, on the device and dtype policy already set."""
     from pipelines.keras_api import keras
-    from pipelines.models import build_model, is_autoencoder
+    from pipelines.models import as_float32, build_model, is_autoencoder
     from pipelines.train.feed import make_dataset, steps_per_epoch
 
     k = keras()
@@ -143,7 +168,10 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{FINAL_MODEL}.tmp"
-        model.save(tmp, include_optimizer=False, save_format="h5")
+        # Mixed precision is a training setting: the model evaluated, logged and served is
+        # float32, so it runs at full speed on CPU executors too.
+        final = as_float32(model, cfg, spec.image_shape, spec.num_classes)
+        final.save(tmp, include_optimizer=False, save_format="h5")
         os.replace(tmp, out / FINAL_MODEL)
     epochs_done = len(next(iter(history.values()), []))
     return {
@@ -157,6 +185,22 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
         "learning_rate": scaled_lr,
         "weights_sha256": weights_digest(model),
         "seconds": round(time.time() - started, 2),
+        "placement": placement(),
+    }
+
+
+def placement() -> dict[str, str]:
+    """Where this rank runs: host, process id and its Spark executor's working folder.
+
+    Horovod on Spark records the executor's folder for the rank (a standalone worker's
+    ``work/<app>/<executor id>``, a YARN container's folder); elsewhere it is the cwd.
+    """
+    import socket
+
+    return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "executor_dir": os.environ.get("HOROVOD_SPARK_WORK_DIR") or os.getcwd(),
     }
 
 
