@@ -98,6 +98,7 @@ def register_and_promote(
     metric: str,
     higher_is_better: bool,
     tracking_uri: str,
+    registry_uri: str | None = None,
 ) -> Registration:
     """Register ``model_uri`` as a new version and move ``alias`` to it if it is better.
 
@@ -115,6 +116,8 @@ def register_and_promote(
         metric: Metric name, e.g. ``test_accuracy``.
         higher_is_better: False for losses and errors.
         tracking_uri: Tracking (and, unless configured otherwise, registry) URI.
+        registry_uri: Registry URI when it differs from the tracking store's, e.g.
+            ``databricks-uc``; None keeps MLflow's default.
 
     Returns:
         What was registered and decided.
@@ -124,7 +127,7 @@ def register_and_promote(
         RegistrationError: The version did not become READY in time.
 
     """
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     metrics = client.get_run(run_id).data.metrics
     if metric not in metrics:
         logged = ", ".join(sorted(metrics)) or "none"
@@ -134,7 +137,7 @@ def register_and_promote(
         )
     value = float(metrics[metric])
 
-    with _tracking_uri(tracking_uri):
+    with _tracking_uri(tracking_uri), _registry_uri(registry_uri):
         created = mlflow.register_model(model_uri, model_name)
     version = _wait_until_ready(client, model_name, str(created.version))
 
@@ -163,7 +166,12 @@ def register_and_promote(
 
 
 def resolve_model_uri(
-    uri: str | None, *, model_name: str, alias: str, tracking_uri: str
+    uri: str | None,
+    *,
+    model_name: str,
+    alias: str,
+    tracking_uri: str,
+    registry_uri: str | None = None,
 ) -> ResolvedModel:
     """Pin a model URI to a concrete registered version, or pass a non-registry URI through.
 
@@ -175,6 +183,8 @@ def resolve_model_uri(
         model_name: Registered model name used when ``uri`` is None.
         alias: Alias used when ``uri`` is None.
         tracking_uri: Tracking (and, unless configured otherwise, registry) URI.
+        registry_uri: Registry URI when it differs from the tracking store's, e.g.
+            ``databricks-uc``; None keeps MLflow's default.
 
     Returns:
         The pinned URI with its name and version (both None for a non-registry URI).
@@ -188,8 +198,8 @@ def resolve_model_uri(
     if parsed is None:
         return ResolvedModel(uri=target, name=None, version=None)
     name, selector, is_alias = parsed
-    client = MlflowClient(tracking_uri=tracking_uri)
-    _require_registered_model(client, name, tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    _require_registered_model(client, name, registry_uri or tracking_uri)
     if is_alias:
         holder = _alias_holder(client, name, selector)
         if holder is None:
@@ -240,14 +250,14 @@ def _parse_registry_uri(uri: str) -> tuple[str, str, bool] | None:
     return None
 
 
-def _require_registered_model(client: MlflowClient, name: str, tracking_uri: str) -> None:
+def _require_registered_model(client: MlflowClient, name: str, registry: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException as exc:
         if not _is_not_found(exc):
             raise
         raise ModelNotFoundError(
-            f"registered model {name} not found in the registry of {tracking_uri}; {_HINT}"
+            f"registered model {name} not found in the registry of {registry}; {_HINT}"
         ) from None
 
 
@@ -347,3 +357,21 @@ def _tracking_uri(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+@contextlib.contextmanager
+def _registry_uri(uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent registry API at ``uri`` for a block (None: leave it as it is)."""
+    if uri is None:
+        yield
+        return
+    # set_registry_uri also exports MLFLOW_REGISTRY_URI: restore the variable and, through
+    # it, what the next lookup resolves to.
+    env_before = os.environ.get("MLFLOW_REGISTRY_URI")
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_registry_uri(env_before)  # None unsets it
+        if env_before is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)

@@ -1,0 +1,586 @@
+"""The Databricks bundle (databricks.yml, resources/*.yml, conf/databricks.yaml), offline.
+
+Nothing here talks to a workspace. The bundle's YAML is read with pyyaml, variables are
+substituted per target the way the CLI does (a target's value overrides the default; a whole
+``${var.x}`` keeps the variable's type), and each job goes through Databricks' own typed models
+(``databricks.bundles.jobs.Job.from_dict``), which reject a misspelt field at any depth and a
+wrong enum or number. The SDK's ``JobSettings.from_dict`` would silently drop unknown keys.
+Every task's ``dlpipe`` arguments go through the CLI's own parser and ``load_config``.
+
+Each check is also run on a copy of the bundle with one mistake in it, so the tests are known to
+fail on a misspelt field, a dangling variable or an unknown CLI option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import importlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from databricks.bundles.jobs import Job
+
+from pipelines.cli import _parser
+from pipelines.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+INIT_SCRIPT = REPO / "resources" / "init" / "install_stack.sh"
+JOBS = {"dlpipe_ingest", "dlpipe_train", "dlpipe_score", "dlpipe_pipeline"}
+TARGETS = {"dev", "prod"}
+
+# Keys the bundle's JSON schema (databricks/cli bundle/schema/jsonschema.json) allows outside
+# resources; the typed job models cover resources.jobs. Both reject anything else.
+ROOT_KEYS = {
+    "artifacts", "bundle", "environments", "experimental", "include", "permissions", "presets",
+    "python", "resources", "run_as", "scripts", "sync", "targets", "variables", "workspace",
+}  # fmt: skip
+TARGET_KEYS = {
+    "artifacts", "bundle", "cluster_id", "compute_id", "default", "git", "mode", "permissions",
+    "presets", "resources", "run_as", "sync", "variables", "workspace",
+}  # fmt: skip
+VARIABLE_KEYS = {"default", "description", "lookup", "type"}
+ARTIFACT_KEYS = {"build", "dynamic_version", "executable", "files", "path", "type"}
+BUNDLE_KEYS = {
+    "cluster_id", "compute_id", "databricks_cli_version", "deployment", "engine", "git", "name",
+    "uuid",
+}  # fmt: skip
+WORKSPACE_KEYS = {
+    "account_id", "artifact_path", "auth_type", "azure_client_id", "azure_environment",
+    "azure_login_app_id", "azure_tenant_id", "azure_use_msi", "azure_workspace_resource_id",
+    "client_id", "experimental_is_unified_host", "file_path", "google_service_account", "host",
+    "profile", "resource_path", "root_path", "state_path", "workspace_id",
+}  # fmt: skip
+RESOURCE_KINDS = {"jobs"}
+# Namespaces a ${...} reference may use besides var: the CLI fills these in at deploy time.
+BUILTIN_NAMESPACES = {"bundle", "workspace", "resources", "artifacts"}
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.\[\]-]+)\}")
+
+
+class BundleError(AssertionError):
+    """The bundle has problems; the message lists every one of them."""
+
+
+# --- reading and resolving the bundle ----------------------------------------------------------
+
+
+def load_bundle(root: Path) -> dict[str, Any]:
+    """databricks.yml with every ``include``d file merged in (resources per kind and name)."""
+    bundle = yaml.safe_load((root / "databricks.yml").read_text())
+    for pattern in bundle.get("include", []):
+        files = sorted(root.glob(pattern))
+        assert files, f"include {pattern!r} matches no file"
+        for path in files:
+            part = yaml.safe_load(path.read_text()) or {}
+            for key, value in part.items():
+                if key != "resources":
+                    bundle.setdefault(key, {}).update(value)
+                    continue
+                for kind, items in value.items():
+                    merged = bundle.setdefault("resources", {}).setdefault(kind, {})
+                    clash = set(merged) & set(items)
+                    assert not clash, f"{path.name}: {kind} {sorted(clash)} defined twice"
+                    merged.update(items)
+    return bundle
+
+
+def target_variables(bundle: dict[str, Any], target: str) -> tuple[dict[str, Any], list[str]]:
+    """The variables' values in ``target`` (its values over the defaults) and what is unset."""
+    values: dict[str, Any] = {}
+    unset = []
+    overrides = (bundle["targets"][target] or {}).get("variables") or {}
+    for name, spec in (bundle.get("variables") or {}).items():
+        if name in overrides:
+            values[name] = _target_value(spec, overrides[name])
+        elif "default" in spec:
+            values[name] = spec["default"]
+        else:
+            unset.append(f"{target}: variable {name} has no default and no value in the target")
+    unset += [
+        f"{target}: sets variable {name}, which databricks.yml does not declare"
+        for name in sorted(set(overrides) - set(bundle.get("variables") or {}))
+    ]
+    return values, unset
+
+
+def _target_value(spec: dict[str, Any], value: Any) -> Any:
+    """A target's value for a variable: shorthand, or a mapping with ``default``.
+
+    A complex variable's shorthand is itself a mapping: it is the full form only when it has
+    nothing but variable fields, ``default`` among them.
+    """
+    return value["default"] if _full_form(spec, value) else value
+
+
+def _full_form(spec: dict[str, Any], value: Any) -> bool:
+    """Whether a target's value for a variable is the mapping form (``default:`` ...)."""
+    if spec.get("type") == "complex":
+        return isinstance(value, dict) and "default" in value and set(value) <= VARIABLE_KEYS
+    return isinstance(value, dict)
+
+
+def resolve(value: Any, variables: dict[str, Any], dangling: set[str], depth: int = 0) -> Any:
+    """Substitute ``${var.name}`` in ``value`` (recursively, also inside variable values).
+
+    A reference that is the whole string becomes the variable's value with its type (an int,
+    a mapping for a complex variable); one inside a longer string is interpolated. Unknown
+    variables are added to ``dangling`` and left in place; ``${workspace...}`` and the like
+    stay for the CLI.
+    """
+    assert depth < 20, "variables refer to each other in a cycle"
+    if isinstance(value, dict):
+        return {k: resolve(v, variables, dangling, depth) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, variables, dangling, depth) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(path: str) -> Any:
+        name = path.removeprefix("var.")
+        if name not in variables:
+            dangling.add(path)
+            return "${" + path + "}"
+        return resolve(variables[name], variables, dangling, depth + 1)
+
+    whole = _REFERENCE.fullmatch(value)
+    if whole and whole.group(1).startswith("var."):
+        return lookup(whole.group(1))
+    return _REFERENCE.sub(
+        lambda m: str(lookup(m.group(1))) if m.group(1).startswith("var.") else m.group(0),
+        value,
+    )
+
+
+def resolved_bundle(bundle: dict[str, Any], target: str) -> tuple[dict[str, Any], list[str]]:
+    """The bundle as deployed to ``target`` (variables substituted), and its problems."""
+    variables, problems = target_variables(bundle, target)
+    dangling: set[str] = set()
+    tree = {k: v for k, v in bundle.items() if k not in ("targets", "variables")}
+    tree["target"] = bundle["targets"][target] or {}
+    tree = resolve(tree, variables, dangling)
+    problems += [f"{target}: ${{{ref}}} names no variable" for ref in sorted(dangling)]
+    for ref in _REFERENCE.findall(yaml.safe_dump(tree)):
+        if ref.split(".")[0] not in BUILTIN_NAMESPACES | {"var"}:
+            problems.append(f"{target}: ${{{ref}}} is not a bundle reference")
+    return tree, problems
+
+
+def structure_problems(bundle: dict[str, Any]) -> list[str]:
+    """Unknown keys outside resources.jobs (which the typed models check)."""
+    problems = []
+
+    def unknown(where: str, mapping: Any, known: set[str]) -> None:
+        if not isinstance(mapping, dict):
+            problems.append(f"{where}: expected a mapping, got {mapping!r}")
+            return
+        problems.extend(f"{where}: unknown field {key!r}" for key in sorted(set(mapping) - known))
+
+    unknown("databricks.yml", bundle, ROOT_KEYS)
+    unknown("bundle", bundle.get("bundle", {}), BUNDLE_KEYS)
+    unknown("resources", bundle.get("resources", {}), RESOURCE_KINDS)
+    unknown("workspace", bundle.get("workspace", {}), WORKSPACE_KEYS)
+    for name, spec in (bundle.get("variables") or {}).items():
+        unknown(f"variables.{name}", spec, VARIABLE_KEYS)
+    for name, spec in (bundle.get("artifacts") or {}).items():
+        unknown(f"artifacts.{name}", spec, ARTIFACT_KEYS)
+    for name, spec in bundle["targets"].items():
+        unknown(f"targets.{name}", spec or {}, TARGET_KEYS)
+        unknown(f"targets.{name}.workspace", (spec or {}).get("workspace", {}), WORKSPACE_KEYS)
+        for var, value in ((spec or {}).get("variables") or {}).items():
+            if _full_form((bundle.get("variables") or {}).get(var) or {}, value):
+                unknown(f"targets.{name}.variables.{var}", value, VARIABLE_KEYS)
+    return problems
+
+
+def job_problems(jobs: dict[str, Any], where: str) -> list[str]:
+    """Every job through ``Job.from_dict``: an unknown field, enum or number is a problem."""
+    problems = []
+    for name, spec in jobs.items():
+        try:
+            Job.from_dict(copy.deepcopy(spec))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}: job {name}: {exc}")
+    return problems
+
+
+def tasks(jobs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(job name, task) for every task of every job."""
+    return [(name, task) for name, job in jobs.items() for task in job.get("tasks", [])]
+
+
+def parse_dlpipe(parameters: list[str]) -> Any:
+    """Parse a task's parameters with dlpipe's own parser; a usage error is an AssertionError."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return _parser().parse_args([str(p) for p in parameters])
+    except SystemExit:
+        raise AssertionError(stderr.getvalue().strip().splitlines()[-1]) from None
+
+
+def cli_problems(jobs: dict[str, Any], where: str) -> list[str]:
+    """Each wheel task's entry point is a console script; its arguments parse and load."""
+    problems = []
+    scripts = PYPROJECT["project"]["scripts"]
+    package = re.sub(r"[-_.]+", "_", PYPROJECT["project"]["name"]).lower()
+    for job, task in tasks(jobs):
+        label = f"{where}: {job}.{task['task_key']}"
+        wheel_task = task.get("python_wheel_task")
+        if wheel_task is None:
+            problems.append(f"{label}: not a python_wheel_task")
+            continue
+        if wheel_task.get("package_name") != package:
+            problems.append(f"{label}: package_name {wheel_task.get('package_name')!r}")
+        if wheel_task.get("entry_point") not in scripts:
+            problems.append(
+                f"{label}: entry_point {wheel_task.get('entry_point')!r} not in scripts"
+            )
+        try:
+            args = parse_dlpipe(wheel_task.get("parameters", []))
+            load_config(args.conf, args.set or ())
+        except AssertionError as exc:
+            problems.append(f"{label}: dlpipe rejects its arguments: {exc}")
+        except ValueError as exc:  # ConfigError
+            problems.append(f"{label}: {exc}")
+    return problems
+
+
+def check_bundle(root: Path) -> dict[str, dict[str, Any]]:
+    """Every check, for every target; return the resolved jobs per target or raise."""
+    bundle = load_bundle(root)
+    problems = structure_problems(bundle)
+    # As written (${var.x} in typed fields), and as deployed to each target.
+    problems += job_problems(bundle.get("resources", {}).get("jobs", {}), "as written")
+    resolved = {}
+    for target in bundle["targets"]:
+        tree, found = resolved_bundle(bundle, target)
+        jobs = tree.get("resources", {}).get("jobs", {})
+        problems += found + job_problems(jobs, target) + cli_problems(jobs, target)
+        resolved[target] = tree
+    if problems:
+        raise BundleError("\n".join(problems))
+    return resolved
+
+
+@pytest.fixture(scope="module")
+def deployed() -> dict[str, dict[str, Any]]:
+    """The real bundle, resolved per target (the checks have passed)."""
+    return check_bundle(REPO)
+
+
+def bundle_copy(tmp_path: Path) -> Path:
+    """A copy of the bundle's files to break one thing in."""
+    root = tmp_path / "bundle"
+    root.mkdir()
+    shutil.copy(REPO / "databricks.yml", root)
+    shutil.copytree(REPO / "resources", root / "resources")
+    return root
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) >= 1, f"{old!r} not in {path.name}"
+    path.write_text(text.replace(old, new, 1))
+
+
+# --- the real files pass -----------------------------------------------------------------------
+
+
+def test_the_bundle_passes_every_check_in_every_target(deployed):
+    assert set(deployed) == TARGETS
+    for tree in deployed.values():
+        assert set(tree["resources"]["jobs"]) == JOBS
+
+
+def test_every_job_is_a_typed_databricks_job(deployed):
+    for tree in deployed.values():
+        for spec in tree["resources"]["jobs"].values():
+            job = Job.from_dict(copy.deepcopy(spec))
+            assert job.max_concurrent_runs == 1  # runs share the dataset, alias, partition
+
+
+def test_the_pipeline_runs_ingest_then_train_then_score(deployed):
+    pipeline = deployed["prod"]["resources"]["jobs"]["dlpipe_pipeline"]
+    order = {
+        t["task_key"]: [d["task_key"] for d in t.get("depends_on", [])] for t in pipeline["tasks"]
+    }
+    assert order == {"ingest": [], "train": ["ingest"], "score": ["train"]}
+    commands = [t["python_wheel_task"]["parameters"][0] for t in pipeline["tasks"]]
+    assert commands == ["ingest", "train", "score"]
+    # The stand-alone jobs run the same commands as the pipeline's tasks.
+    jobs = deployed["prod"]["resources"]["jobs"]
+    for task in pipeline["tasks"]:
+        alone = jobs[f"dlpipe_{task['task_key']}"]["tasks"][0]
+        assert alone["python_wheel_task"] == task["python_wheel_task"]
+
+
+def test_every_task_names_a_job_cluster_of_its_job(deployed):
+    for tree in deployed.values():
+        for job in tree["resources"]["jobs"].values():
+            keys = {c["job_cluster_key"] for c in job["job_clusters"]}
+            used = {t["job_cluster_key"] for t in job["tasks"]}
+            assert used == keys, "a cluster no task uses, or a task without a cluster"
+
+
+def test_schedule_is_paused_in_dev_and_runs_in_prod(deployed):
+    bundle = load_bundle(REPO)
+    assert bundle["targets"]["dev"]["mode"] == "development"
+    assert bundle["targets"]["prod"]["mode"] == "production"
+    # Production mode refuses to deploy without an explicit root path (one copy per workspace).
+    assert bundle["targets"]["prod"]["workspace"]["root_path"]
+    for target, status in (("dev", "PAUSED"), ("prod", "UNPAUSED")):
+        jobs = deployed[target]["resources"]["jobs"]
+        scheduled = {name for name, job in jobs.items() if "schedule" in job}
+        assert scheduled == {"dlpipe_pipeline"}
+        schedule = jobs["dlpipe_pipeline"]["schedule"]
+        assert schedule["pause_status"] == status
+        assert len(schedule["quartz_cron_expression"].split()) in (6, 7)  # quartz, with seconds
+        assert schedule["timezone_id"]
+
+
+def test_training_cluster_runs_one_rank_per_gpu_worker(deployed):
+    bundle = load_bundle(REPO)
+    for target, tree in deployed.items():
+        variables, _ = target_variables(bundle, target)
+        jobs = tree["resources"]["jobs"]
+        for job, task in tasks(jobs):
+            cluster = next(
+                c["new_cluster"]
+                for c in jobs[job]["job_clusters"]
+                if c["job_cluster_key"] == task["job_cluster_key"]
+            )
+            assert re.fullmatch(r"15\.4\.x-(cpu|gpu)-ml-scala2\.12", cluster["spark_version"])
+            assert cluster["data_security_mode"] == "SINGLE_USER"  # ML runtime + Unity Catalog
+            args = parse_dlpipe(task["python_wheel_task"]["parameters"])
+            config = load_config(args.conf, args.set or ())
+            if args.command != "train":
+                assert "-cpu-ml-" in cluster["spark_version"]
+                continue
+            assert "-gpu-ml-" in cluster["spark_version"]
+            assert cluster["node_type_id"] == variables["gpu_node_type"]
+            assert cluster["num_workers"] == variables["num_workers"]
+            assert cluster["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
+            assert config.train.num_proc == variables["num_workers"]
+            assert config.train.use_gpu is True
+            assert cluster["spark_env_vars"]["DLPIPE_HOROVOD_WHEELS"].startswith("/Volumes/")
+
+
+def test_tasks_install_the_wheel_the_artifact_builds(deployed):
+    bundle = load_bundle(REPO)
+    (artifact,) = bundle["artifacts"].values()
+    assert artifact["type"] == "whl"
+    assert "--no-deps" in artifact["build"] and "-w dist" in artifact["build"]
+    name = re.sub(r"[-_.]+", "_", PYPROJECT["project"]["name"])
+    wheel = f"{name}-{PYPROJECT['project']['version']}-py3-none-any.whl"
+    for tree in deployed.values():
+        for _, task in tasks(tree["resources"]["jobs"]):
+            (library,) = task["libraries"]
+            # Paths in resources/*.yml are relative to that file.
+            pattern = os.path.normpath(REPO / "resources" / library["whl"])
+            assert fnmatch.fnmatch(str(REPO / "dist" / wheel), pattern), library
+            assert not fnmatch.fnmatch(str(REPO / "dist" / "horovod-0.28.1-x.whl"), pattern)
+
+
+def test_entry_point_is_the_cli_main():
+    (script,) = {
+        t["python_wheel_task"]["entry_point"]
+        for _, t in tasks(load_bundle(REPO)["resources"]["jobs"])
+    }
+    module, _, attribute = PYPROJECT["project"]["scripts"][script].partition(":")
+    main = getattr(importlib.import_module(module), attribute)
+    assert callable(main) and main.__name__ == "main"
+
+
+def test_targets_keep_data_and_models_apart(deployed):
+    seen = {}
+    for target, tree in deployed.items():
+        jobs = tree["resources"]["jobs"]
+        train = next(t for _, t in tasks(jobs) if t["task_key"] == "train")
+        args = parse_dlpipe(train["python_wheel_task"]["parameters"])
+        config = load_config(args.conf, args.set or ())
+        catalog, schema, model = config.mlflow.model_name.split(".")
+        assert config.work_dir.startswith(f"/Volumes/{catalog}/{schema}/")
+        assert config.mlflow.tracking_uri == "databricks"
+        assert config.mlflow.registry_uri == "databricks-uc"
+        seen[target] = (config.work_dir, config.mlflow.model_name, config.mlflow.experiment)
+    dev, prod = seen["dev"], seen["prod"]
+    assert all(a != b for a, b in zip(dev, prod, strict=True)), "dev would write prod's data"
+
+
+def test_scoring_writes_the_delta_table_of_the_target(deployed):
+    for tree in deployed.values():
+        score = next(t for _, t in tasks(tree["resources"]["jobs"]) if t["task_key"] == "score")
+        args = parse_dlpipe(score["python_wheel_task"]["parameters"])
+        config = load_config(args.conf, args.set or ())
+        assert config.score.format == "delta"
+        assert re.fullmatch(r"\w+\.\w+\.\w+", args.output)  # a Unity Catalog table name
+        assert args.output.rsplit(".", 1)[0] == config.mlflow.model_name.rsplit(".", 1)[0]
+        assert args.source.startswith(config.work_dir + "/")
+
+
+def test_every_cluster_runs_the_init_script_in_the_bundle(deployed):
+    for tree in deployed.values():
+        for job in tree["resources"]["jobs"].values():
+            for cluster in job["job_clusters"]:
+                (script,) = cluster["new_cluster"]["init_scripts"]
+                destination = script["workspace"]["destination"]
+                # ${workspace.file_path} is where the bundle syncs the repository's files.
+                relative = destination.removeprefix("${workspace.file_path}/")
+                assert (REPO / relative).resolve() == INIT_SCRIPT
+    assert os.access(INIT_SCRIPT, os.X_OK)
+    subprocess.run(["bash", "-n", str(INIT_SCRIPT)], check=True)
+
+
+def test_init_script_pins_are_the_pyproject_pins():
+    text = INIT_SCRIPT.read_text()
+    block = re.search(r"# BEGIN PINS.*?\n(.*?)# END PINS", text, re.S)
+    assert block, "the PINS block is missing"
+    pins = set(re.findall(r'^\s*"([^"]+)"\s*$', block.group(1), re.M))
+    wanted = {d for d in PYPROJECT["project"]["dependencies"] if not d.startswith("pyspark")}
+    assert pins == wanted
+    (tensorflow,) = PYPROJECT["project"]["optional-dependencies"]["gpu"]
+    version = tensorflow.split("==")[1]
+    assert f"TF_VERSION={version}\n" in text
+    horovod = re.search(r"^HOROVOD_VERSION\s*:?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M)
+    assert horovod and f"HOROVOD_VERSION={horovod.group(1)}\n" in text
+
+
+def test_overlay_loads_with_no_unknown_key():
+    by_path = load_config(REPO / "conf" / "databricks.yaml")
+    by_name = load_config("databricks")  # what the jobs pass; shipped inside the wheel too
+    assert by_path == by_name
+    assert by_path.spark.master is None
+    assert by_path.mlflow.tracking_uri == "databricks"
+    assert by_path.mlflow.registry_uri == "databricks-uc"
+    catalog, schema, _ = by_path.mlflow.model_name.split(".")
+    assert re.fullmatch(r"[a-z0-9_]+", by_path.mlflow.model_name.replace(".", ""))
+    volume = f"/Volumes/{catalog}/{schema}/"
+    assert by_path.work_dir.startswith(volume)
+    assert by_path.ingest.source.startswith(volume) and by_path.score.source.startswith(volume)
+    assert by_path.score.format == "delta"
+    assert by_path.score.table == f"{catalog}.{schema}.scores"
+
+
+def test_registry_uri_defaults_to_none():
+    # null leaves MLflow's own choice (MLFLOW_REGISTRY_URI, else the tracking store).
+    assert load_config().mlflow.registry_uri is None
+
+
+# --- ... and a copy with one mistake fails -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "message"),
+    [
+        # job level
+        (
+            "resources/pipeline.job.yml",
+            "      schedule:\n",
+            "      shedule:\n",
+            "Unexpected field 'shedule' for class Job",
+        ),
+        # inside a task
+        (
+            "resources/train.job.yml",
+            "entry_point: dlpipe",
+            "entrypoint: dlpipe",
+            "Unexpected field 'entrypoint' for class PythonWheelTask",
+        ),
+        (
+            "resources/score.job.yml",
+            "          timeout_seconds:",
+            "          timeout_second:",
+            "Unexpected field 'timeout_second' for class Task",
+        ),
+        # inside a cluster (the complex variable every job uses)
+        (
+            "databricks.yml",
+            "      num_workers: ${var.num_workers}",
+            "      num_worker: ${var.num_workers}",
+            "Unexpected field 'num_worker' for class ClusterSpec",
+        ),
+        (
+            "databricks.yml",
+            "        spark.task.resource.gpu.amount",
+            "        spark.task.resource.gpu.amount: x\n      spark_confs:\n        a",
+            "Unexpected field 'spark_confs' for class ClusterSpec",
+        ),
+        # a value the typed model refuses
+        (
+            "databricks.yml",
+            "      schedule_pause_status: UNPAUSED",
+            "      schedule_pause_status: UNPAUSD",
+            "'UNPAUSD' is not a valid PauseStatus",
+        ),
+        # outside the jobs
+        ("databricks.yml", "    mode: development", "    mod: development", "unknown field 'mod'"),
+        ("databricks.yml", "    build: ", "    bulid: ", "unknown field 'bulid'"),
+    ],
+)
+def test_a_misspelt_field_fails(tmp_path, file, old, new, message):
+    root = bundle_copy(tmp_path)
+    edit(root / file, old, new)
+    with pytest.raises(BundleError, match=re.escape(message)):
+        check_bundle(root)
+
+
+def test_a_dangling_variable_is_reported(tmp_path):
+    root = bundle_copy(tmp_path)
+    edit(
+        root / "resources/train.job.yml",
+        "train.num_proc=${var.num_workers}",
+        "train.num_proc=${var.num_worker}",
+    )
+    with pytest.raises(BundleError) as failure:
+        check_bundle(root)
+    assert "dev: ${var.num_worker} names no variable" in str(failure.value)
+    assert "prod: ${var.num_worker} names no variable" in str(failure.value)
+
+
+def test_a_variable_unset_in_one_target_is_reported(tmp_path):
+    root = bundle_copy(tmp_path)
+    edit(root / "databricks.yml", "    default: main\n", "")  # no target sets the catalog
+    with pytest.raises(BundleError, match="dev: variable catalog has no default"):
+        check_bundle(root)
+
+
+def test_an_unknown_cli_option_fails(tmp_path):
+    root = bundle_copy(tmp_path)
+    edit(
+        root / "resources/train.job.yml",
+        "              - --json\n",
+        "              - --epochs\n              - '3'\n",
+    )
+    with pytest.raises(
+        BundleError,
+        match=r"dlpipe_train\.train: dlpipe rejects its arguments: .*"
+        r"unrecognized arguments: --epochs 3",
+    ):
+        check_bundle(root)
+
+
+def test_an_unknown_config_key_in_a_task_fails(tmp_path):
+    root = bundle_copy(tmp_path)
+    edit(root / "resources/score.job.yml", "mlflow.model_name=", "mlflow.model=")
+    with pytest.raises(
+        BundleError, match=r"dlpipe_score\.score: unknown config key mlflow\.model "
+    ):
+        check_bundle(root)
+
+
+def test_an_entry_point_missing_from_the_scripts_fails(tmp_path):
+    root = bundle_copy(tmp_path)
+    edit(root / "resources/ingest.job.yml", "entry_point: dlpipe", "entry_point: dlpipe-ingest")
+    with pytest.raises(BundleError, match="entry_point 'dlpipe-ingest' not in scripts"):
+        check_bundle(root)
