@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -392,14 +393,24 @@ def test_tasks_install_the_wheel_the_artifact_builds(deployed):
             assert not fnmatch.fnmatch(str(REPO / "dist" / "horovod-0.28.1-x.whl"), pattern)
 
 
-def test_entry_point_is_the_cli_main():
+def test_entry_point_is_the_cli_and_raises_its_exit_code():
     (script,) = {
         t["python_wheel_task"]["entry_point"]
         for _, t in tasks(load_bundle(REPO)["resources"]["jobs"])
     }
     module, _, attribute = PYPROJECT["project"]["scripts"][script].partition(":")
-    main = getattr(importlib.import_module(module), attribute)
-    assert callable(main) and main.__name__ == "main"
+    console = getattr(importlib.import_module(module), attribute)
+    assert callable(console) and (module, attribute) == ("pipelines.cli", "console")
+    # A python_wheel_task calls the function: a failure must raise, not just return 1.
+    code = (
+        "import sys; sys.argv = ['dlpipe', 'train', '--conf', 'no-such-target'];"
+        f"from {module} import {attribute}; {attribute}(); print('returned')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "returned" not in done.stdout
+    assert "config file not found: no-such-target" in done.stderr
 
 
 def test_targets_keep_data_and_models_apart(deployed):
