@@ -129,6 +129,9 @@ class TrainConfig:
         early_stopping_patience: Epochs without val improvement before stopping (0: off).
         seed: Random seed for weights and shuffling.
         launcher: ``horovod`` (on Spark executors) or ``local`` (one rank in-process).
+        slots_timeout_s: How long training waits for a cluster's executors to offer
+            ``num_proc`` task slots before failing (executors register after the
+            application starts); a local master's slots are checked before any Spark work.
         nics: Network interfaces Horovod's ranks talk over (e.g. ``[eth0]``); empty lets
             Horovod pick among those every task shares. Name one where nodes have several
             (a wrong pick is a known cause of start-up hangs).
@@ -139,6 +142,13 @@ class TrainConfig:
             one, else the CPU). What each rank used is tagged on the run (``devices``).
         mixed_precision: Train with Keras' ``mixed_float16`` policy (float32 outputs and
             loss scaling); needs ``use_gpu`` true or auto. The saved model is float32.
+        elastic: Horovod elastic mode (``horovod.spark.run_elastic``): a lost rank resets
+            the world and the ranks left finish the epochs; the state is committed every
+            epoch. Locally it needs a master that retries tasks, ``local[N,F]`` with F > 1.
+        min_num_proc: Elastic mode: the fewest ranks training goes on with.
+        rank_timeout_s: How long a rank waits in a collective for a peer that went silent
+            before the job fails (Gloo's timeout; a killed rank is noticed at once), and,
+            in elastic mode, how long to wait for ``min_num_proc`` ranks after a reset.
     """
 
     model: Literal["mlp", "lenet5", "mnist_cnn", "resnet_small", "autoencoder"] = "mnist_cnn"
@@ -156,10 +166,14 @@ class TrainConfig:
     early_stopping_patience: int = field(default=8, metadata=_range(ge=0))
     seed: int = 42
     launcher: Literal["horovod", "local"] = "horovod"
+    slots_timeout_s: float = field(default=120.0, metadata=_range(ge=0))
     nics: list[str] = field(default_factory=list)
     tsne: bool = False
     use_gpu: bool | Literal["auto"] = False
     mixed_precision: bool = False
+    elastic: bool = False
+    min_num_proc: int = field(default=1, metadata=_range(ge=1))
+    rank_timeout_s: int = field(default=60, metadata=_range(ge=1))
 
     def __post_init__(self) -> None:
         if self.mixed_precision and self.use_gpu is False:
@@ -217,6 +231,23 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """REST serving (``dlpipe serve``).
+
+    Attributes:
+        max_body_mb: Largest request body in MiB; a larger one gets 413 before it is read or
+            decoded. 32 takes a batch of 256 web-sized JPEGs (about 90 KB each) after
+            base64's 4/3 growth, or some 20 phone photos; a request is held about four times
+            over while it is decoded, so this also bounds the memory of one request.
+        stop_timeout_s: Seconds SIGTERM/SIGINT waits for requests in flight before the
+            server stops anyway.
+    """
+
+    max_body_mb: float = field(default=32.0, metadata=_range(gt=0, le=4096))
+    stop_timeout_s: float = field(default=5.0, metadata=_range(gt=0, le=600))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration.
 
@@ -230,6 +261,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def work_path(self) -> Path:
