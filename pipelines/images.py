@@ -6,7 +6,8 @@ Out: a uint8 array of shape ``(size, size, channels)`` with ``channels`` 1 (grey
 :func:`normalise` turns a batch of those into the float32 model input in [0, 1].
 
 Every image goes through the same steps, so training and serving see identical pixels:
-colour mode to 8-bit grey or RGB (alpha composited over white, 16-bit and float pixels
+EXIF orientation applied (a photo is upright as its camera meant), colour mode to 8-bit
+grey or RGB (alpha composited over white, 16-bit and float pixels
 rescaled), then grey/RGB conversion, then a bilinear stretch to ``size`` x ``size``.
 Bytes that cannot be decoded raise :class:`ImageDecodeError` (never a Pillow exception), whose
 message is a one-line reason fit for a quarantine table.
@@ -19,7 +20,7 @@ import posixpath
 import re
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: File name extensions (lower case) that ingest treats as images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -59,7 +60,11 @@ def decode_image(data: bytes | None, size: int, channels: int) -> np.ndarray:
     """Decode the bytes of an image file into a fixed-size uint8 array.
 
     Only the first frame of an animated GIF or a multi-page TIFF is used. The whole file is
-    decoded up front, so a truncated or corrupt file fails here rather than later.
+    decoded up front, so a truncated or corrupt file fails here rather than later. An EXIF
+    orientation tag is applied (the image is rotated or mirrored as its camera meant). An
+    image that would decode to more than Pillow's ``Image.MAX_IMAGE_PIXELS`` is refused
+    before decoding; a JPEG counts at the size it decodes to (draft mode), so a large photo
+    still passes.
 
     Args:
         data: The complete file contents.
@@ -83,7 +88,9 @@ def decode_image(data: bytes | None, size: int, channels: int) -> np.ndarray:
         if img.format in _JPEG_FORMATS:
             # DCT-domain downscaling by 1/2, 1/4 or 1/8 (never below size): about 2x faster.
             img.draft("L" if channels == 1 else "RGB", (size, size))
+        _check_pixels(img)
         img.load()
+        ImageOps.exif_transpose(img, in_place=True)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb: {_one_line(exc)}") from exc
     except UnidentifiedImageError as exc:
@@ -178,6 +185,20 @@ def _check_target(size: int, channels: int) -> None:
         raise ValueError(f"size must be a positive integer, got {size!r}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+
+
+def _check_pixels(img: Image.Image) -> None:
+    """Refuse what would decode to more than ``Image.MAX_IMAGE_PIXELS`` pixels.
+
+    Pillow itself only warns between that limit and twice it, then decodes: a small file
+    declaring 10,000 x 10,000 pixels would take gigabytes before failing.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(
+            f"image size ({img.width}x{img.height} = {img.width * img.height} pixels) "
+            f"exceeds the limit of {limit} pixels"
+        )
 
 
 def _one_line(exc: BaseException) -> str:

@@ -12,6 +12,10 @@ Out, under the output directory (replaced atomically):
 
 and a small :class:`IngestResult`.
 
+A run stages its output in ``.<output>.tmp-<hex>`` beside it, with an owner file naming
+its host and process; a later run removes such folders whose process is gone (see
+:func:`_remove_stale_staging`), never a live run's.
+
 How it runs, in one Spark job: the driver lists the source (or reads the arrays) and rejects
 what it can judge without decoding (zero-length files, files outside a class folder); each
 task reads its listed files by path, decodes them with the same pure functions
@@ -23,11 +27,13 @@ folder per split, adds Petastorm's metadata, and writes the quarantine and the m
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import time
 import uuid
 import warnings
@@ -43,7 +49,7 @@ from pipelines import schema
 from pipelines.config import IngestConfig, SplitConfig
 from pipelines.errors import UserError
 from pipelines.images import ImageDecodeError, decode_image, prepare_array
-from pipelines.listing import file_uri, list_tree, read_file
+from pipelines.listing import display_path, file_uri, list_tree, read_file
 from pipelines.sources import SourceError, detect_format, read_cifar10, read_mnist_idx
 from pipelines.spark import driver_table
 
@@ -57,7 +63,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Columns of the driver's table of records to decode (arrays add ``raw`` bytes).
+#: Columns of the driver's table of records to decode (arrays add ``raw`` bytes, folders
+#: ``file``, the raw bytes of the path to open). ``path``, ``rel`` and ``label_name`` are
+#: display forms (:func:`~pipelines.listing.display_path`): a Spark string cannot carry
+#: a name that is not valid UTF-8.
 _RECORDS = "path string, rel string, label int, label_name string"
 
 #: Columns of the prepared dataset's files, in the Unischema's order, with their Arrow types.
@@ -84,6 +93,13 @@ _REPORT_DDL = ", ".join(f"{column} {kind}" for column, kind in _REPORT.items())
 
 #: Folder of the task attempts' files inside the staged output, removed after the commit.
 _STAGING_DIR = "_staging"
+
+#: Who is writing a staged output (host, pid, process start, boot), removed before the swap.
+_OWNER_FILE = "_owner.json"
+
+#: A staged output whose writer cannot be checked (another host, or no owner file: a run
+#: killed at its very start, or an older version) counts as stale once untouched this long.
+_STALE_UNCHECKABLE_S = 2 * 24 * 3600
 
 #: Automatic task count: a task should write at least this many full row groups per split
 #: before the work is spread over more tasks than task slots (each task leaves one short
@@ -177,7 +193,9 @@ def ingest(
 
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(dst)
     try:
+        _claim_staging(tmp)
         written, rejected = _decode_and_write(spark, plan, config, tmp)
         rejected = {**plan.rejected, **rejected}
         splits = _commit_splits(written, tmp, schema.prepared_schema(*shape))
@@ -186,7 +204,7 @@ def ingest(
         _write_quarantine(rejected, tmp)
         result = IngestResult(
             output=str(dst),
-            source=str(src),
+            source=display_path(str(src)),
             format=fmt,
             files_seen=ingested + len(rejected) + plan.skipped,
             ingested=ingested,
@@ -200,6 +218,7 @@ def ingest(
             finished_at="",
         )
         result = _finish(result, tmp)
+        (tmp / _OWNER_FILE).unlink()  # not part of the dataset
         _swap_into_place(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,7 +248,9 @@ def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
     import pandas as pd
 
     listing = list_tree(src)
-    label_names = sorted({rel.split("/")[0] for rel in listing.images if "/" in rel})
+    # Names are display forms from here on (valid UTF-8 ones unchanged); only ``file``
+    # keeps the raw bytes, to open the file by.
+    label_names = sorted({display_path(rel.split("/")[0]) for rel in listing.images if "/" in rel})
     log.info(
         "ingest: %d image files in %d classes, %d empty, %d unreadable, %d other files skipped",
         len(listing.images),
@@ -239,27 +260,36 @@ def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
         listing.skipped,
     )
     root = str(src).rstrip("/")  # strings, not Path objects: faster on a large tree
-    rejected = {f"{root}/{rel}": "empty file" for rel in listing.empty}
-    rejected.update({f"{root}/{rel}": reason for rel, reason in listing.unreadable.items()})
+    shown = display_path(root)
+    rejected = {f"{shown}/{display_path(rel)}": "empty file" for rel in listing.empty}
+    rejected.update(
+        {f"{shown}/{display_path(rel)}": why for rel, why in listing.unreadable.items()}
+    )
     outside = "not inside a class folder (expected <source>/<class>/...)"
-    rejected.update({f"{root}/{rel}": outside for rel in listing.images if "/" not in rel})
+    rejected.update(
+        {f"{shown}/{display_path(rel)}": outside for rel in listing.images if "/" not in rel}
+    )
     rels = [rel for rel in listing.images if "/" in rel]
-    names = [rel.split("/")[0] for rel in rels]
+    shown_rels = [display_path(rel) for rel in rels]
+    names = [rel.split("/")[0] for rel in shown_rels]
     index = {name: i for i, name in enumerate(label_names)}
     records = pd.DataFrame(
         {
-            "path": [f"{root}/{rel}" for rel in rels],
-            "rel": rels,
+            "path": [f"{shown}/{rel}" for rel in shown_rels],
+            "rel": shown_rels,
             "label": pd.array([index[name] for name in names], dtype="int32"),
             "label_name": names,
+            "file": [os.fsencode(f"{root}/{rel}") for rel in rels],
         }
     )
     size, channels = config.image_size, config.channels
 
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
-        return [_decode_file(path, size, channels) for path in batch.path]
+        return [_decode_file(file, size, channels) for file in batch.file]
 
-    return _Plan(records, _RECORDS, decode, rejected, listing.skipped, label_names)
+    return _Plan(
+        records, f"{_RECORDS}, file binary", decode, rejected, listing.skipped, label_names
+    )
 
 
 def _array_plan(src: Path, fmt: str, config: IngestConfig) -> _Plan:
@@ -275,10 +305,11 @@ def _array_plan(src: Path, fmt: str, config: IngestConfig) -> _Plan:
         if part.label_names != label_names:
             raise SourceError(f"{src}: parts {parts[0].name} and {part.name} disagree on labels")
     shapes = {part.name: part.images.shape[1:] for part in parts}
+    shown = display_path(str(src))
     records = pd.concat(
         pd.DataFrame(
             {
-                "path": [f"{src / part.name}#{i}" for i in range(len(part.labels))],
+                "path": [f"{shown}/{part.name}#{i}" for i in range(len(part.labels))],
                 "rel": [f"{part.name}/{i:06d}" for i in range(len(part.labels))],
                 "label": part.labels.astype("int32"),
                 "label_name": [label_names[int(k)] for k in part.labels],
@@ -318,7 +349,11 @@ def _task_count(spark: SparkSession, config: IngestConfig, records: int) -> int:
 
 
 def _split_column(fractions: SplitConfig) -> Column:
-    """The split of a record, by a stable hash of its relative path (column ``rel``)."""
+    r"""The split of a record, by a stable hash of its relative path (column ``rel``).
+
+    ``rel`` is the display form: for a valid UTF-8 name, its bytes; for another, the name
+    with each undecodable byte as ``\xNN``. Either way the same file always hashes alike.
+    """
     from pyspark.sql import functions as F
 
     # xxhash64 is stable across runs and Spark versions: a file keeps its split forever,
@@ -375,7 +410,7 @@ def _decode_and_write(
     if plan.records.empty:
         return [], {}
     staging = tmp / _STAGING_DIR
-    staging.mkdir(parents=True)
+    staging.mkdir()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.max_records_per_batch)
     tasks = _task_count(spark, config, len(plan.records))
     records = driver_table(spark, _in_mixed_order(plan.records), plan.spark_schema, tasks)
@@ -554,6 +589,107 @@ def _swap_into_place(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# --- staging folders of killed runs ---------------------------------------------------------
+
+
+def _process_identity() -> dict[str, Any]:
+    """This process as its owner file records it: enough to tell later if it still runs."""
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid": pid,
+        "pid_start": _pid_start(pid),
+        "started_at": _iso(time.time()),
+    }
+
+
+def _claim_staging(tmp: Path) -> None:
+    """Create the staging folder with its owner file (written whole, then renamed in)."""
+    tmp.mkdir()
+    part = tmp / f"{_OWNER_FILE}.part"
+    part.write_text(json.dumps(_process_identity()) + "\n")
+    part.rename(tmp / _OWNER_FILE)
+
+
+def _remove_stale_staging(dst: Path) -> None:
+    """Remove the staging folders that killed runs left beside ``dst``; report the others.
+
+    Only folders of this output (``.<name>.tmp-*``, and ``.<name>.old-*`` once ``dst``
+    exists again) are considered. One whose owner ran on this host is stale when that
+    process is gone (no such pid, or a pid reused by a process started later, or the host
+    rebooted since); a live one is left alone. One whose writer cannot be checked (another
+    host, no owner file) is stale once untouched for :data:`_STALE_UNCHECKABLE_S`, else
+    left and reported.
+    """
+    if dst.exists():
+        for old in dst.parent.glob(f".{glob.escape(dst.name)}.old-*"):
+            # The previous dataset of a run killed while swapping: dst replaced it.
+            log.warning("ingest: removing %s, left by a run killed while swapping", old)
+            shutil.rmtree(old, ignore_errors=True)
+    for folder in dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*"):
+        verdict, why = _staleness(folder)
+        if verdict == "stale":
+            log.warning("ingest: removing stale staging folder %s (%s)", folder, why)
+            shutil.rmtree(folder, ignore_errors=True)
+        elif verdict == "unknown":
+            log.warning("ingest: leaving staging folder %s (%s)", folder, why)
+
+
+def _staleness(folder: Path) -> tuple[str, str]:
+    """``("stale" | "live" | "unknown", why)`` for one staging folder beside the output."""
+    try:
+        owner = json.loads((folder / _OWNER_FILE).read_text())
+        host, pid = str(owner["host"]), int(owner["pid"])
+    except FileNotFoundError:
+        owner = None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        owner = {}  # a torn or foreign file: judged by age, as for no owner file
+        log.debug("ingest: owner file of %s unreadable: %s", folder, exc)
+    if owner and host == socket.gethostname():
+        if owner.get("boot_id") and owner["boot_id"] != _boot_id():
+            return "stale", f"written by pid {pid} before this host rebooted"
+        if not _pid_alive(pid):
+            return "stale", f"its ingest, pid {pid} on this host, is gone"
+        if owner.get("pid_start") is not None and owner["pid_start"] != _pid_start(pid):
+            return "stale", f"its ingest, pid {pid} on this host, is gone (pid reused)"
+        return "live", f"pid {pid} on this host is running"
+    try:
+        idle = time.time() - folder.stat().st_mtime
+    except FileNotFoundError:
+        return "live", "gone meanwhile"  # its run finished or cleaned it up
+    writer = f"pid {pid} on {host}" if owner else "no readable owner file"
+    if idle > _STALE_UNCHECKABLE_S:
+        return "stale", f"{writer}, untouched for {idle / 3600:.0f} h"
+    return "unknown", f"{writer}: cannot tell if it still runs; untouched for {idle / 60:.0f} min"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+def _pid_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, Linux), telling apart a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
 # --- per-record work, run on the executors -------------------------------------------------
 
 
@@ -629,8 +765,14 @@ def _arrow_schema() -> pa.Schema:
     return pa.schema([(name, getattr(pa, kind)()) for name, kind in _PREPARED.items()])
 
 
-def _decode_file(path: str, size: int, channels: int) -> tuple[bytes | None, str | None]:
-    """Read and decode one image file: ``(encoded image, None)`` or ``(None, reason)``."""
+def _decode_file(path: bytes, size: int, channels: int) -> tuple[bytes | None, str | None]:
+    """Read and decode one image file: ``(encoded image, None)`` or ``(None, reason)``.
+
+    Args:
+        path: The raw bytes of the file's path (any name opens, UTF-8 or not).
+        size: Side of the square output.
+        channels: 1 or 3.
+    """
     content, unreadable = read_file(path)
     if content is None:
         return None, unreadable  # quarantined with the reason, not a failed job

@@ -92,17 +92,33 @@ def _count_files(folder: str) -> int:
     return sum(len(files) for _, _, files in os.walk(folder))
 
 
-def read_file(path: str) -> tuple[bytes | None, str | None]:
+def read_file(path: str | bytes) -> tuple[bytes | None, str | None]:
     """Read one listed file: ``(content, None)``, or ``(None, why)`` if it cannot be read.
 
     A file gone, unreadable or turned into a folder since the listing is a reason recorded
     against that file, not a failed job.
+
+    Args:
+        path: The path, as ``str`` or as its raw bytes (what executors get: a name that is
+            not valid UTF-8 cannot cross Spark as a string).
     """
     try:
         with open(path, "rb") as file:
             return file.read(), None
     except OSError as exc:
         return None, f"cannot read file: {exc.strerror or exc}"
+
+
+def display_path(path: str) -> str:
+    r"""The form of a path in every table, manifest, log and report: always valid UTF-8.
+
+    Linux names are bytes; one that is not valid UTF-8 (Latin-1 names from older Windows
+    or Samba shares, some cameras) reaches Python with surrogate escapes, which a Spark
+    string, Arrow, Parquet or JSON cannot carry. Each undecodable byte is shown as
+    ``\xNN`` instead; a valid UTF-8 name is unchanged. To open the file, use the raw
+    bytes (:func:`os.fsencode`), which executors get beside the display form.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def file_uri(path: Path) -> str:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Config
 from pipelines.host import cores_per_process, limit_tf_threads, settle_python_worker
-from pipelines.listing import file_uri, list_tree, read_file
+from pipelines.listing import display_path, file_uri, list_tree, read_file
 from pipelines.registry import ResolvedModel, resolve_model_uri
 from pipelines.sources import SourceError
 from pipelines.spark import driver_table
@@ -185,9 +186,11 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
     """The images to score, and how many other files were skipped.
 
     A table source gives ``(path, content, read_error)`` rows, ``read_error`` set where the
-    bytes are null. A folder gives ``(path, read_error)`` rows from the driver's listing,
-    ``read_error`` set for a file that cannot even be examined (a broken link); the
-    executors read the others by path.
+    bytes are null. A folder gives ``(path, file, read_error)`` rows from the driver's
+    listing, ``read_error`` set for a file that cannot even be examined (a broken link); the
+    executors read the others by ``file``, the raw bytes of the path. ``path`` is its
+    display form (:func:`~pipelines.listing.display_path`): a name that is not valid UTF-8
+    cannot cross Spark as a string, and is scored all the same.
 
     Raises:
         SourceError: The source is missing or holds no image file, or a table lacks the
@@ -225,9 +228,11 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
     if not readable and not listing.unreadable:
         raise SourceError(f"no image files in {src} ({listing.skipped} other files skipped)")
     root = str(src)
+    files = [f"{root}/{rel}" for rel in [*readable, *listing.unreadable]]
     paths = pd.DataFrame(
         {
-            "path": [f"{root}/{rel}" for rel in [*readable, *listing.unreadable]],
+            "path": [display_path(file) for file in files],
+            "file": [os.fsencode(file) for file in files],
             "read_error": [None] * len(readable) + list(listing.unreadable.values()),
         }
     )
@@ -236,7 +241,8 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
         len(paths), len(listing.empty), len(listing.unreadable), listing.skipped,
     )  # fmt: skip
     tasks = _task_count(spark, len(paths))
-    return driver_table(spark, paths, "path string, read_error string", tasks), listing.skipped
+    frame = driver_table(spark, paths, "path string, file binary, read_error string", tasks)
+    return frame, listing.skipped
 
 
 def _local_model(model: ResolvedModel, cache: Path) -> Path:
@@ -308,7 +314,8 @@ _MODELS: dict[str, Any] = {}
 def _predict_batch(model_name: str, threads: int, batch: Any, use_gpu: bool | str = False) -> Any:
     """Run the pyfunc model over one batch of ``(path, [content,] read_error)`` rows.
 
-    Without a ``content`` column (a folder source) each file is read here, by path. The
+    Without a ``content`` column (a folder source) each file is read here, by the raw
+    bytes of its path (``file``; ``path`` is only its display form). The
     first batch of a Python worker also sets its device (``score.use_gpu``): the GPU Spark
     assigned to the task (``spark.task.resource.gpu.amount``), else one by partition id.
     """
@@ -338,13 +345,13 @@ def _predict_batch(model_name: str, threads: int, batch: Any, use_gpu: bool | st
         contents = list(batch["content"])
     else:
         contents = [None] * len(batch)
-        for position, path in enumerate(batch["path"]):
+        for position, file in enumerate(batch["file"]):
             if errors[position] is None:
-                contents[position], errors[position] = read_file(path)
+                contents[position], errors[position] = read_file(file)
     readable = pd.isna(pd.Series(errors, dtype=object)).to_numpy()
     columns = {
         "predicted_label": [None] * len(batch),
-        "probability": [float("nan")] * len(batch),
+        "probability": [None] * len(batch),  # null in the table, as the model's pd.NA
         "probabilities": [None] * len(batch),
         "error": errors,
     }

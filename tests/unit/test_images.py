@@ -422,3 +422,57 @@ def test_encode_png_round_trip(shape: tuple[int, ...]) -> None:
 def test_encode_png_rejects_non_uint8() -> None:
     with pytest.raises(ValueError):
         encode_png(np.zeros((4, 4), dtype=np.float32))
+
+
+# --- EXIF orientation: applied, in ingest, scoring and serving alike -------------------------
+
+
+@pytest.mark.parametrize(
+    ("orientation", "upright"),
+    [
+        (1, lambda a: a),
+        (2, np.fliplr),
+        (3, lambda a: np.rot90(a, 2)),
+        (4, np.flipud),
+        (5, lambda a: np.rot90(np.fliplr(a), 1)),
+        (6, lambda a: np.rot90(a, -1)),
+        (7, lambda a: np.rot90(np.fliplr(a), -1)),
+        (8, lambda a: np.rot90(a, 1)),
+    ],
+)
+def test_exif_orientation_is_applied(orientation: int, upright) -> None:
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4  # every pixel distinct
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _save(Image.fromarray(pixels), "PNG", exif=exif.tobytes())
+    assert decode_image(data, 8, 1)[..., 0].tolist() == upright(pixels).tolist()
+
+
+def test_exif_rotation_of_a_jpeg_photo() -> None:
+    pixels = np.full((12, 24, 3), 255, np.uint8)
+    pixels[:, :12] = 0  # left half black; orientation 6: rotate 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image(_save(Image.fromarray(pixels), "JPEG", exif=exif.tobytes()), 12, 1)
+    assert out[:6].mean() < 40 and out[6:].mean() > 215  # black on top
+
+
+def test_image_between_the_bomb_limit_and_twice_it_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pillow only warns there, then decodes; a small file could declare gigapixels."""
+    data = _save(Image.fromarray(_gradient_rgb(64, 64)), "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 px: within 2 x limit
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageDecodeError) as exc:
+        decode_image(data, 8, 3)
+    _assert_reason(exc, "decompression bomb: ")
+
+
+def test_large_jpeg_counts_at_its_draft_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big photo decoded at 1/8 scale in the DCT domain is no bomb; the same as PNG is."""
+    pixels = Image.fromarray(_gradient_rgb(512, 512))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150_000)  # 262,144 px: within 2 x limit
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert decode_image(_save(pixels, "JPEG"), 64, 3).shape == (64, 64, 3)
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageDecodeError):
+        decode_image(_save(pixels, "PNG"), 64, 3)
