@@ -6,14 +6,17 @@ bytes, or already-decoded ``HxW`` / ``HxWxC`` arrays. Out: one row per input row
 order, with the columns of :data:`OUTPUT_COLUMNS`::
 
     predicted_label  string          label name of the most probable class
-    probability      double          that class's probability
+    probability      double          that class's probability (pandas ``Float64``: nullable)
     probabilities    array<double>   one probability per class, in ``label_names`` order
     error            string          null, or why this row's image could not be used
 
-A row whose image cannot be decoded is neither dropped nor fatal: it gets ``error`` set, a
-null label and probabilities and a NaN probability, and the other rows are scored as usual.
-An autoencoder model has no labels: ``predicted_label`` is null, ``probability`` NaN, and the
-extra column ``reconstruction_error`` (double) holds each image's mean absolute error.
+A row whose image cannot be decoded is neither dropped nor fatal: it gets ``error`` set and
+a null label, probability and probabilities, and the other rows are scored as usual.
+An autoencoder model has no labels: ``predicted_label`` and ``probability`` are null, and the
+extra column ``reconstruction_error`` (``Float64``) holds each image's mean absolute error.
+Unknown numbers are ``pd.NA`` in nullable ``Float64`` columns, not NaN: MLflow's scoring
+server writes them as JSON ``null`` (NaN is not JSON, and strict parsers reject the whole
+response), and Spark stores them as null.
 
 Every image goes through :func:`~pipelines.images.decode_image` or
 :func:`~pipelines.images.prepare_array` and then :func:`~pipelines.images.normalise`, the
@@ -151,11 +154,11 @@ class ImageModel(mlflow.pyfunc.PythonModel):
 
         rows = len(images)
         labels: list[str | None] = [None] * rows
-        probability = np.full(rows, np.nan, dtype=np.float64)
+        probability = pd.array([pd.NA] * rows, dtype="Float64")
         probabilities: list[list[float] | None] = [None] * rows
         columns: dict[str, Any] = {}
         if self.autoencoder:
-            reconstruction = np.full(rows, np.nan, dtype=np.float64)
+            reconstruction = pd.array([pd.NA] * rows, dtype="Float64")
             if good:
                 batch = normalise(np.stack(pixels))
                 output = self._predict(batch)
@@ -317,8 +320,8 @@ def model_signature(num_classes: int, *, autoencoder: bool = False) -> ModelSign
     Input: ``image`` binary (base64 in JSON requests). Output: ``predicted_label`` string,
     ``probability`` double, ``probabilities`` array of ``num_classes`` doubles (MLflow
     schemas carry no array length), ``error`` string, plus ``reconstruction_error`` double
-    for an autoencoder. Every output but ``probability`` (NaN when unknown) may be null and is
-    marked optional.
+    for an autoencoder. Every output may be null (a row whose image cannot be used, or an
+    autoencoder's probability) and is marked optional.
 
     Args:
         num_classes: Number of classes (at least 2 for a classifier).
@@ -335,7 +338,7 @@ def model_signature(num_classes: int, *, autoencoder: bool = False) -> ModelSign
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
     outputs = [
         ColSpec(DataType.string, "predicted_label", required=False),
-        ColSpec(DataType.double, "probability"),
+        ColSpec(DataType.double, "probability", required=False),
         ColSpec(Array(DataType.double), "probabilities", required=False),
         ColSpec(DataType.string, "error", required=False),
     ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pipelines.registry import (
 )
 from pipelines.serving import OUTPUT_COLUMNS, log_image_model, model_signature, pip_requirements
 from tests.integration.conftest import Store
-from tests.integration.rest import free_port, post_images, stop, wait_until_serving
+from tests.integration.rest import free_port, post_images, stop, strict_json, wait_until_serving
 
 LABELS = ["dark", "mid", "bright"]
 SIZE = 8
@@ -139,7 +138,7 @@ def test_bad_rows_get_an_error_and_the_rest_is_scored(scorer) -> None:
         error = out.loc[row, "error"]
         assert isinstance(error, str) and error and "\n" not in error
         assert out.loc[row, "predicted_label"] is None
-        assert math.isnan(out.loc[row, "probability"])
+        assert out.loc[row, "probability"] is pd.NA  # null, not NaN: JSON and Spark say null
         assert out.loc[row, "probabilities"] is None
     assert out.loc[1, "error"].startswith("not an image")
     assert out.loc[3, "error"].startswith("missing image")
@@ -155,7 +154,7 @@ def test_probabilities_sum_to_one_in_label_order(scorer, classifier: Logged) -> 
     out = scorer.predict(pd.DataFrame({"image": [encode_png(img) for img in x]}))
     direct = classifier.model.predict(x.astype(np.float32) / 255.0, verbose=0)
 
-    assert out["probability"].dtype == np.float64
+    assert out["probability"].dtype == "Float64"  # nullable: an unknown one is null
     for row, probs in enumerate(out["probabilities"]):
         assert isinstance(probs, list) and len(probs) == len(LABELS)
         assert all(isinstance(p, float) for p in probs)
@@ -215,9 +214,10 @@ def test_scoring_server_accepts_base64_json(scorer) -> None:
         json.dumps(request), "application/json", scorer, scorer.metadata.get_input_schema()
     )
     assert response.status == 200, response.response
-    predictions = json.loads(response.response)["predictions"]
+    predictions = strict_json(response.response)["predictions"]  # no NaN: strict parsers
     assert [p["predicted_label"] for p in predictions[:3]] == [LABELS[k] for k in labels[:3]]
     assert predictions[3]["predicted_label"] is None
+    assert predictions[3]["probability"] is None and predictions[3]["probabilities"] is None
     assert predictions[3]["error"].startswith("not an image")
 
 
@@ -238,7 +238,7 @@ def test_autoencoder_reports_reconstruction_error(store: Store) -> None:
     assert list(out.columns) == [*OUTPUT_COLUMNS, "reconstruction_error"]
     assert out["reconstruction_error"].iloc[:2].tolist() == pytest.approx(expected, abs=1e-6)
     assert out["predicted_label"].isna().all() and out["probability"].isna().all()
-    assert math.isnan(out.loc[2, "reconstruction_error"]) and out.loc[2, "error"]
+    assert out.loc[2, "reconstruction_error"] is pd.NA and out.loc[2, "error"]
 
 
 # --- registry -----------------------------------------------------------------------------
@@ -401,9 +401,12 @@ def test_mlflow_models_serve_scores_base64_images(
         base = f"http://127.0.0.1:{port}"
         wait_until_serving(base, server, lambda: (tmp_path / "serve.log").read_text())
         x, labels = _test_set()
-        predictions = post_images(base, [encode_png(img) for img in x], timeout=30)
+        # MLflow's own server (as Databricks Model Serving runs it) writes strict JSON too.
+        cells = [encode_png(img) for img in x] + [b"not an image"]
+        *predictions, bad = post_images(base, cells, timeout=30)
         assert [p["predicted_label"] for p in predictions] == [LABELS[k] for k in labels]
         assert all(p["error"] is None for p in predictions)
+        assert bad["probability"] is None and bad["error"].startswith("not an image")
 
         broken = urllib.request.Request(
             f"{base}/invocations", data=b"{not json", headers={"Content-Type": "application/json"}
