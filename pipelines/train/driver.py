@@ -5,7 +5,10 @@ and a launcher. Out: an MLflow run holding the resolved config, dataset lineage,
 metrics, test metrics and the pyfunc model; a new registered model version (the alias moved
 only on improvement); and a small :class:`TrainResult`.
 
-A run that fails is marked FAILED with the error as a tag, never left RUNNING.
+A run that fails is marked FAILED with the error as a tag, never left RUNNING. A run
+whose process was killed (nothing could mark it) is marked FAILED by the next ``train``:
+every run is tagged with its owner (host, pid, process start time), and a RUNNING run whose
+owner is gone from this host is stale.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +28,14 @@ from pipelines import schema
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
-from pipelines.train.worker import FINAL_MODEL, WorkerSpec, read_checkpoint_state, train_worker
+from pipelines.train.worker import (
+    FINAL_MODEL,
+    RANKS_DIR,
+    WorkerSpec,
+    read_checkpoint_state,
+    read_rank_placements,
+    train_worker,
+)
 
 if TYPE_CHECKING:
     from pipelines.train.launcher import Launcher
@@ -31,8 +43,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: Tags naming the process that owns a run: a RUNNING run whose owner is gone is stale.
+OWNER_HOST, OWNER_PID, OWNER_STARTED = "owner_host", "owner_pid", "owner_started"
+
+
 class RanksDivergedError(RuntimeError):
     """The ranks ended with different weights: gradients were not averaged."""
+
+
+class RankDiedError(UserError):
+    """A training rank died and the (non-elastic) job ended; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,8 @@ def train(
 
     Raises:
         UserError: No dataset, no training rows, or nothing to resume.
+        RankDiedError: A rank died and ended the (non-elastic) job; one line saying which
+            rank (pid, host) and what to do.
         RanksDivergedError: The ranks' final weights differ.
     """
     import mlflow
@@ -109,13 +131,18 @@ def train(
     mlflow.set_tracking_uri(config.tracking_uri)
     if config.mlflow.registry_uri:
         mlflow.set_registry_uri(config.mlflow.registry_uri)
-    _use_experiment(config)
+    experiment_id = _use_experiment(config)
+    fail_stale_runs(config.tracking_uri, experiment_id)
     run_id = _remembered_run(out) if state else None
+    previous = _reopen(config.tracking_uri, run_id) if run_id else None
     with mlflow.start_run(run_id=run_id) as run:
         try:
+            mlflow.set_tags(_owner_tags())
             if state is None:
                 _log_inputs(config, launcher, data_dir, manifest)
                 _remember_run(out, run.info.run_id)
+            else:
+                _tag_resume(run.info.run_id, state["epoch"], previous)
             result = _train_in_run(
                 config, launcher, data_dir, manifest, out, resume, run.info.run_id
             )
@@ -150,9 +177,26 @@ def _train_in_run(
         out_dir=str(out),
         resume=resume,
     )
-    ranks = launcher.run(train_worker, [spec])
-    # What train.use_gpu (auto in particular) gave each rank; tags, as a resume may differ.
+    shutil.rmtree(out / RANKS_DIR, ignore_errors=True)  # the ranks of this start write anew
+    try:
+        ranks = launcher.run(
+            train_worker,
+            [spec],
+            elastic=config.train.elastic,
+            min_num_proc=config.train.min_num_proc,
+            rank_timeout_s=config.train.rank_timeout_s,
+        )
+    except Exception as exc:
+        from pipelines.train.launcher import RankLostError
+
+        if isinstance(exc, RankLostError):
+            raise _rank_died(exc, out) from exc
+        raise
+    # What train.use_gpu (auto in particular) gave each rank: a param of the run as first
+    # trained, and tags that a resume (maybe on other devices) updates.
     devices = {str(r["rank"]): r["device"] for r in sorted(ranks, key=lambda r: r["rank"])}
+    if "devices" not in mlflow.get_run(run_id).data.params:  # params cannot change later
+        mlflow.log_params({"devices": json.dumps(devices), "precision": ranks[0]["precision"]})
     mlflow.set_tags({"devices": json.dumps(devices), "precision": ranks[0]["precision"]})
     # Which executor each rank ran on (on a cluster, two ranks should not share one), and
     # each rank's final weights: the one check that gradients really were averaged.
@@ -163,9 +207,9 @@ def _train_in_run(
     if len(set(digests.values())) != 1:
         raise RanksDivergedError(f"ranks finished with different weights: {digests}")
     rank0 = min(ranks, key=lambda r: r["rank"])
-    for name, values in rank0["history"].items():
-        for epoch, value in enumerate(values):
-            mlflow.log_metric(name, value, step=epoch)
+    # Elastic: the world size from each epoch on where it changed (a lost rank, a new one).
+    mlflow.set_tag("world_size_changes", json.dumps(rank0["world_sizes"][1:]))
+    _log_new_epochs(run_id, rank0["history"])
     mlflow.log_metrics(
         {"epochs_run": rank0["epochs"], "seconds_training": max(r["seconds"] for r in ranks)}
     )
@@ -273,8 +317,8 @@ def _log_report(
         log.warning("train: report section %s was not written: %s", section, error)
 
 
-def _use_experiment(config: Config) -> None:
-    """Make the configured experiment current, creating it if needed.
+def _use_experiment(config: Config) -> str:
+    """Make the configured experiment current, creating it if needed; return its id.
 
     With a local sqlite store MLflow would put artifacts in ``./mlruns`` of whatever
     directory the job started in; a new experiment keeps them in the work directory instead.
@@ -288,7 +332,7 @@ def _use_experiment(config: Config) -> None:
         if client.get_experiment_by_name(name) is None:
             location = (config.work_path / "mlartifacts").resolve().as_uri()
             client.create_experiment(name, artifact_location=location)
-    mlflow.set_experiment(name)
+    return mlflow.set_experiment(name).experiment_id
 
 
 def _log_inputs(
@@ -315,6 +359,132 @@ def _log_inputs(
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
+
+
+def _rank_died(exc: Any, out: Path) -> RankDiedError:
+    """The one-line error for a lost rank, with its pid and host when it had written them.
+
+    Horovod names the first rank to exit with an error, which may be a survivor that
+    noticed the loss before the dead rank's exit was collected: a rank that recorded its
+    own exception is a survivor; one that recorded none was killed.
+    """
+    placements = read_rank_placements(out)
+    rank, status = exc.rank, f"exit status {exc.exit_code}"
+    if "failed" in placements.get(rank, {}):
+        silent = [r for r, info in sorted(placements.items()) if "failed" not in info]
+        if silent:
+            rank, status = silent[0], "killed or crashed"
+    where = placements.get(rank)
+    who = f"rank {rank}"
+    if where:
+        who += f" (pid {where['pid']} on host {where['host']})"
+    return RankDiedError(
+        f"{who} died ({status}) and ended the job: resume with "
+        "`dlpipe train --resume` or set train.elastic=true to carry on without it"
+    )
+
+
+def _log_new_epochs(run_id: str, history: dict[str, list[float]]) -> None:
+    """Log each epoch's metrics at step=epoch, skipping epochs the run already holds.
+
+    A resumed run gets the epochs of its checkpoint's history again: those logged by the
+    interrupted attempt are not logged twice.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    metrics = []
+    for name, values in history.items():
+        logged = {m.step for m in client.get_metric_history(run_id, name)}
+        metrics += [
+            Metric(name, float(value), now, epoch)
+            for epoch, value in enumerate(values)
+            if epoch not in logged
+        ]
+    for start in range(0, len(metrics), 500):  # MLflow's batch limit is 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 500])
+
+
+def _owner_tags() -> dict[str, str]:
+    """This process as the run's owner: host, pid and the process's start time."""
+    import psutil
+
+    me = psutil.Process()
+    return {
+        OWNER_HOST: socket.gethostname(),
+        OWNER_PID: str(me.pid),
+        OWNER_STARTED: f"{me.create_time():.3f}",
+    }
+
+
+def _owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether a run's owner process still runs; None when unknown (no tags, another host)."""
+    import psutil
+
+    if tags.get(OWNER_HOST) != socket.gethostname() or OWNER_PID not in tags:
+        return None
+    try:
+        process = psutil.Process(int(tags[OWNER_PID]))
+        # A reused pid is another process: compare start times too.
+        return abs(process.create_time() - float(tags.get(OWNER_STARTED, 0))) < 1.0
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def fail_stale_runs(tracking_uri: str, experiment_id: str) -> list[str]:
+    """Mark FAILED, with a reason, every RUNNING run of the experiment whose owner is gone.
+
+    A run whose process was SIGKILLed (or whose host went down) could not end itself and
+    would show as RUNNING for ever. Only runs owned by a process of this host are judged:
+    whether a pid on another host lives cannot be told from here.
+
+    Returns:
+        The ids of the runs marked FAILED.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    failed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if _owner_alive(tags) is not False:
+            continue
+        reason = (
+            f"stale: its process (pid {tags[OWNER_PID]} on host {tags[OWNER_HOST]}) ended "
+            f"without ending the run (killed?); marked FAILED by pid {os.getpid()}"
+        )
+        client.set_tag(run.info.run_id, "error", reason)
+        client.set_terminated(run.info.run_id, status="FAILED")
+        log.warning("train: run %s was %s", run.info.run_id, reason)
+        failed.append(run.info.run_id)
+    return failed
+
+
+def _reopen(tracking_uri: str, run_id: str) -> dict[str, str]:
+    """Check that the run to resume is not still running; return its status and error."""
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    if run.info.status == "RUNNING" and _owner_alive(run.data.tags):
+        raise UserError(
+            f"run {run_id} is still RUNNING (pid {run.data.tags.get(OWNER_PID, '?')} on host "
+            f"{run.data.tags.get(OWNER_HOST, '?')}); stop it before --resume"
+        )
+    return {"status": run.info.status, "error": run.data.tags.get("error", "")}
+
+
+def _tag_resume(run_id: str, epoch: int, previous: dict[str, str] | None) -> None:
+    """Record the resume on the run: from which epoch, after what; clear the old error."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    resumes = json.loads(run.data.tags.get("resumes", "[]"))
+    resumes.append({"epoch": epoch, **(previous or {})})
+    mlflow.set_tag("resumes", json.dumps(resumes))
+    if "error" in run.data.tags:
+        mlflow.MlflowClient().delete_tag(run_id, "error")
 
 
 def _remember_run(out: Path, run_id: str) -> None:

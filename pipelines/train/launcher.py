@@ -4,7 +4,9 @@ In: a worker function with its arguments. Out: the worker's return value from ev
 in rank order.
 
 - :class:`HorovodSparkLauncher` runs ``train.num_proc`` ranks on the Spark executors with
-  ``horovod.spark.run`` over Gloo (one Spark task slot per rank).
+  ``horovod.spark.run`` over Gloo (one Spark task slot per rank), or with
+  ``horovod.spark.run_elastic`` when asked for elastic mode (a lost rank resets the world
+  and the ranks left carry on).
 - :class:`LocalLauncher` runs one rank in this process: for tests, notebooks and machines
   without Horovod.
 
@@ -17,6 +19,7 @@ Horovod ever unavailable, this module is the one seam to swap (e.g. for
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,6 +55,29 @@ class Distribution(Protocol):
     def allgather(self, value: Any, name: str) -> list[Any]:
         """Every rank's ``value``, in rank order, on every rank."""
 
+    def elastic_state(self, model: Any, **values: Any) -> Any:
+        """Elastic mode: the state restored after a reset (model, optimizer, ``values``)."""
+
+    def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Elastic mode: ``fn(state)`` re-entered after every reset of the world."""
+
+    def elastic_callbacks(self, state: Any) -> list:
+        """Elastic mode: Keras callbacks tracking the epoch and committing the state."""
+
+
+class RankLostError(RuntimeError):
+    """A rank's process exited abnormally, which ends a non-elastic Horovod job.
+
+    Attributes:
+        rank: The first rank to exit abnormally (Horovod's own account).
+        exit_code: Its exit status (137 or -9 for SIGKILL).
+    """
+
+    def __init__(self, rank: int, exit_code: int, detail: str) -> None:
+        super().__init__(f"rank {rank} exited with status {exit_code}: {detail}")
+        self.rank = rank
+        self.exit_code = exit_code
+
 
 class LocalDistribution:
     """A world of one: every collective is the identity."""
@@ -79,6 +105,12 @@ class LocalDistribution:
     def allgather(self, value: Any, name: str) -> list[Any]:
         """Return the one value as a list."""
         return [value]
+
+    def elastic_state(self, model: Any, **values: Any) -> Any:
+        """Not available: elastic mode needs the Horovod launcher."""
+        raise NotImplementedError("elastic mode needs train.launcher=horovod")
+
+    elastic_run = elastic_callbacks = elastic_state
 
 
 class HorovodDistribution:
@@ -156,9 +188,79 @@ class HorovodDistribution:
         return hvd_tf.allgather_object(value, name=name)
 
 
-def distribution(kind: str) -> Distribution:
+class ElasticHorovodDistribution(HorovodDistribution):
+    """Horovod elastic: rank and size are read afresh, as a reset may change them."""
+
+    @property  # type: ignore[override]
+    def rank(self) -> int:
+        """Horovod: this rank in the current world."""
+        return self._hvd.rank()
+
+    @rank.setter
+    def rank(self, value: int) -> None:  # set once by HorovodDistribution.__init__
+        pass
+
+    @property  # type: ignore[override]
+    def size(self) -> int:
+        """Horovod: the current world size."""
+        return self._hvd.size()
+
+    @size.setter
+    def size(self, value: int) -> None:
+        pass
+
+    @property  # type: ignore[override]
+    def local_rank(self) -> int:
+        """Horovod: this rank's index on its host in the current world."""
+        return self._hvd.local_rank()
+
+    @local_rank.setter
+    def local_rank(self, value: int) -> None:
+        pass
+
+    def wrap_optimizer(self, optimizer: Any) -> Any:
+        """Horovod: always average gradients, as the world may change size."""
+        return self._hvd.DistributedOptimizer(optimizer)
+
+    def callbacks(self, *, initial_lr: float, warmup_epochs: int, steps_per_epoch: int) -> list:
+        """As non-elastic, less the initial broadcast: the elastic state's sync does it."""
+        # Horovod: the first callback of the parent is BroadcastGlobalVariablesCallback.
+        return super().callbacks(
+            initial_lr=initial_lr, warmup_epochs=warmup_epochs, steps_per_epoch=steps_per_epoch
+        )[1:]
+
+    def load_model(self, path: str) -> Any:
+        """Horovod: always re-wrap the optimizer, even in a world of one."""
+        return self._hvd.load_model(
+            path,
+            legacy_opts=True,
+            custom_objects={"lossscaleoptimizer": self._loss_scale_optimizer},
+        )
+
+    def elastic_state(self, model: Any, **values: Any) -> Any:
+        """Horovod: weights, optimizer and ``values``, committed and restored together."""
+        return self._hvd.elastic.KerasState(model, **values)
+
+    def elastic_run(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Horovod: restore the last commit and call ``fn`` again when the world resets."""
+        return self._hvd.elastic.run(fn)
+
+    def elastic_callbacks(self, state: Any) -> list:
+        """Horovod: count epochs in the state, then commit it at the end of every epoch."""
+        hvd = self._hvd
+        return [
+            # Horovod: state.epoch = the epochs completed, for the restart after a reset.
+            hvd.elastic.UpdateEpochStateCallback(state),
+            # Horovod: commit only at epoch ends (a commit copies every weight).
+            hvd.elastic.CommitStateCallback(state, batches_per_commit=1 << 30),
+        ]
+
+
+def distribution(kind: str, elastic: bool = False) -> Distribution:
     """The :class:`Distribution` a worker started by launcher ``kind`` runs under."""
-    return HorovodDistribution() if kind == "horovod" else LocalDistribution()
+    if kind != "horovod":
+        return LocalDistribution()
+    return ElasticHorovodDistribution() if elastic else HorovodDistribution()
 
 
 class Launcher(Protocol):
@@ -167,8 +269,20 @@ class Launcher(Protocol):
     kind: str
     num_proc: int
 
-    def run(self, fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
-        """Run ``fn(*args)`` on every rank; return the results in rank order."""
+    def run(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        *,
+        elastic: bool = False,
+        min_num_proc: int = 1,
+        rank_timeout_s: float | None = None,
+    ) -> list[Any]:
+        """Run ``fn(*args)`` on every rank; return the results in rank order.
+
+        Raises:
+            RankLostError: A rank died and the job (not elastic) ended.
+        """
 
 
 class LocalLauncher:
@@ -176,8 +290,8 @@ class LocalLauncher:
 
     kind, num_proc = "local", 1
 
-    def run(self, fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
-        """Call ``fn(*args)`` here."""
+    def run(self, fn: Callable[..., Any], args: Sequence[Any], **_faults: Any) -> list[Any]:
+        """Call ``fn(*args)`` here (one rank: nothing to be elastic about, nothing to time)."""
         return [fn(*args)]
 
 
@@ -191,8 +305,28 @@ class HorovodSparkLauncher:
         self.num_proc = num_proc
         self.nics = set(nics) or None
 
-    def run(self, fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
-        """Run ``fn(*args)`` as ``num_proc`` ranks with ``horovod.spark.run``."""
+    def run(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        *,
+        elastic: bool = False,
+        min_num_proc: int = 1,
+        rank_timeout_s: float | None = None,
+    ) -> list[Any]:
+        """Run ``fn(*args)`` as ``num_proc`` ranks with ``horovod.spark.run`` (or ``run_elastic``).
+
+        Args:
+            fn: The rank function.
+            args: Its arguments.
+            elastic: Use Horovod elastic: a lost rank resets the world, the rest go on.
+            min_num_proc: Elastic: the fewest ranks training goes on with.
+            rank_timeout_s: How long a rank waits in a collective for a silent peer (Gloo's
+                timeout), and, elastic, for enough ranks after a reset. None: Horovod's.
+
+        Raises:
+            RankLostError: Not elastic, and a rank exited abnormally (killed, crashed).
+        """
         try:
             import horovod.spark
         except ImportError as exc:
@@ -217,18 +351,55 @@ class HorovodSparkLauncher:
         payload = cloudpickle.dumps((_returning_user_errors, (fn, *args)))
         # The .zip/.egg files shipped with the application (PySpark's own list of them).
         includes = list(getattr(self.spark.sparkContext, "_python_includes", None) or [])
-        results = horovod.spark.run(
-            rank_entry.run_shipped,
-            args=(payload, includes),
-            num_proc=self.num_proc,
-            use_gloo=True,
-            nics=self.nics,
-            verbose=0,
-        )
+        env: dict[str, str] = {}
+        if rank_timeout_s:
+            # Horovod: a collective waiting on a peer that went silent (a stopped process, a
+            # lost host) fails after this long instead of hanging; a dead peer's closed
+            # socket fails it at once.
+            env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(int(rank_timeout_s))
+        if elastic:
+            results = horovod.spark.run_elastic(
+                rank_entry.run_shipped,
+                args=(payload, includes),
+                num_proc=self.num_proc,
+                min_num_proc=min(min_num_proc, self.num_proc),
+                max_num_proc=self.num_proc,
+                elastic_timeout=int(rank_timeout_s) if rank_timeout_s else None,
+                # Horovod: added to each task's own environment.
+                env=env or None,
+                nics=self.nics,
+                verbose=0,
+            )
+        else:
+            try:
+                results = horovod.spark.run(
+                    rank_entry.run_shipped,
+                    args=(payload, includes),
+                    num_proc=self.num_proc,
+                    use_gloo=True,
+                    nics=self.nics,
+                    env=env or None,
+                    verbose=0,
+                )
+            except RuntimeError as exc:
+                lost = _lost_rank(str(exc))
+                if lost is None:
+                    raise
+                raise RankLostError(*lost, detail=str(exc).splitlines()[0]) from exc
         for result in results:
             if isinstance(result, _RankUserError):
                 raise result.error
         return results
+
+
+def _lost_rank(message: str) -> tuple[int, int] | None:
+    """(rank, exit code) from Horovod's "processes exited with non-zero status" error.
+
+    Horovod's launcher names each process by its slot, which is its rank, and reports the
+    first one (by time) to exit with a non-zero status.
+    """
+    found = re.search(r"Process name: (\d+)\s+Exit code: (-?\d+)", message)
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 class _RankUserError:

@@ -31,9 +31,15 @@ if TYPE_CHECKING:
     from pipelines.train.launcher import Distribution
 
 #: Files rank 0 writes into the run's output directory.
-CHECKPOINT_MODEL = "checkpoint.h5"  # full model with optimizer state, after each epoch
-CHECKPOINT_STATE = "checkpoint.json"  # {"epoch": completed epochs, "history": {...}}
+CHECKPOINT_MODEL = "checkpoint.h5"  # legacy: the one model file of older checkpoints
+#: The checkpoint's commit point: {"epoch": completed epochs, "history": {...}, "model":
+#: "checkpoint-<epoch>.h5", "model_sha256": ...}. Each epoch's model (full, with optimizer
+#: state) gets a new file, written before this state is replaced in one os.replace, so the
+#: state always names a complete model of its own epoch.
+CHECKPOINT_STATE = "checkpoint.json"
 FINAL_MODEL = "model.h5"  # best weights, no optimizer: what gets evaluated and logged
+#: ``rank-<n>.json`` per rank: its host and pid, so the driver can name a rank that died.
+RANKS_DIR = "ranks"
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,19 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     started = time.time()
     # Checkpoints are HDF5 on purpose: hvd.load_model restores legacy optimizers from it.
     warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
-    dist = distribution(spec.launcher)
+    dist = distribution(spec.launcher, elastic=spec.train.elastic)
+    out = Path(spec.out_dir)
+    _announce(out, dist.rank)
+    try:
+        return _pinned_and_trained(spec, dist, started)
+    except BaseException as exc:
+        # Horovod: a rank that raised (e.g. its peer's socket closed) says so; one that was
+        # killed cannot, which tells the driver which rank really died.
+        _announce(out, dist.rank, failed=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+
+
+def _pinned_and_trained(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, Any]:
     # Before any TensorFlow op (devices and thread pools are fixed by the first one).
     try:
         device, failure = pin_device(spec.train.use_gpu, dist.local_rank), None
@@ -92,12 +110,10 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
 def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, Any]:
     """The rank's training proper, on the device and dtype policy already set."""
     from pipelines.keras_api import keras
-    from pipelines.models import as_float32, build_model, is_autoencoder
-    from pipelines.train.feed import make_dataset, steps_per_epoch
+    from pipelines.models import as_float32, build_model
 
     k = keras()
     cfg = spec.train
-    autoencoder = is_autoencoder(cfg)
     # Horovod: scale the rate by the number of ranks (the global batch grows with it).
     scaled_lr = cfg.learning_rate * dist.size
     k.utils.set_random_seed(cfg.seed)
@@ -107,7 +123,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
     # Horovod: every rank resumes from the same epoch as rank 0.
     state = dist.broadcast(state, "resume_state")
     if state:
-        model = dist.load_model(str(out / CHECKPOINT_MODEL))
+        model = dist.load_model(str(out / state.get("model", CHECKPOINT_MODEL)))
         initial_epoch, history = state["epoch"], state["history"]
     else:
         model = build_model(
@@ -119,6 +135,59 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
         )
         initial_epoch, history = 0, {}
 
+    if cfg.elastic:
+        steps, world_sizes = _fit_elastic(spec, dist, model, initial_epoch, history, k)
+    else:
+        steps = _fit(spec, dist, model, initial_epoch, history, k, [])
+        world_sizes = [{"epoch": initial_epoch, "size": dist.size}]
+
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{FINAL_MODEL}.tmp"
+        # Mixed precision is a training setting: the model evaluated, logged and served is
+        # float32, so it runs at full speed on CPU executors too.
+        final = as_float32(model, cfg, spec.image_shape, spec.num_classes)
+        final.save(tmp, include_optimizer=False, save_format="h5")
+        os.replace(tmp, out / FINAL_MODEL)
+    epochs_done = len(next(iter(history.values()), []))
+    return {
+        "rank": dist.rank,
+        "size": dist.size,
+        "history": history,
+        "epochs": epochs_done,
+        "initial_epoch": initial_epoch,
+        "stopped_early": epochs_done < cfg.epochs,
+        "steps_per_epoch": steps,
+        "world_sizes": world_sizes,
+        "learning_rate": scaled_lr,
+        "weights_sha256": weights_digest(model),
+        "seconds": round(time.time() - started, 2),
+        "placement": placement(),
+    }
+
+
+def _fit(
+    spec: WorkerSpec,
+    dist: Distribution,
+    model: Any,
+    initial_epoch: int,
+    history: dict[str, list[float]],
+    k: Any,
+    extra_callbacks: list,
+) -> int:
+    """Fit from ``initial_epoch`` to ``train.epochs`` on this world; return the steps per epoch.
+
+    Shards, step counts and callbacks follow ``dist.rank``/``dist.size`` as they are now,
+    so an elastic reset calls this again for the new world. Each completed epoch's
+    (averaged) metrics are appended to ``history``.
+    """
+    from pipelines.models import is_autoencoder
+    from pipelines.train.feed import make_dataset, steps_per_epoch
+
+    cfg = spec.train
+    out = Path(spec.out_dir)
+    scaled_lr = cfg.learning_rate * dist.size
+    # Horovod: every rank runs the same number of steps, or the others hang in allreduce.
     steps = steps_per_epoch(spec.rows["train"], dist.size, cfg.batch_size)
     feed = {
         "image_shape": spec.image_shape,
@@ -127,7 +196,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
         "cur_shard": dist.rank,
         "shard_count": dist.size,
         "seed": cfg.seed,
-        "autoencoder": autoencoder,
+        "autoencoder": is_autoencoder(cfg),
     }
     train_data = make_dataset(split_path(spec.dataset, "train"), shuffle=True, **feed)
     validation: dict[str, Any] = {}
@@ -149,44 +218,90 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
                 monitor=monitor, patience=cfg.early_stopping_patience, restore_best_weights=True
             )
         )
+    callbacks.append(_Record(history, k))
     if dist.rank == 0:
         # Horovod: checkpoints only on rank 0, so ranks never write the same file.
         callbacks.append(_Checkpoint(out, history, k))
-
-    fit = model.fit(
+    model.fit(
         train_data,
         epochs=cfg.epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps,
-        callbacks=callbacks,
+        callbacks=callbacks + extra_callbacks,
         verbose=2 if dist.rank == 0 else 0,
         **validation,
     )
-    for key, values in fit.history.items():
-        history.setdefault(key, []).extend(float(v) for v in values)
+    return steps
 
-    if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{FINAL_MODEL}.tmp"
-        # Mixed precision is a training setting: the model evaluated, logged and served is
-        # float32, so it runs at full speed on CPU executors too.
-        final = as_float32(model, cfg, spec.image_shape, spec.num_classes)
-        final.save(tmp, include_optimizer=False, save_format="h5")
-        os.replace(tmp, out / FINAL_MODEL)
-    epochs_done = len(next(iter(history.values()), []))
-    return {
-        "rank": dist.rank,
-        "size": dist.size,
-        "history": history,
-        "epochs": epochs_done,
-        "initial_epoch": initial_epoch,
-        "stopped_early": epochs_done < cfg.epochs,
-        "steps_per_epoch": steps,
-        "learning_rate": scaled_lr,
-        "weights_sha256": weights_digest(model),
-        "seconds": round(time.time() - started, 2),
-        "placement": placement(),
-    }
+
+def _fit_elastic(
+    spec: WorkerSpec,
+    dist: Distribution,
+    model: Any,
+    initial_epoch: int,
+    history: dict[str, list[float]],
+    k: Any,
+) -> tuple[int, list[dict[str, int]]]:
+    """Fit in Horovod elastic mode: a lost rank resets the world and training goes on.
+
+    The state (weights, optimizer, epoch, history, world sizes) is committed at the end of
+    every epoch; after a reset every rank restores the last commit, rank 0's copy is
+    broadcast, and the epoch that was interrupted runs again on the ranks left.
+
+    Returns:
+        Steps per epoch of the last world, and ``[{"epoch", "size"}]``: the world size
+        from each epoch on where it changed (the first entry is the start).
+    """
+    # Horovod: what is restored on every rank after a reset (rank 0's copy is broadcast).
+    state = dist.elastic_state(model, epoch=initial_epoch, history=history, world_sizes=[])
+    steps: list[int] = []
+
+    # Horovod: re-entered after each reset, with the new rank and size.
+    @dist.elastic_run
+    def loop(state: Any) -> None:
+        # Horovod: the state keeps references, so drop what a reset epoch appended.
+        for values in state.history.values():
+            del values[state.epoch :]
+        if not state.world_sizes or state.world_sizes[-1]["size"] != dist.size:
+            state.world_sizes.append({"epoch": state.epoch, "size": dist.size})
+        callbacks = dist.elastic_callbacks(state)
+        steps.append(_fit(spec, dist, model, state.epoch, state.history, k, callbacks))
+
+    loop(state)
+    final = {key: list(values) for key, values in state.history.items()}
+    history.clear()  # may be state.history itself: copied first
+    history.update(final)
+    return steps[-1], list(state.world_sizes)
+
+
+def _announce(out: Path, rank: int, failed: str | None = None) -> None:
+    """Write this rank's host and pid where the driver can read them should the rank die.
+
+    Args:
+        out: The run's output directory.
+        rank: This rank.
+        failed: The exception the rank is raising, if it is.
+    """
+    folder = out / RANKS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank-{rank}.{os.getpid()}.tmp"
+    info: dict[str, Any] = {"rank": rank, **placement(), "started": time.time()}
+    if failed is not None:
+        info["failed"] = failed
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, folder / f"rank-{rank}.json")
+
+
+def read_rank_placements(out_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """What each rank of the last start wrote about itself (see :data:`RANKS_DIR`)."""
+    placements = {}
+    for path in sorted((Path(out_dir) / RANKS_DIR).glob("rank-*.json")):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        placements[int(info["rank"])] = info
+    return placements
 
 
 def placement() -> dict[str, str]:
@@ -218,10 +333,26 @@ def read_checkpoint_state(out_dir: str | Path) -> dict[str, Any] | None:
 
 
 def _read_state(out: Path) -> dict[str, Any] | None:
+    """The committed state, or None when there is none or its model is not the one it names."""
     path = out / CHECKPOINT_STATE
-    if not path.is_file() or not (out / CHECKPOINT_MODEL).is_file():
+    if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    state = json.loads(path.read_text())
+    model = out / state.get("model", CHECKPOINT_MODEL)
+    if not model.is_file():
+        return None
+    expected = state.get("model_sha256")
+    if expected is not None and _file_digest(model) != expected:
+        return None
+    return state
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def limit_threads(ranks_on_this_host: int) -> None:
@@ -230,27 +361,45 @@ def limit_threads(ranks_on_this_host: int) -> None:
     limit_tf_threads(threads, min(2, threads))
 
 
+def _Record(history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802
+    """A Keras callback appending each completed epoch's metrics to ``history``."""
+
+    class Record(k.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            for key, value in (logs or {}).items():
+                history.setdefault(key, []).append(float(value))
+
+    return Record()
+
+
 def _Checkpoint(out: Path, history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802
     """A Keras callback saving the full model and the whole history after every epoch.
 
-    Both files are written to temporary names and renamed, so a killed run leaves the last
-    complete checkpoint.
+    The model goes to a new file per epoch; the state naming it (and its digest) is then
+    replaced in one ``os.replace``: a run killed at any point leaves the last complete
+    epoch's model and state, never a model of one epoch with the counter of another.
+    Runs after :func:`_Record`, so ``history`` already holds the epoch.
     """
 
     class Checkpoint(k.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.history = {key: list(values) for key, values in history.items()}
-
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            for key, value in (logs or {}).items():
-                self.history.setdefault(key, []).append(float(value))
             out.mkdir(parents=True, exist_ok=True)
-            model_tmp = out / f".{CHECKPOINT_MODEL}.tmp"
+            name = f"checkpoint-{epoch + 1:04d}.h5"
+            model_tmp = out / f".{name}.tmp"
             self.model.save(model_tmp, save_format="h5")
+            os.replace(model_tmp, out / name)
+            state = {
+                "epoch": epoch + 1,
+                "history": history,
+                "model": name,
+                "model_sha256": _file_digest(out / name),
+            }
             state_tmp = out / f".{CHECKPOINT_STATE}.tmp"
-            state_tmp.write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
-            os.replace(model_tmp, out / CHECKPOINT_MODEL)
-            os.replace(state_tmp, out / CHECKPOINT_STATE)
+            state_tmp.write_text(json.dumps(state))
+            os.replace(state_tmp, out / CHECKPOINT_STATE)  # the commit point
+            for old in out.glob("checkpoint-*.h5"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+            (out / CHECKPOINT_MODEL).unlink(missing_ok=True)
 
     return Checkpoint()

@@ -19,6 +19,20 @@ class Store:
 
 
 @pytest.fixture(scope="module")
+def digits(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled digits at 16x16, ingested once for the module (training tests)."""
+    from pipelines.config import IngestConfig
+    from pipelines.demo import write_demo_digits
+    from pipelines.ingest import ingest
+
+    root = tmp_path_factory.mktemp("digits")
+    source = write_demo_digits(root / "png").path
+    output = root / "prepared"
+    ingest(spark, IngestConfig(image_size=16, channels=1, rows_per_row_group=64), source, output)
+    return output
+
+
+@pytest.fixture(scope="module")
 def store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Store]:

@@ -115,6 +115,7 @@ def test_auto_trains_on_the_cpu_and_the_run_says_so(spark, tmp_path, monkeypatch
     assert run.info.status == "FINISHED"
     assert run.data.params["train.use_gpu"] == "auto"
     assert json.loads(run.data.tags["devices"]) == {"0": "CPU"}
+    assert json.loads(run.data.params["devices"]) == {"0": "CPU"}  # auto says so in params
     # No GPU, so mixed precision fell back to float32, and said so.
     assert run.data.tags["precision"] == "float32"
     from pipelines.keras_api import keras

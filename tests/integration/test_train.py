@@ -9,25 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.config import Config, IngestConfig, load_config
-from pipelines.demo import write_demo_digits
+from pipelines.config import Config, load_config
 from pipelines.errors import UserError
-from pipelines.ingest import ingest
 from pipelines.train.driver import checkpoint_dir, load_manifest, train
 from pipelines.train.launcher import HorovodSparkLauncher, LocalLauncher
 from pipelines.train.worker import WorkerSpec, train_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
-
-
-@pytest.fixture(scope="module")
-def digits(spark, tmp_path_factory) -> Path:
-    """The bundled digits at 16x16, ingested once for the module."""
-    root = tmp_path_factory.mktemp("digits")
-    source = write_demo_digits(root / "png").path
-    output = root / "prepared"
-    ingest(spark, IngestConfig(image_size=16, channels=1, rows_per_row_group=64), source, output)
-    return output
 
 
 def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Config:

@@ -1,0 +1,296 @@
+"""Training faults with real processes and real signals (issue 12, items 6-8).
+
+Real Horovod ranks over Gloo on local Spark, a real MLflow sqlite store, SIGKILL sent to the
+real rank process or to the real ``dlpipe train`` process group. Epochs are short, so every
+kill waits for the checkpoint rank 0 writes after an epoch instead of sleeping blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from pipelines.config import Config, load_config
+from pipelines.train.driver import RankDiedError, checkpoint_dir, train
+from pipelines.train.launcher import HorovodSparkLauncher
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+#: Small and quick: about a second an epoch on two shared cores.
+SMALL = [
+    "train.model=mlp",
+    "train.hidden_units=64",
+    "train.batch_size=32",
+    "train.early_stopping_patience=0",
+    "train.num_proc=2",
+]
+RANK_MODULE = "horovod.spark.task.gloo_exec_fn"
+
+
+def _sets(tmp_path: Path, *overrides: str) -> list[str]:
+    return [f"work_dir={tmp_path / 'work'}", *SMALL, *overrides]
+
+
+def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Config:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_config(overrides=_sets(tmp_path, *overrides))
+
+
+def _cli_args(dataset: Path, sets: list[str], *extra: str) -> list[str]:
+    flags = [arg for item in sets for arg in ("--set", item)]
+    command = [sys.executable, "-m", "pipelines.cli", "train", "--json"]
+    return [*command, "--dataset", str(dataset), *flags, *extra]
+
+
+def _epoch(out: Path) -> int:
+    try:
+        return json.loads((out / "checkpoint.json").read_text())["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def _wait_for_epoch(out: Path, epoch: int, alive: Any = None, timeout: float = 240) -> int:
+    """Wait until rank 0 has checkpointed ``epoch``; fail early if ``alive()`` turns false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = _epoch(out)
+        if done >= epoch:
+            return done
+        if alive is not None and not alive():
+            pytest.fail(f"training ended before epoch {epoch} was checkpointed")
+        time.sleep(0.02)
+    pytest.fail(f"no checkpoint of epoch {epoch} in {out} after {timeout} s")
+
+
+def _rank_processes(root: int) -> dict[int, psutil.Process]:
+    """Horovod's rank processes under ``root``, by rank (HOROVOD_RANK of their environment)."""
+    ranks = {}
+    for process in psutil.Process(root).children(recursive=True):
+        try:
+            if RANK_MODULE in process.cmdline() and "HOROVOD_RANK" in process.environ():
+                ranks[int(process.environ()["HOROVOD_RANK"])] = process
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return ranks
+
+
+def _left(pids: list[int], timeout: float) -> list[int]:
+    """The pids still running after waiting up to ``timeout`` for them to go."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+@pytest.fixture()
+def started() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; each one's whole process group is killed at the end."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _mlflow(tmp_path: Path) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+
+
+def test_killed_job_resumes_the_same_run_to_the_configured_epochs(
+    digits, tmp_path, dlpipe_env, started
+):
+    epochs = 8
+    sets = _sets(tmp_path, f"train.epochs={epochs}")
+    out = tmp_path / "work" / "training" / "digits-classifier"
+    log = (tmp_path / "killed.log").open("w")
+    job = subprocess.Popen(
+        _cli_args(digits, sets),
+        env=dlpipe_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a shell gives a job
+    )
+    started.append(job)
+    _wait_for_epoch(out, 2, alive=lambda: job.poll() is None)
+    family = [job.pid, *(p.pid for p in psutil.Process(job.pid).children(recursive=True))]
+    assert _rank_processes(job.pid), "no Horovod rank was running"
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job: driver, JVM, Python workers, ranks
+    job.wait(timeout=30)
+    assert _left(family, timeout=60) == [], "processes of the killed job were left behind"
+    killed_at = _epoch(out)
+    assert 2 <= killed_at < epochs
+
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    client = _mlflow(tmp_path)
+    assert client.get_run(run_id).info.status == "RUNNING"  # nothing could end it
+
+    resumed = subprocess.run(
+        _cli_args(digits, sets, "--resume"),
+        env=dlpipe_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert result["run_id"] == run_id and result["epochs"] == epochs
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for metric in ("loss", "val_loss", "accuracy"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, metric))
+        assert steps == list(range(epochs)), metric  # every epoch once
+    # The dead run was first marked FAILED (with the reason), then reopened from its epoch.
+    (resume,) = json.loads(run.data.tags["resumes"])
+    assert resume["epoch"] == killed_at and resume["status"] == "FAILED"
+    assert resume["error"].startswith("stale: its process (pid ")
+    assert "error" not in run.data.tags
+    assert result["model_version"] == "1"
+
+
+def test_a_dead_running_run_is_marked_failed_by_the_next_train(
+    digits, tmp_path, monkeypatch, dlpipe_env, started
+):
+    """A ``dlpipe train`` SIGKILLed mid-training: the next ``train`` marks its run FAILED."""
+    sets = _sets(tmp_path, "train.launcher=local", "train.epochs=200")
+    out = tmp_path / "work" / "training" / "digits-classifier"
+    job = subprocess.Popen(
+        _cli_args(digits, sets),
+        env=dlpipe_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    started.append(job)
+    _wait_for_epoch(out, 1, alive=lambda: job.poll() is None)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    dead = json.loads((out / "run.json").read_text())["run_id"]
+    client = _mlflow(tmp_path)
+    assert client.get_run(dead).info.status == "RUNNING"
+
+    config = _config(tmp_path, monkeypatch, "train.launcher=local", "train.epochs=1")
+    result = train(config, _local(), digits)
+    stale = client.get_run(dead)
+    assert stale.info.status == "FAILED"
+    assert f"pid {job.pid} on host" in stale.data.tags["error"]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+def _local() -> Any:
+    from pipelines.train.launcher import LocalLauncher
+
+    return LocalLauncher()
+
+
+# Horovod's thread collecting the Spark job re-raises the job's cancellation, by design.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_killed_rank_ends_the_job_with_a_one_line_error(spark, digits, tmp_path, monkeypatch):
+    timeout_s = 20
+    config = _config(tmp_path, monkeypatch, "train.epochs=40", f"train.rank_timeout_s={timeout_s}")
+    out = checkpoint_dir(config)
+    seen: dict[str, Any] = {}
+
+    def kill_rank_1() -> None:
+        _wait_for_epoch(out, 1)
+        ranks = _rank_processes(os.getpid())
+        seen["ranks"] = [p.pid for p in ranks.values()]
+        seen["killed"] = ranks[1].pid
+        seen["at"] = time.monotonic()
+        os.kill(ranks[1].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    with pytest.raises(RankDiedError) as caught:
+        train(config, HorovodSparkLauncher(spark, 2), digits)
+    ended = time.monotonic()
+    killer.join(timeout=5)
+    assert "killed" in seen, "the rank was not killed"
+    assert ended - seen["at"] < timeout_s + 30  # bounded, not a hang
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"rank 1 (pid {seen['killed']} on host " in message
+    assert "`dlpipe train --resume`" in message and "train.elastic=true" in message
+
+    import mlflow
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    (run,) = mlflow.search_runs(experiment_names=[config.mlflow.experiment], output_format="list")
+    assert run.info.status == "FAILED" and "rank 1 (pid" in run.data.tags["error"]
+    assert _left(seen["ranks"], timeout=30) == [], "rank processes were left behind"
+    assert _rank_processes(os.getpid()) == {}
+
+
+def test_elastic_training_carries_on_without_a_killed_rank(digits, tmp_path, dlpipe_env, started):
+    epochs = 6
+    sets = _sets(
+        tmp_path, f"train.epochs={epochs}", "train.elastic=true", "spark.master=local[2,4]"
+    )
+    out = tmp_path / "work" / "training" / "digits-classifier"
+    log = (tmp_path / "elastic.log").open("w")
+    job = subprocess.Popen(
+        _cli_args(digits, sets),
+        env=dlpipe_env,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        start_new_session=True,
+    )
+    started.append(job)
+    _wait_for_epoch(out, 2, alive=lambda: job.poll() is None)
+    ranks = _rank_processes(job.pid)
+    killed_at = _epoch(out)
+    os.kill(ranks[1].pid, signal.SIGKILL)  # mid-epoch: the next one has just begun
+    stdout, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, (tmp_path / "elastic.log").read_text()[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["epochs"] == epochs
+
+    client = _mlflow(tmp_path)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    changes = json.loads(run.data.tags["world_size_changes"])
+    assert changes and changes[0]["size"] == 1 and changes[0]["epoch"] >= killed_at
+    steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "val_loss"))
+    assert steps == list(range(epochs))
+    assert result["model_version"] == "1"
+
+
+def test_the_checkpoint_state_only_ever_names_a_complete_model_of_its_epoch(
+    digits, tmp_path, monkeypatch
+):
+    from pipelines.train.worker import read_checkpoint_state
+
+    config = _config(tmp_path, monkeypatch, "train.launcher=local", "train.epochs=2")
+    train(config, _local(), digits)
+    out = checkpoint_dir(config)
+    state = read_checkpoint_state(out)
+    assert state["epoch"] == 2 and state["model"] == "checkpoint-0002.h5"
+    assert sorted(p.name for p in out.glob("checkpoint*.h5")) == ["checkpoint-0002.h5"]
+    # Killed while the next epoch's model was being written, before the state moved on:
+    # the committed epoch and its own model are still what --resume reads.
+    (out / "checkpoint-0003.h5").write_bytes(b"half a model")
+    assert read_checkpoint_state(out)["epoch"] == 2
+    # A model that is not the one the state recorded is no checkpoint, never a wrong one.
+    with (out / "checkpoint-0002.h5").open("r+b") as model:
+        model.seek(2048)
+        model.write(b"\0" * 16)
+    assert read_checkpoint_state(out) is None
