@@ -123,6 +123,7 @@ def _run(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines.report import render_run_report
     from pipelines.score import score
 
+    _check_local_slots(config)  # a config that cannot train fails before ingest runs
     started = time.time()
     summary: dict[str, Any] = {"work_dir": str(config.work_path)}
     source = config.ingest.source
@@ -168,11 +169,45 @@ def _run_train(config: Config, dataset: str | None, resume: bool) -> dict[str, A
     from pipelines.train.driver import train
     from pipelines.train.launcher import make_launcher
 
+    _check_local_slots(config)
     spark = None
     if config.train.launcher == "horovod":
         spark = _spark(config)
+        _wait_for_slots(spark, config)
     launcher = make_launcher(config.train.launcher, spark, config.train.num_proc, config.train.nics)
     return train(config, launcher, dataset, resume).to_dict()
+
+
+def _check_local_slots(config: Config) -> None:
+    """Fail before any Spark work when a local master cannot run ``train.num_proc`` ranks."""
+    from pipelines.spark import local_slots
+
+    slots = local_slots(config.spark.master)
+    if config.train.launcher == "horovod" and slots is not None and config.train.num_proc > slots:
+        raise UserError(
+            f"train.num_proc={config.train.num_proc} needs {config.train.num_proc} Spark task "
+            f"slots, but spark.master={config.spark.master} has {slots}; lower train.num_proc "
+            f"or use local[{config.train.num_proc}]"
+        )
+
+
+def _wait_for_slots(spark: Any, config: Config) -> None:
+    """Wait (bounded) until the executors offer a task slot per rank, else fail in one line."""
+    from pipelines.spark import task_slots
+
+    train = config.train
+    # Elastic training may start with fewer ranks than num_proc, never below min_num_proc.
+    key, wanted = (
+        ("min_num_proc", train.min_num_proc) if train.elastic else ("num_proc", train.num_proc)
+    )
+    timeout = train.slots_timeout_s
+    slots = task_slots(spark, train.num_proc, timeout)
+    if slots < wanted:
+        raise UserError(
+            f"train.{key}={wanted} needs {wanted} concurrent Spark task slots, but the "
+            f"executors offer {slots} after {timeout:g} s (train.slots_timeout_s); lower "
+            f"train.{key}, or add executors or cores"
+        )
 
 
 def _spark(config: Config) -> Any:
@@ -315,7 +350,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = add(
         "serve",
         _serve,
-        "serve a registered model over REST (MLflow scoring server: /invocations, /ping)",
+        "serve a registered model over REST (MLflow's scoring protocol: /invocations, /ping) "
+        "until SIGTERM or Ctrl-C; bodies over serve.max_body_mb get 413",
     )
     serve.add_argument("--model", metavar="URI", help="default: models:/<model_name>@champion")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")

@@ -3,13 +3,16 @@
 In: :class:`~pipelines.config.SparkConfig`. Out: a SparkSession. With ``master: null`` the
 session attaches to whatever the environment provides (``spark-submit --master``, a
 Databricks cluster); otherwise the configured master (``local[2]`` by default) is used.
-Also :func:`driver_table`, how a job spreads a table built on the driver over its tasks.
+Also :func:`driver_table`, how a job spreads a table built on the driver over its tasks, and
+:func:`local_slots` / :func:`task_slots`, how many tasks can run at once (one per Horovod rank).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from pipelines.config import SparkConfig
@@ -68,6 +71,41 @@ def get_spark(config: SparkConfig) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def local_slots(master: str | None) -> int | None:
+    """Task slots of a local master URL (``local``, ``local[N]``, ``local[N,F]``, ``local[*]``).
+
+    Returns:
+        The number of slots, or ``None`` for any other master (known only once it runs).
+    """
+    match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", (master or "").strip())
+    if not match:
+        return None
+    count = match.group(1)
+    return (os.cpu_count() or 1) if count == "*" else int(count or 1)
+
+
+def task_slots(spark: SparkSession, wanted: int, timeout_s: float) -> int:
+    """Concurrent task slots of the session's executors, waiting up to ``timeout_s`` for ``wanted``.
+
+    A cluster's executors register with the driver a while after the application starts
+    (and ``defaultParallelism`` says 2 before any has), so the count is polled. Horovod
+    on Spark needs a slot per rank at once: with fewer, the ranks that got a slot wait
+    for the others until Horovod's start timeout, the classic hang this check replaces.
+
+    Returns:
+        The slots offered when ``wanted`` were reached, or after the timeout.
+    """
+    jsc = spark.sparkContext._jsc.sc()
+    # Spark's own count for barrier stages (executors x tasks each), per resource profile.
+    profile = jsc.resourceProfileManager().defaultResourceProfile()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        slots = int(jsc.maxNumConcurrentTasks(profile))
+        if slots >= wanted or time.monotonic() >= deadline:
+            return slots
+        time.sleep(1.0)
 
 
 def driver_table(spark: SparkSession, rows: pd.DataFrame, schema: str, tasks: int) -> DataFrame:

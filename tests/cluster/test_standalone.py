@@ -62,24 +62,11 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
         mlflow_server(_folder(tmp_path / "mlflow"), shared / "mlartifacts") as tracking,
         standalone_cluster(_folder(tmp_path / "cluster"), python, workers=2, cores=1) as cluster,
     ):
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYSPARK"))},
-            "SPARK_HOME": str(spark_home()),
-            "SPARK_LOCAL_IP": "127.0.0.1",
-            "MLFLOW_TRACKING_URI": tracking,
-        }
-        env.pop("PYTHONPATH", None)
+        env = {**_driver_env(), "MLFLOW_TRACKING_URI": tracking}
 
         def submit(job: str, *args: str) -> dict:
             argv = [
-                str(spark_home() / "bin" / "spark-submit"),
-                "--master", cluster.master_url,
-                "--py-files", str(package),
-                "--conf", f"spark.pyspark.python={python}",
-                "--conf", "spark.driver.host=127.0.0.1",
-                "--conf", "spark.driver.bindAddress=127.0.0.1",
-                "--conf", "spark.ui.enabled=false",
-                str(REPO / "jobs" / job),
+                *_spark_submit(cluster.master_url, package, python, job),
                 "--conf", str(REPO / "conf" / "cluster.yaml"),
                 "--set", f"work_dir={shared / 'work'}",
                 "--set", "train.nics=[lo]",
@@ -88,7 +75,8 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
             done = subprocess.run(
                 argv, env=env, cwd=driver_dir, capture_output=True, text=True, timeout=600
             )
-            assert done.returncode == 0, f"{job} failed:\n{done.stderr[-4000:]}"
+            # spark-submit passes the Python driver's stderr on through its stdout.
+            assert done.returncode == 0, f"{job} failed:\n{done.stdout[-4000:]}"
             return json.loads(done.stdout.strip().splitlines()[-1])
 
         prepared = shared / "prepared"
@@ -144,6 +132,49 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
         assert set(rows.column("predicted_label").to_pylist()) <= set(manifest["label_names"])
 
 
+def _driver_env() -> dict[str, str]:
+    """The submitting shell's environment: Spark's home, loopback only, no tracking URI."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYSPARK"))}
+    env.pop("PYTHONPATH", None)
+    return {**env, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": "127.0.0.1"}
+
+
+def _spark_submit(master: str, package: Path, python: Path, job: str) -> list[str]:
+    """spark-submit of ``jobs/JOB`` shipping the project zip, driver bound to loopback."""
+    return [
+        str(spark_home() / "bin" / "spark-submit"),
+        "--master", master,
+        "--py-files", str(package),
+        "--conf", f"spark.pyspark.python={python}",
+        "--conf", "spark.driver.host=127.0.0.1",
+        "--conf", "spark.driver.bindAddress=127.0.0.1",
+        "--conf", "spark.ui.enabled=false",
+        str(REPO / "jobs" / job),
+    ]  # fmt: skip
+
+
 def _folder(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_more_ranks_than_cluster_slots_fails_in_bounded_time(tmp_path: Path) -> None:
+    # One 1-core worker, two ranks: Horovod alone would wait for the second task until its
+    # start timeout (10 minutes); the slot check ends it after train.slots_timeout_s.
+    python = stack_without_project(tmp_path / "stack-env")
+    package = _build_zip(tmp_path / "dist")
+    with standalone_cluster(_folder(tmp_path / "cluster"), python, workers=1) as cluster:
+        done = subprocess.run(
+            [*_spark_submit(cluster.master_url, package, python, "train.py"),
+             "--conf", "cluster", "--set", f"work_dir={tmp_path / 'work'}",
+             "--set", "train.num_proc=2", "--set", "train.slots_timeout_s=5"],
+            env=_driver_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    # spark-submit passes the Python driver's stderr on through its stdout.
+    output = (done.stdout + done.stderr).splitlines()
+    errors = [line for line in output if line.startswith("dlpipe train:")]
+    assert done.returncode == 1 and errors == [
+        "dlpipe train: error: train.num_proc=2 needs 2 concurrent Spark task slots, but the "
+        "executors offer 1 after 5 s (train.slots_timeout_s); lower train.num_proc, or add "
+        "executors or cores"
+    ], done.stdout[-3000:]

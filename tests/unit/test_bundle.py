@@ -406,9 +406,7 @@ def test_entry_point_is_the_cli_and_raises_its_exit_code():
         "import sys; sys.argv = ['dlpipe', 'train', '--conf', 'no-such-target'];"
         f"from {module} import {attribute}; {attribute}(); print('returned')"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "returned" not in done.stdout
     assert "config file not found: no-such-target" in done.stderr
 
