@@ -212,7 +212,11 @@ def test_scoring_the_hostile_corpus_gives_one_row_per_image_file(spark, tmp_path
     model = build_model(TrainConfig(model="mlp", hidden_units=8), (16, 16, 3), 2)
     mlflow.set_tracking_uri(config.tracking_uri)
     try:
-        with mlflow.start_run():
+        # An experiment of this store: the active one an earlier test set is not in it.
+        experiment = mlflow.MlflowClient().create_experiment(
+            "hostile", artifact_location=(tmp_path / "artifacts").as_uri()
+        )
+        with mlflow.start_run(experiment_id=experiment):
             info = log_image_model(
                 model,
                 label_names=["a", "b"],
