@@ -5,22 +5,46 @@ name of a target that ships with the package: ``cluster``, ``databricks``), and
 ``--set section.key=value`` overrides, applied in that order.
 Out: a frozen :class:`Config`. An unknown key, a value of the wrong type or a value out of
 range fails at load time with a :class:`ConfigError` naming the key's dotted path.
+
+The sections are frozen standard dataclasses whose annotations carry pydantic types and
+bounds: pydantic validates the merged YAML into them (:func:`load_config`) and
+:func:`_message` turns its first error into one line naming the dotted key. Dataclasses, not
+pydantic models, because code builds sections directly and copies them with
+``dataclasses.replace``, and they travel pickled to Spark executors and Horovod ranks: a
+direct construction is not validated (as before) and a pickle is the same small object.
+
+Defaults are written once, here: code builds sections with partial arguments, so the fields
+need them. ``conf/base.yaml`` lists every key with the same value as the operators'
+reference, and ``tests/unit/test_config.py`` fails if the two differ in a key or a value.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import importlib.resources
 import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
 
 from pipelines.errors import UserError
 
@@ -47,11 +71,36 @@ class ConfigError(UserError, ValueError):
     """A configuration file, overlay or override is invalid; the message names the key."""
 
 
-def _range(ge: float | None = None, le: float | None = None, gt: float | None = None) -> dict:
-    """Field metadata with inclusive/exclusive bounds, checked at load."""
-    return {"ge": ge, "le": le, "gt": gt}
+#: Every section: an unknown key is an error, not silently dropped (pydantic's default).
+_FORBID_UNKNOWN = ConfigDict(extra="forbid")
 
 
+def _empty_if_none(value: Any) -> Any:
+    # An overlay may leave a section empty (every key commented out): YAML reads it as null.
+    return {} if value is None else value
+
+
+def _reject_bool(value: Any) -> Any:
+    # Literal[1, 3] would take true for 1 (bool is an int); YAML's true is never a channel count.
+    if isinstance(value, bool):
+        raise PydanticCustomError("literal_error", "not one of the choices")
+    return value
+
+
+def _scalar_to_str(value: Any) -> str:
+    # Spark properties are strings; YAML gives numbers and booleans for some (true -> "true").
+    if isinstance(value, Mapping | list) or value is None:
+        raise PydanticCustomError("scalar_type", "expected a scalar value")
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+_SECTION = BeforeValidator(_empty_if_none)
+_NO_BOOL = BeforeValidator(_reject_bool)
+_Key = Annotated[str, BeforeValidator(str)]
+_Scalar = Annotated[str, BeforeValidator(_scalar_to_str)]
+
+
+@with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class SparkConfig:
     """How to reach Spark.
@@ -63,20 +112,22 @@ class SparkConfig:
         conf: Extra Spark properties, passed to the session builder as they are.
     """
 
-    master: str | None = "local[2]"
-    app_name: str = "dlpipe"
-    conf: dict[str, str] = field(default_factory=dict)
+    master: StrictStr | None = "local[2]"
+    app_name: StrictStr = "dlpipe"
+    conf: dict[_Key, _Scalar] = field(default_factory=dict)
 
 
+@with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class SplitConfig:
     """Fractions of the prepared dataset per split; must add up to 1."""
 
-    train: float = field(default=0.8, metadata=_range(ge=0, le=1))
-    val: float = field(default=0.1, metadata=_range(ge=0, le=1))
-    test: float = field(default=0.1, metadata=_range(ge=0, le=1))
+    train: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.8
+    val: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.1
+    test: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.1
 
 
+@with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class IngestConfig:
     """Images to prepared dataset.
@@ -97,18 +148,19 @@ class IngestConfig:
         max_records_per_batch: Arrow batch size of the decode UDF; keeps wide rows in bounds.
     """
 
-    source: str | None = None
-    output: str | None = None
+    source: StrictStr | None = None
+    output: StrictStr | None = None
     format: Literal["auto", "folder", "mnist-idx", "cifar10"] = "auto"
-    image_size: int = field(default=28, metadata=_range(ge=4, le=4096))
-    channels: Literal[1, 3] = 1
-    splits: SplitConfig = field(default_factory=SplitConfig)
-    rows_per_row_group: int = field(default=128, metadata=_range(ge=1))
-    row_group_size_mb: int = field(default=64, metadata=_range(ge=1, le=1024))
-    partitions: int = field(default=0, metadata=_range(ge=0))
-    max_records_per_batch: int = field(default=512, metadata=_range(ge=1))
+    image_size: Annotated[StrictInt, Field(ge=4, le=4096)] = 28
+    channels: Annotated[Literal[1, 3], _NO_BOOL] = 1
+    splits: Annotated[SplitConfig, _SECTION] = field(default_factory=SplitConfig)
+    rows_per_row_group: Annotated[StrictInt, Field(ge=1)] = 128
+    row_group_size_mb: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
+    partitions: Annotated[StrictInt, Field(ge=0)] = 0
+    max_records_per_batch: Annotated[StrictInt, Field(ge=1)] = 512
 
 
+@with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class TrainConfig:
     """Model and training hyper-parameters.
@@ -154,26 +206,26 @@ class TrainConfig:
     model: Literal["mlp", "lenet5", "mnist_cnn", "resnet_small", "autoencoder"] = "mnist_cnn"
     activation: Literal["relu", "tanh", "sigmoid"] = "relu"
     optimizer: Literal["sgd", "momentum", "adam"] = "adam"
-    learning_rate: float = field(default=0.0005, metadata=_range(gt=0, le=10))
-    batch_size: int = field(default=32, metadata=_range(ge=1))
-    epochs: int = field(default=40, metadata=_range(ge=1))
-    dropout: float = field(default=0.25, metadata=_range(ge=0, le=0.95))
-    weight_decay: float = field(default=0.0, metadata=_range(ge=0))
-    hidden_units: int = field(default=128, metadata=_range(ge=1))
-    latent_dim: int = field(default=32, metadata=_range(ge=1))
-    num_proc: int = field(default=2, metadata=_range(ge=1))
-    warmup_epochs: int = field(default=1, metadata=_range(ge=0))
-    early_stopping_patience: int = field(default=8, metadata=_range(ge=0))
-    seed: int = 42
+    learning_rate: Annotated[StrictFloat, Field(gt=0, le=10)] = 0.0005
+    batch_size: Annotated[StrictInt, Field(ge=1)] = 32
+    epochs: Annotated[StrictInt, Field(ge=1)] = 40
+    dropout: Annotated[StrictFloat, Field(ge=0, le=0.95)] = 0.25
+    weight_decay: Annotated[StrictFloat, Field(ge=0)] = 0.0
+    hidden_units: Annotated[StrictInt, Field(ge=1)] = 128
+    latent_dim: Annotated[StrictInt, Field(ge=1)] = 32
+    num_proc: Annotated[StrictInt, Field(ge=1)] = 2
+    warmup_epochs: Annotated[StrictInt, Field(ge=0)] = 1
+    early_stopping_patience: Annotated[StrictInt, Field(ge=0)] = 8
+    seed: StrictInt = 42
     launcher: Literal["horovod", "local"] = "horovod"
-    slots_timeout_s: float = field(default=120.0, metadata=_range(ge=0))
-    nics: list[str] = field(default_factory=list)
-    tsne: bool = False
-    use_gpu: bool | Literal["auto"] = False
-    mixed_precision: bool = False
-    elastic: bool = False
-    min_num_proc: int = field(default=1, metadata=_range(ge=1))
-    rank_timeout_s: int = field(default=60, metadata=_range(ge=1))
+    slots_timeout_s: Annotated[StrictFloat, Field(ge=0)] = 120.0
+    nics: list[StrictStr] = field(default_factory=list)
+    tsne: StrictBool = False
+    use_gpu: StrictBool | Literal["auto"] = False
+    mixed_precision: StrictBool = False
+    elastic: StrictBool = False
+    min_num_proc: Annotated[StrictInt, Field(ge=1)] = 1
+    rank_timeout_s: Annotated[StrictInt, Field(ge=1)] = 60
 
     def __post_init__(self) -> None:
         if self.mixed_precision and self.use_gpu is False:
@@ -184,6 +236,7 @@ class TrainConfig:
             )
 
 
+@with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class MlflowConfig:
     """Tracking and registry.
@@ -199,13 +252,14 @@ class MlflowConfig:
         champion_alias: Alias moved to a new version only when it beats the current one.
     """
 
-    tracking_uri: str | None = None
-    registry_uri: str | None = None
-    experiment: str = "spark-dl-pipelines"
-    model_name: str = "digits-classifier"
-    champion_alias: str = "champion"
+    tracking_uri: StrictStr | None = None
+    registry_uri: StrictStr | None = None
+    experiment: StrictStr = "spark-dl-pipelines"
+    model_name: StrictStr = "digits-classifier"
+    champion_alias: StrictStr = "champion"
 
 
+@with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class ScoreConfig:
     """Batch scoring.
@@ -221,15 +275,16 @@ class ScoreConfig:
             GPU is an error) or ``auto`` (a GPU where there is one).
     """
 
-    model: str | None = None
-    source: str | None = None
-    table: str | None = None
+    model: StrictStr | None = None
+    source: StrictStr | None = None
+    table: StrictStr | None = None
     format: Literal["parquet", "delta"] = "parquet"
-    image_column: str = "content"
-    arrow_batch_size: int = field(default=256, metadata=_range(ge=1))
-    use_gpu: bool | Literal["auto"] = False
+    image_column: StrictStr = "content"
+    arrow_batch_size: Annotated[StrictInt, Field(ge=1)] = 256
+    use_gpu: StrictBool | Literal["auto"] = False
 
 
+@with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class ServeConfig:
     """REST serving (``dlpipe serve``).
@@ -243,10 +298,11 @@ class ServeConfig:
             server stops anyway.
     """
 
-    max_body_mb: float = field(default=32.0, metadata=_range(gt=0, le=4096))
-    stop_timeout_s: float = field(default=5.0, metadata=_range(gt=0, le=600))
+    max_body_mb: Annotated[StrictFloat, Field(gt=0, le=4096)] = 32.0
+    stop_timeout_s: Annotated[StrictFloat, Field(gt=0, le=600)] = 5.0
 
 
+@with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class Config:
     """The whole resolved configuration.
@@ -255,13 +311,13 @@ class Config:
         work_dir: One directory for everything local: datasets, MLflow store, tables.
     """
 
-    work_dir: str = "work"
-    spark: SparkConfig = field(default_factory=SparkConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    work_dir: StrictStr = "work"
+    spark: Annotated[SparkConfig, _SECTION] = field(default_factory=SparkConfig)
+    ingest: Annotated[IngestConfig, _SECTION] = field(default_factory=IngestConfig)
+    train: Annotated[TrainConfig, _SECTION] = field(default_factory=TrainConfig)
+    mlflow: Annotated[MlflowConfig, _SECTION] = field(default_factory=MlflowConfig)
+    score: Annotated[ScoreConfig, _SECTION] = field(default_factory=ScoreConfig)
+    serve: Annotated[ServeConfig, _SECTION] = field(default_factory=ServeConfig)
 
     @property
     def work_path(self) -> Path:
@@ -296,7 +352,96 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain nested dicts (for logging as MLflow params)."""
-        return dataclasses.asdict(self)
+        return asdict(self)
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[Config]:
+    """The validator of :class:`Config`, built on first use (executors never load YAML)."""
+    return TypeAdapter(Config)
+
+
+#: What a type error expected, by pydantic error type.
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "dataclass_type": "a mapping",
+    "scalar_type": "a scalar value",
+}
+#: Bound errors: the constraint in the error's context and how to write it.
+_BOUNDS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+}
+
+
+def _message(exc: ValidationError) -> str:
+    """Pydantic's first error as one line: the dotted key, then what is wrong with it.
+
+    An unknown key comes first (the shallowest, then alphabetically): a typo is the likelier
+    cause of whatever else fails. The error's location is walked through the sections' type
+    hints, which give the keys known at that level, the dotted form of list indexes and dict
+    keys, and the choices of a literal or of a union such as ``use_gpu``.
+    """
+    error = min(exc.errors(), key=_unknown_first)
+    if error["type"] == "value_error" and isinstance(error["ctx"]["error"], ConfigError):
+        return str(error["ctx"]["error"])  # a cross-field check in a __post_init__
+    hint: Any = Config
+    path = ""
+    for part in error["loc"]:
+        if is_dataclass(hint):
+            hints = typing.get_type_hints(hint)
+            key = f"{path}.{part}" if path else str(part)
+            if part not in hints:
+                known = ", ".join(sorted(hints))
+                return f"unknown config key {key} (known in {path or 'the top level'}: {known})"
+            path, hint = key, hints[part]
+        elif typing.get_origin(hint) is list:
+            path, hint = f"{path}[{part}]", typing.get_args(hint)[0]
+        elif typing.get_origin(hint) is dict:
+            path, hint = f"{path}.{part}", typing.get_args(hint)[1]
+        else:
+            break  # the member tag of a union: the message names all of its choices
+    value, kind, path = error["input"], error["type"], path or "the top level"
+    if kind in _BOUNDS:
+        name, sign = _BOUNDS[kind]
+        bound = error["ctx"][name]
+        if isinstance(bound, float):  # a float field: show the value widened, the bound short
+            value, bound = float(value), f"{bound:g}"
+        return f"{path}: {value} is out of range (must be {sign} {bound})"
+    if choices := _choices(hint):
+        return f"{path}: {value!r} is not one of {choices}"
+    if kind in _EXPECTED:
+        return f"{path}: expected {_EXPECTED[kind]}, got {_describe(value)}"
+    return f"{path}: {error['msg']}"  # pragma: no cover - pydantic checks nothing else here
+
+
+def _unknown_first(error: Any) -> tuple[int, int, list[str]]:
+    """Sort key: unknown keys first, the shallowest then alphabetically; others as they come."""
+    if error["type"] != "unexpected_keyword_argument":
+        return 1, 0, []
+    return 0, len(error["loc"]), [str(part) for part in error["loc"]]
+
+
+def _choices(hint: Any) -> str:
+    """The values a user may write for a literal or a union such as ``use_gpu``, else ``""``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is Literal:
+        return ", ".join(repr(a) for a in args)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) > 1:
+        return ", ".join(
+            "true, false" if a is bool else _choices(a) or f"a {a.__name__}" for a in args
+        )
+    return ""
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
 
 
 def load_config(
@@ -326,7 +471,10 @@ def load_config(
     for override in overrides:
         key, value = _parse_override(override)
         merged = _deep_merge(merged, _nest(key.split("."), value), "")
-    config = _build(Config, merged, "")
+    try:
+        config = _adapter().validate_python(merged)
+    except ValidationError as exc:
+        raise ConfigError(_message(exc)) from None
     _check_splits(config.ingest.splits)
     return config
 
@@ -391,113 +539,9 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str) -> d
     return result
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, checking keys, types and ranges."""
-    where = prefix.rstrip(".") or "the top level"
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known in {where}: {known})")
-    kwargs = {}
-    for name, value in data.items():
-        dotted = f"{prefix}{name}"
-        kwargs[name] = _coerce(hints[name], value, dotted)
-        _check_range(fields[name].metadata, kwargs[name], dotted)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, dotted: str) -> Any:
-    """Check ``value`` against type ``hint``; return it (ints widen to floats)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{dotted}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(inner[0], value, dotted)
-        for candidate in inner:  # e.g. bool | Literal["auto"]: the first that fits
-            try:
-                return _coerce(candidate, value, dotted)
-            except ConfigError:
-                pass
-        choices = ", ".join(_choices(a) for a in inner)
-        raise ConfigError(f"{dotted}: {value!r} is not one of {choices}")
-    if origin is Literal:
-        if value not in args or isinstance(value, bool):
-            choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{dotted}: {value!r} is not one of {choices}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{dotted}: expected a list, got {_describe(value)}")
-        return [_coerce(args[0], item, f"{dotted}[{index}]") for index, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{dotted}: expected a mapping, got {_describe(value)}")
-        return {str(k): _scalar_to_str(v, f"{dotted}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{dotted}: expected true or false, got {_describe(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{dotted}: expected an integer, got {_describe(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{dotted}: expected a number, got {_describe(value)}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{dotted}: expected a string, got {_describe(value)}")
-        return value
-    raise ConfigError(f"{dotted}: unsupported config type {hint!r}")  # pragma: no cover
-
-
-def _choices(hint: Any) -> str:
-    """A union member as the values a user may write, for error messages."""
-    if hint is bool:
-        return "true, false"
-    if typing.get_origin(hint) is Literal:
-        return ", ".join(repr(a) for a in typing.get_args(hint))
-    return f"a {getattr(hint, '__name__', hint)}"
-
-
-def _scalar_to_str(value: Any, dotted: str) -> str:
-    if isinstance(value, Mapping | list) or value is None:
-        raise ConfigError(f"{dotted}: expected a scalar value, got {_describe(value)}")
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def _check_range(meta: Mapping[str, Any], value: Any, dotted: str) -> None:
-    if value is None or not meta:
-        return
-    if meta.get("ge") is not None and value < meta["ge"]:
-        raise ConfigError(f"{dotted}: {value} is out of range (must be >= {meta['ge']})")
-    if meta.get("gt") is not None and value <= meta["gt"]:
-        raise ConfigError(f"{dotted}: {value} is out of range (must be > {meta['gt']})")
-    if meta.get("le") is not None and value > meta["le"]:
-        raise ConfigError(f"{dotted}: {value} is out of range (must be <= {meta['le']})")
-
-
 def _check_splits(splits: SplitConfig) -> None:
     total = splits.train + splits.val + splits.test
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"ingest.splits: train + val + test must add up to 1, got {total:g}")
     if splits.train <= 0:
         raise ConfigError("ingest.splits.train: must be > 0")
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"

@@ -56,6 +56,8 @@ PINS=(
     "cloudpickle>=2"
     "psutil>=5"
     "packaging>=23"
+    "pydantic>=2,<3"
+    "jinja2>=3.1"
 )
 # END PINS
 
