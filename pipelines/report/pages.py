@@ -6,6 +6,12 @@ registered model version). Out: the page as a string: images embedded as base64 
 CSS inline, no JavaScript and no external references, so it opens offline from the file
 system. Curves missing from the artifacts are drawn with :mod:`pipelines.report.plots`.
 Nothing here talks to MLflow or writes the page.
+
+The markup lives in Jinja2 templates shipped in the package (``templates/*.html.j2``, with
+``templates/report.css`` included into each page's ``<style>``); this module turns the run
+into their context: plain text, numbers formatted for display, tables as cells, images as
+data URIs. Autoescape is on for every template and nothing is marked safe, so whatever comes
+from a run (names, params, tags, labels, paths, notes) is escaped where it is written.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as dt
-import html
+import functools
 import json
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,45 +33,59 @@ import numpy as np
 from pipelines.report.plots import plot_curves, save_png
 
 if TYPE_CHECKING:
+    import jinja2
     from matplotlib.figure import Figure
 
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-       margin: 0; color: #1f2328; background: #f6f8fa; }
-main { max-width: 1240px; margin: 0 auto; padding: 24px; }
-h1 { font-size: 1.6em; margin: 0 0 4px 0; }
-h2 { font-size: 1.2em; margin: 0 0 12px 0; border-bottom: 1px solid #d0d7de; padding-bottom: 6px; }
-section { background: white; border: 1px solid #d0d7de; border-radius: 8px; padding: 16px 20px;
-          margin: 16px 0; }
-.sub { color: #59636e; margin: 0 0 8px 0; }
-.badge { display: inline-block; padding: 2px 10px; border-radius: 12px; font-size: 0.85em;
-         font-weight: 600; color: white; background: #59636e; vertical-align: middle; }
-.badge.FINISHED { background: #1a7f37; } .badge.FAILED, .badge.KILLED { background: #cf222e; }
-.badge.RUNNING { background: #9a6700; }
-.cards { display: flex; flex-wrap: wrap; gap: 12px; }
-.card { border: 1px solid #d0d7de; border-radius: 8px; padding: 10px 16px; min-width: 130px; }
-.card .v { font-size: 1.4em; font-weight: 600; } .card .k { color: #59636e; font-size: 0.85em; }
-.note { background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 8px 12px;
-        margin: 8px 0; }
-.error { background: #ffebe9; border: 1px solid #cf222e; border-radius: 6px; padding: 8px 12px;
-         margin: 8px 0; }
-img { max-width: 100%; height: auto; display: block; margin: 8px 0; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
-th, td { border: 1px solid #d0d7de; padding: 4px 10px; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.best { background: #dafbe1; font-weight: 600; }
-.good { color: #1a7f37; } .bad { color: #cf222e; }
-pre { background: #f6f8fa; padding: 10px; overflow-x: auto; font-size: 0.85em; }
-details > summary { cursor: pointer; color: #0969da; margin: 6px 0; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(360px, 1fr)); gap: 12px; }
-code { background: #eff1f3; padding: 1px 4px; border-radius: 4px; }
-footer { color: #59636e; font-size: 0.8em; margin: 24px 0; }
-"""
+#: Context of a template or one of its sections.
+_Context = dict[str, Any]
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+@dataclass(frozen=True)
+class _Image:
+    """A PNG for ``<img>``: ``src`` is a ``data:image/png;base64,...`` URI."""
+
+    src: str
+    alt: str
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """A table cell: display text and its CSS classes (``""`` for none)."""
+
+    text: str
+    css: str
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A table for the ``table`` macro of ``macros.html.j2``."""
+
+    headers: list[str]
+    rows: list[list[_Cell]]
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """The template environment (Jinja2 is imported here, so importing the package stays cheap).
+
+    ``PackageLoader`` reads the templates through the package's loader, so they are also
+    found when the wheel is imported from a zip file.
+    """
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("pipelines.report", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _render(template: str, title: str, context: _Context) -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return _environment().get_template(template).render(title=title, generated=stamp, **context)
 
 
 def _fmt(value: Any) -> str:
@@ -82,12 +103,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _img(path: Path, alt: str) -> str:
+def _img(path: Path, alt: str) -> _Image:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
+    return _Image(f"data:image/png;base64,{data}", alt)
 
 
-def _figure_img(fig: Figure, alt: str) -> str:
+def _figure_img(fig: Figure, alt: str) -> _Image:
     with tempfile.TemporaryDirectory(prefix="dlpipe-report-") as tmp:
         path = Path(tmp) / "figure.png"
         save_png(fig, path)
@@ -95,20 +116,19 @@ def _figure_img(fig: Figure, alt: str) -> str:
 
 
 def _table(
-    headers: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequence[Sequence[str]] = ()
-) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
-    body = []
+    headers: Sequence[Any], rows: Sequence[Sequence[Any]], classes: Sequence[Sequence[str]] = ()
+) -> _Table:
+    """Format the cells: numbers right-aligned (``num``), plus any extra class per cell."""
+    cells = []
     for r, row in enumerate(rows):
-        cells = []
+        line = []
         for c, value in enumerate(row):
             css = ["num"] if isinstance(value, int | float | np.number) else []
             if r < len(classes) and c < len(classes[r]) and classes[r][c]:
                 css.append(classes[r][c])
-            attr = f' class="{" ".join(css)}"' if css else ""
-            cells.append(f"<td{attr}>{_esc(_fmt(value))}</td>")
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            line.append(_Cell(_fmt(value), " ".join(css)))
+        cells.append(line)
+    return _Table([str(h) for h in headers], cells)
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[Any]]]:
@@ -127,27 +147,6 @@ def _number(text: str) -> Any:
             return float(text)
         except ValueError:
             return text
-
-
-def _section(title: str, body: str, anchor: str = "") -> str:
-    ident = f' id="{_esc(anchor)}"' if anchor else ""
-    return f"<section{ident}><h2>{_esc(title)}</h2>{body}</section>"
-
-
-def _details(summary: str, body: str) -> str:
-    return f"<details><summary>{_esc(summary)}</summary>{body}</details>"
-
-
-def _page(title: str, body: str) -> str:
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head>"
-        f"<body><main>{body}<footer>Generated by dlpipe report at {_esc(stamp)}. "
-        "Self-contained: no scripts, no external resources.</footer></main></body></html>\n"
-    )
 
 
 def _when(millis: int | None) -> str:
@@ -185,94 +184,62 @@ def run_page(
     seconds = (
         (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
     )
-    parts = [
-        f"<h1>{_esc(info.run_name or info.run_id)} "
-        f'<span class="badge {_esc(info.status)}">{_esc(info.status)}</span></h1>',
-        f'<p class="sub">run <code>{_esc(info.run_id)}</code> &middot; experiment '
-        f"{_esc(info.experiment_id)} &middot; started {_esc(_when(info.start_time))}"
-        + (f" &middot; {seconds:,.0f} s" if seconds is not None else "")
-        + "</p>",
-        f'<p class="sub">model: {_esc(version or "not registered")}'
-        + (
-            f" &middot; {_esc(data.tags['registry.decision'])}"
-            if data.tags.get("registry.decision")
-            else ""
-        )
-        + "</p>",
-    ]
-    if data.tags.get("error"):
-        parts.append(f'<div class="error">Error: {_esc(data.tags["error"])}</div>')
-    if not any(name.endswith(".png") for name in files):
-        parts.append(
-            '<div class="note">This run has no report artifacts (it may have failed or been '
-            "trained before reports existed): showing its params and metrics only.</div>"
-        )
-    for section, message in summary.get("errors", {}).items():
-        parts.append(
-            f'<div class="error">Report section {_esc(section)} failed: {_esc(message)}</div>'
-        )
-
-    headline = [
-        key
-        for key in (
-            "test_accuracy",
-            "test_loss",
-            "test_reconstruction_error",
-            "test_rows",
-            "epochs_run",
-            "seconds_training",
-        )
-        if key in data.metrics
-    ]
-    if headline:
-        cards = "".join(
-            f'<div class="card"><div class="v">{_esc(_fmt(data.metrics[key]))}</div>'
-            f'<div class="k">{_esc(key)}</div></div>'
-            for key in headline
-        )
-        parts.append(_section("Results", f'<div class="cards">{cards}</div>'))
-
+    headline = (
+        "test_accuracy",
+        "test_loss",
+        "test_reconstruction_error",
+        "test_rows",
+        "epochs_run",
+        "seconds_training",
+    )
     notes = summary.get("notes", {})
-    parts.append(_curves_section(files, histories, notes))
-    parts += [
-        _confusion_section(files),
-        _misclassified_section(files, notes),
-        _reconstructions_section(files),
-        _filters_section(files, notes),
-        _activations_section(files, notes),
-        _embeddings_section(files, summary, notes),
-    ]
-    if "tensorboard/" in files:
-        parts.append(
-            _section(
-                "TensorBoard",
-                "<p>Scalars and the model graph are logged as the artifact "
-                "<code>report/tensorboard</code>. To browse them:</p>"
-                f"<pre>mlflow artifacts download -r {_esc(info.run_id)} -a report/tensorboard "
-                f"-d tb\ntensorboard --logdir tb</pre>",
-            )
-        )
-    parts.append(_metrics_section(data.metrics))
-    parts.append(_section("Parameters", _table(["param", "value"], sorted(data.params.items()))))
-    parts.append(_manifest_section(manifest))
     tags = sorted((k, v) for k, v in data.tags.items() if k != "mlflow.log-model.history")
-    parts.append(_section("Tags", _details(f"{len(tags)} tags", _table(["tag", "value"], tags))))
-    parts.append(f'<p class="sub">Tracking URI: <code>{_esc(tracking_uri)}</code></p>')
-    return _page(f"Run report {info.run_name or info.run_id}", "".join(p for p in parts if p))
+    context = {
+        "run": {
+            "name": info.run_name or info.run_id,
+            "id": info.run_id,
+            "status": info.status,
+            "experiment_id": info.experiment_id,
+            "started": _when(info.start_time),
+            "duration": f"{seconds:,.0f} s" if seconds is not None else None,
+            "version": version or "not registered",
+            "decision": data.tags.get("registry.decision"),
+            "error": data.tags.get("error"),
+        },
+        "no_artifacts": not any(name.endswith(".png") for name in files),
+        "section_errors": list(summary.get("errors", {}).items()),
+        "cards": [(key, _fmt(data.metrics[key])) for key in headline if key in data.metrics],
+        "curves": _curves_section(files, histories, notes),
+        "confusion": _confusion_section(files),
+        "misclassified": _misclassified_section(files, notes),
+        "reconstructions": _reconstructions_section(files),
+        "filters": _filters_section(files, notes),
+        "activations": _activations_section(files),
+        "embeddings": _embeddings_section(files, summary, notes),
+        "tensorboard": "tensorboard/" in files,
+        "metrics": _table(["metric", "last value"], sorted(data.metrics.items())),
+        "params": _table(["param", "value"], sorted(data.params.items())),
+        "manifest": _manifest_section(manifest),
+        "tags": {"summary": f"{len(tags)} tags", "table": _table(["tag", "value"], tags)},
+        "tracking_uri": tracking_uri,
+    }
+    return _render("run.html.j2", f"Run report {info.run_name or info.run_id}", context)
 
 
 def _curves_section(
     files: Mapping[str, Path], histories: Mapping[str, list[float]], notes: Mapping[str, str]
-) -> str:
+) -> _Context:
+    """The learning curves: the logged PNG, else drawn from the history, else a note."""
+    section: _Context = {"image": None, "table": None, "note": None}
     if "learning_curves.png" in files:
-        body = _img(files["learning_curves.png"], "learning curves")
+        section["image"] = _img(files["learning_curves.png"], "learning curves")
     elif histories:
         epochs = max(len(v) for v in histories.values())
         fig = plot_curves([("", histories)], title=f"Learning curves ({epochs} epochs)")
-        body = _figure_img(fig, "learning curves from the metric history")
+        section["image"] = _figure_img(fig, "learning curves from the metric history")
     else:
-        note = notes.get("learning_curves", "no per-epoch metrics were logged")
-        return _section("Learning curves", f'<p class="note">{_esc(note)}</p>')
+        section["note"] = notes.get("learning_curves", "no per-epoch metrics were logged")
+        return section
     if histories:
         keys = list(histories)
         epochs = max(len(v) for v in histories.values())
@@ -280,14 +247,14 @@ def _curves_section(
             [e + 1, *(histories[k][e] if e < len(histories[k]) else None for k in keys)]
             for e in range(epochs)
         ]
-        body += _details("per-epoch values", _table(["epoch", *keys], rows))
-    return _section("Learning curves", body, "curves")
+        section["table"] = _table(["epoch", *keys], rows)
+    return section
 
 
-def _confusion_section(files: Mapping[str, Path]) -> str:
+def _confusion_section(files: Mapping[str, Path]) -> _Context | None:
     if "confusion_matrix.png" not in files:
-        return ""
-    body = _img(files["confusion_matrix.png"], "confusion matrix")
+        return None
+    scores = None
     if "classification_report.json" in files:
         report = json.loads(files["classification_report.json"].read_text())
         rows: list[list[Any]] = [
@@ -298,63 +265,71 @@ def _confusion_section(files: Mapping[str, Path]) -> str:
             avg = report[name]
             label = name.replace("_", " ")
             rows.append([label, avg["precision"], avg["recall"], avg["f1"], report["total"]])
-        body += (
-            f"<p>Accuracy <b>{report['accuracy']:.2%}</b>: {report['correct']:,} of "
-            f"{report['total']:,} images correct.</p>"
-            + _table(["class", "precision", "recall", "F1", "support"], rows)
-        )
-    return _section("Confusion matrix and per-class scores", body, "confusion")
+        scores = {
+            "accuracy": f"{report['accuracy']:.2%}",
+            "correct": f"{report['correct']:,}",
+            "total": f"{report['total']:,}",
+            "table": _table(["class", "precision", "recall", "F1", "support"], rows),
+        }
+    return {"image": _img(files["confusion_matrix.png"], "confusion matrix"), "scores": scores}
 
 
-def _misclassified_section(files: Mapping[str, Path], notes: Mapping[str, str]) -> str:
+def _misclassified_section(files: Mapping[str, Path], notes: Mapping[str, str]) -> _Context | None:
     if "misclassified.png" not in files:
-        return ""
-    body = _img(files["misclassified.png"], "most confidently misclassified images")
-    if notes.get("misclassified"):
-        body += f'<p class="good">{_esc(notes["misclassified"])}</p>'
+        return None
+    section: _Context = {
+        "image": _img(files["misclassified.png"], "most confidently misclassified images"),
+        "note": notes.get("misclassified"),
+        "summary": None,
+        "table": None,
+    }
     if "misclassified.csv" in files:
         header, rows = _read_csv(files["misclassified.csv"])
         if rows:
-            body += _details(f"{len(rows)} rows", _table(header, rows))
-    return _section("Most confident mistakes", body, "misclassified")
+            section.update(summary=f"{len(rows)} rows", table=_table(header, rows))
+    return section
 
 
-def _reconstructions_section(files: Mapping[str, Path]) -> str:
+def _reconstructions_section(files: Mapping[str, Path]) -> _Context | None:
     if "reconstructions.png" not in files:
-        return ""
-    body = _img(files["reconstructions.png"], "originals and reconstructions")
+        return None
+    table = None
     if "reconstructions.csv" in files:
-        header, rows = _read_csv(files["reconstructions.csv"])
-        body += _details("per-image errors", _table(header, rows))
-    return _section("Reconstructions", body, "reconstructions")
+        table = _table(*_read_csv(files["reconstructions.csv"]))
+    return {
+        "image": _img(files["reconstructions.png"], "originals and reconstructions"),
+        "table": table,
+    }
 
 
-def _filters_section(files: Mapping[str, Path], notes: Mapping[str, str]) -> str:
+def _filters_section(files: Mapping[str, Path], notes: Mapping[str, str]) -> _Context | None:
     if "filters_layer1.json" not in files:
-        return ""
+        return None
     data = json.loads(files["filters_layer1.json"].read_text())
-    body = ""
-    if data.get("note") or notes.get("filters_layer1"):
-        body += f'<p class="note">{_esc(data.get("note") or notes["filters_layer1"])}</p>'
+    section: _Context = {
+        "note": data.get("note") or notes.get("filters_layer1"),
+        "image": None,
+        "summary": None,
+        "table": None,
+    }
     if "filters_layer1.png" in files:
-        body += _img(files["filters_layer1.png"], "first-layer filters")
         rows = [[f["index"], f["min"], f["max"], f["mean"], f["l2_norm"]] for f in data["filters"]]
-        body += _details(
-            f"{data['layer']}: kernel {tuple(data['kernel_shape'])}",
-            _table(["filter", "min", "max", "mean", "L2 norm"], rows),
+        section.update(
+            image=_img(files["filters_layer1.png"], "first-layer filters"),
+            summary=f"{data['layer']}: kernel {tuple(data['kernel_shape'])}",
+            table=_table(["filter", "min", "max", "mean", "L2 norm"], rows),
         )
-    return _section("First-layer filters", body, "filters")
+    return section
 
 
-def _activations_section(files: Mapping[str, Path], notes: Mapping[str, str]) -> str:
+def _activations_section(files: Mapping[str, Path]) -> _Context | None:
     if "activations.json" not in files:
-        return ""
+        return None
     data = json.loads(files["activations.json"].read_text())
-    body = ""
-    if data.get("note"):
-        body += f'<p class="note">{_esc(data["note"])}</p>'
-    if "activations.png" in files:
-        body += _img(files["activations.png"], "activation maps")
+    image = (
+        _img(files["activations.png"], "activation maps") if "activations.png" in files else None
+    )
+    section: _Context = {"note": data.get("note"), "image": image, "samples": None, "table": None}
     if data["layers"]:
         rows = [
             [
@@ -366,51 +341,47 @@ def _activations_section(files: Mapping[str, Path], notes: Mapping[str, str]) ->
             ]
             for layer in data["layers"]
         ]
-        samples = ", ".join(f"#{s['index']} ({s['label']})" for s in data["samples"])
-        body += f"<p>Sample images: {_esc(samples)}</p>" + _table(
-            ["layer", "type", "output shape", "min activation", "max activation"], rows
+        section.update(
+            samples=", ".join(f"#{s['index']} ({s['label']})" for s in data["samples"]),
+            table=_table(
+                ["layer", "type", "output shape", "min activation", "max activation"], rows
+            ),
         )
-    return _section("Activations per layer", body, "activations")
+    return section
 
 
 def _embeddings_section(
     files: Mapping[str, Path], summary: Mapping[str, Any], notes: Mapping[str, str]
-) -> str:
+) -> _Context | None:
     if "embeddings.png" not in files:
-        return ""
-    body = _img(files["embeddings.png"], "2-D projection of the embeddings")
+        return None
+    section: _Context = {
+        "image": _img(files["embeddings.png"], "2-D projection of the embeddings"),
+        "projection": None,
+        "note": notes.get("embeddings"),
+    }
     emb = summary.get("embedding")
     if emb:
         ratio = emb.get("pca_explained_variance_ratio", [0, 0])
-        body += (
-            f"<p>Layer <code>{_esc(emb['layer'])}</code> ({emb['dimensions']} dimensions), "
-            f"methods: {_esc(', '.join(emb['methods']))}; the first two principal components "
-            f"explain {ratio[0]:.1%} and {ratio[1]:.1%} of the variance. Points marked "
-            "with a cross are misclassified.</p>"
-        )
-    if notes.get("embeddings"):
-        body += f'<p class="note">{_esc(notes["embeddings"])}</p>'
-    return _section("Embeddings", body, "embeddings")
+        section["projection"] = {
+            "layer": emb["layer"],
+            "dimensions": emb["dimensions"],
+            "methods": ", ".join(emb["methods"]),
+            "explained": [f"{ratio[0]:.1%}", f"{ratio[1]:.1%}"],
+        }
+    return section
 
 
-def _metrics_section(metrics: Mapping[str, float]) -> str:
-    rows = sorted(metrics.items())
-    return _section("Final metrics", _table(["metric", "last value"], rows), "metrics")
-
-
-def _manifest_section(manifest: Mapping[str, Any] | None) -> str:
+def _manifest_section(manifest: Mapping[str, Any] | None) -> _Context | None:
     if manifest is None:
-        return _section("Dataset", '<p class="note">No dataset manifest was logged.</p>')
+        return None
     rows = []
     for key, value in manifest.items():
         text = value if isinstance(value, str | int | float) else json.dumps(value)
         if isinstance(text, str) and len(text) > 160:
             text = text[:157] + "..."
         rows.append([key, text])
-    body = _table(["field", "value"], rows) + _details(
-        "_manifest.json", f"<pre>{_esc(json.dumps(manifest, indent=2))}</pre>"
-    )
-    return _section("Dataset manifest", body, "dataset")
+    return {"table": _table(["field", "value"], rows), "text": json.dumps(manifest, indent=2)}
 
 
 def comparison_page(
@@ -435,22 +406,12 @@ def comparison_page(
         The whole HTML document.
 
     """
-    parts = [
-        f"<h1>Comparison of {len(runs)} runs</h1>",
-        '<p class="sub">'
-        + " &middot; ".join(f"<code>{_esc(run.info.run_id)}</code>" for run in runs)
-        + "</p>",
-    ]
+    curves = None
     if any(histories):
         fig = plot_curves(list(zip(labels, histories, strict=True)), title="Learning curves")
-        parts.append(_section("Learning curves", _figure_img(fig, "overlaid learning curves")))
-    else:
-        parts.append(_section("Learning curves", '<p class="note">No per-epoch metrics.</p>'))
+        curves = _figure_img(fig, "overlaid learning curves")
 
-    headers = ["", *labels]
     rows: list[list[Any]] = [["status", *(run.info.status for run in runs)]]
-    if not differing:
-        parts.append('<div class="note">These runs have identical params.</div>')
     rows += [[key, *(run.data.params.get(key, "-") for run in runs)] for key in differing]
     classes: list[list[str]] = [[] for _ in rows]
     metric_keys = sorted(
@@ -461,17 +422,22 @@ def comparison_page(
         values = [run.data.metrics.get(key) for run in runs]
         rows.append([key, *values])
         classes.append(["", *_best_marks(key, values)])
-    parts.append(_section("Params that differ, and final metrics", _table(headers, rows, classes)))
+
+    per_run = None
     if any(figures):
-        cells = "".join(
-            f"<div><p><b>{_esc(label)}</b></p>"
-            + (_img(figure, f"figure of {label}") if figure else "<p>no report figure</p>")
-            + "</div>"
+        per_run = [
+            (label, _img(figure, f"figure of {label}") if figure else None)
             for label, figure in zip(labels, figures, strict=True)
-        )
-        parts.append(_section("Per run", f'<div class="grid">{cells}</div>'))
-    parts.append(f'<p class="sub">Tracking URI: <code>{_esc(tracking_uri)}</code></p>')
-    return _page(f"Comparison of {len(runs)} runs", "".join(parts))
+        ]
+    context = {
+        "run_ids": [run.info.run_id for run in runs],
+        "curves": curves,
+        "identical_params": not differing,
+        "table": _table(["", *labels], rows, classes),
+        "per_run": per_run,
+        "tracking_uri": tracking_uri,
+    }
+    return _render("comparison.html.j2", f"Comparison of {len(runs)} runs", context)
 
 
 def _best_marks(key: str, values: Sequence[float | None]) -> list[str]:

@@ -77,3 +77,41 @@ def test_config_loads_from_the_zipped_wheel_alone(wheel, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["['cluster',", "'databricks']", "databricks", "None", "work"]
+
+
+def test_report_templates_load_from_the_zipped_wheel_alone(wheel, tmp_path):
+    # The page templates and CSS ship as package data and load through the zip importer.
+    import jinja2
+    import numpy
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    templates = {
+        str(p.relative_to(REPO)) for p in (REPO / "pipelines" / "report" / "templates").iterdir()
+    }
+    assert templates and templates <= names, sorted(templates - names)
+    zipped = tmp_path / "spark_dl_pipelines.zip"
+    zipped.write_bytes(wheel.read_bytes())
+    homes = sorted({str(Path(m.__file__).resolve().parents[1]) for m in (jinja2, numpy)})
+    code = """if True:
+        import sys, types
+        sys.path[:0] = sys.argv[1:]
+        import pipelines
+        from pipelines.report.pages import run_page
+        assert pipelines.__file__.startswith(sys.argv[1]), pipelines.__file__
+        info = types.SimpleNamespace(
+            run_id="r1", run_name="<b>x</b>", status="FINISHED", experiment_id="0",
+            start_time=0, end_time=0,
+        )
+        data = types.SimpleNamespace(metrics={"test_accuracy": 0.5}, params={"p": "<i>"}, tags={})
+        run = types.SimpleNamespace(info=info, data=data)
+        print(run_page(run, {}, None, "sqlite:///mlflow.db", version=None, histories={}))
+    """
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(zipped), *homes],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    page = done.stdout
+    assert page.startswith("<!DOCTYPE html>") and "font-family" in page  # the CSS is inlined
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page and "<i>" not in page
+    assert "test_accuracy" in page and "No dataset manifest was logged." in page
