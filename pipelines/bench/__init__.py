@@ -23,7 +23,10 @@ Each benchmark generates its data once (cached under ``<work_dir>/bench/``), war
 before measuring (JVM, Python workers, imports, tracing, page cache), repeats every
 measurement and its baseline interleaved (so a neighbour's load affects both alike) and
 reports medians. Speed is measured here and only here; tests never assert it. One module
-per benchmark; :mod:`~pipelines.bench.common` holds what they share.
+per benchmark; what they share is split by job: :mod:`~pipelines.bench.stats` (the
+measurement record and its maths), :mod:`~pipelines.bench.timing` (sizes, interleaved and
+timed runs), :mod:`~pipelines.bench.machine` (machine facts), :mod:`~pipelines.bench.data`
+(generated data and its cache) and :mod:`~pipelines.bench.output` (table and CSV).
 """
 
 from __future__ import annotations
@@ -34,19 +37,14 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from pipelines.bench.common import (
-    CSV_COLUMNS,
-    Measurement,
-    append_csv,
-    format_table,
-    generate_jpegs,
-    machine_facts,
-    prepared_dataset,
-)
+from pipelines.bench.data import generate_jpegs, prepared_dataset
 from pipelines.bench.feed import bench_feed
 from pipelines.bench.ingest import bench_ingest
+from pipelines.bench.machine import machine_facts
+from pipelines.bench.output import CSV_COLUMNS, append_csv, format_table
 from pipelines.bench.reader import bench_reader
 from pipelines.bench.score import bench_score
+from pipelines.bench.stats import Measurement
 from pipelines.bench.train import bench_train
 from pipelines.config import Config
 from pipelines.errors import UserError

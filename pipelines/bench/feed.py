@@ -2,7 +2,7 @@
 
 In: a :class:`~pipelines.config.Config` (Spark session and row-group size for the cached
 dataset), a number of generated images and repeats. Out: two
-:class:`~pipelines.bench.common.Measurement` records for the same fixed model, the
+:class:`~pipelines.bench.stats.Measurement` records for the same fixed model, the
 steady-state epoch time (target: Petastorm at most 1.1x the in-memory epoch) and the
 images/s it implies.
 """
@@ -12,15 +12,9 @@ from __future__ import annotations
 import functools
 import logging
 
-from pipelines.bench.common import (
-    DATASET_IMAGES,
-    Measurement,
-    check_sizes,
-    epoch_timer,
-    interleaved,
-    pair,
-    prepared_dataset,
-)
+from pipelines.bench.data import DATASET_IMAGES, prepared_dataset
+from pipelines.bench.stats import Measurement, pair
+from pipelines.bench.timing import check_sizes, epoch_timer, interleaved
 from pipelines.config import Config, TrainConfig
 
 log = logging.getLogger("pipelines.bench")
@@ -51,7 +45,7 @@ def bench_feed(
     """Epoch time of a fixed model fed by Petastorm, against the same model fed from memory.
 
     On the cached benchmark dataset (``images`` generated JPEGs ingested at 28x28 grey, see
-    :func:`~pipelines.bench.common.prepared_dataset`), the Keras MNIST convnet
+    :func:`~pipelines.bench.data.prepared_dataset`), the Keras MNIST convnet
     (``mnist_cnn``, Adam, batch 32) trains on the training split in this process, one rank:
 
     - measured ``petastorm -> tf.data``: batches from

@@ -1,7 +1,7 @@
 """Ingest benchmark: Spark ingest against the single-process loops a user would write.
 
 In: a :class:`~pipelines.config.Config` (Spark session, ingest settings), a number of
-generated 256x256 JPEGs and repeats. Out: two :class:`~pipelines.bench.common.Measurement`
+generated 256x256 JPEGs and repeats. Out: two :class:`~pipelines.bench.stats.Measurement`
 records, Spark's images/s over a plain PIL loop's (target >= 1.6 on 2 cores) and over the
 ingest's own decode function run in one process (parallel efficiency).
 """
@@ -22,16 +22,9 @@ from typing import Any
 import numpy as np
 
 from pipelines import schema
-from pipelines.bench.common import (
-    Measurement,
-    bench_dir,
-    cached_jpegs,
-    check_sizes,
-    folder_ingest_config,
-    pair,
-    scratch,
-    tree_cpu_seconds,
-)
+from pipelines.bench.data import bench_dir, cached_jpegs, folder_ingest_config, scratch
+from pipelines.bench.stats import Measurement, pair
+from pipelines.bench.timing import check_sizes, tree_cpu_seconds
 from pipelines.config import Config
 
 log = logging.getLogger("pipelines.bench")

@@ -2,7 +2,7 @@
 
 In: a :class:`~pipelines.config.Config` (Spark session and row-group size for the cached
 dataset), a number of generated images and repeats. Out: one
-:class:`~pipelines.bench.common.Measurement`, rows/s of a Petastorm batch reader configured
+:class:`~pipelines.bench.stats.Measurement`, rows/s of a Petastorm batch reader configured
 as the training feed configures it, over rows/s of pyarrow; informative, no target.
 """
 
@@ -13,15 +13,9 @@ import logging
 import warnings
 
 from pipelines import schema
-from pipelines.bench.common import (
-    DATASET_IMAGES,
-    Measurement,
-    check_sizes,
-    interleaved,
-    pair,
-    prepared_dataset,
-    timed,
-)
+from pipelines.bench.data import DATASET_IMAGES, prepared_dataset
+from pipelines.bench.stats import Measurement, pair
+from pipelines.bench.timing import check_sizes, interleaved, timed
 from pipelines.config import Config
 
 log = logging.getLogger("pipelines.bench")
@@ -35,7 +29,7 @@ def bench_reader(
 ) -> list[Measurement]:
     """Rows/s of one pass over the training split: Petastorm against plain pyarrow.
 
-    On the cached benchmark dataset (see :func:`~pipelines.bench.common.prepared_dataset`),
+    On the cached benchmark dataset (see :func:`~pipelines.bench.data.prepared_dataset`),
     the ``image`` (``np.save`` bytes) and ``label`` columns of every row of the training
     split, in stored order, to numpy arrays in this process; nothing is decoded further:
 

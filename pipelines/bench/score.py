@@ -1,7 +1,7 @@
 """Score benchmark: Spark batch scoring against the same pyfunc model in one process.
 
 In: a :class:`~pipelines.config.Config` (Spark session, ``score.arrow_batch_size``), a
-number of generated JPEGs and repeats. Out: two :class:`~pipelines.bench.common.Measurement`
+number of generated JPEGs and repeats. Out: two :class:`~pipelines.bench.stats.Measurement`
 records: Spark scoring images/s over in-process ``predict`` on already decoded arrays
 (target >= 0.7), and over in-process ``predict`` on the files' bytes (informative).
 """
@@ -18,20 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.bench.common import (
+from pipelines.bench.data import (
     DATASET_CHANNELS,
     DATASET_CLASSES,
     DATASET_IMAGE_SIZE,
     DATASET_SOURCE_SIZE,
-    Measurement,
     cached_jpegs,
-    check_sizes,
-    interleaved,
-    pair,
     scratch,
-    timed,
 )
 from pipelines.bench.feed import bench_model_config
+from pipelines.bench.stats import Measurement, pair
+from pipelines.bench.timing import check_sizes, interleaved, timed
 from pipelines.config import Config
 
 log = logging.getLogger("pipelines.bench")

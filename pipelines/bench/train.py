@@ -2,14 +2,15 @@
 
 In: a :class:`~pipelines.config.Config` (Spark session, row-group size for the cached
 dataset), a number of generated images and repeats. Out: two
-:class:`~pipelines.bench.common.Measurement` records: the steady-state step time of one
+:class:`~pipelines.bench.stats.Measurement` records: the steady-state step time of one
 Horovod rank over plain Keras (target at most 1.05x), and the images/s of two Horovod ranks
 over plain Keras (informative: what distributing buys on this machine).
 
-The ranks run :func:`step_worker`, a trimmed training rank: the Horovod parts of
-:func:`pipelines.train.worker.train_worker` (Distribution, rank-scaled learning rate,
-sharded Petastorm feed, Horovod callbacks), without validation, early stopping or
-checkpoints, which would add their own work to the epochs measured.
+The ranks run :func:`step_worker`: a training rank set up by the training code itself,
+:func:`pipelines.train.worker.prepared_rank` (device, threads, seed, rank-scaled learning
+rate, Horovod optimizer, sharded Petastorm feed, Horovod callbacks), then fitted without
+validation, early stopping or checkpoints, which would add their own work to the epochs
+measured.
 """
 
 from __future__ import annotations
@@ -21,17 +22,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipelines.bench.common import (
-    DATASET_IMAGES,
-    Measurement,
-    check_sizes,
-    epoch_timer,
-    interleaved,
-    pair,
-    prepared_dataset,
-)
+from pipelines.bench.data import DATASET_IMAGES, prepared_dataset
 from pipelines.bench.feed import bench_model_config
-from pipelines.config import Config, TrainConfig
+from pipelines.bench.stats import Measurement, pair
+from pipelines.bench.timing import check_sizes, epoch_timer, interleaved
+from pipelines.config import Config
+from pipelines.train.worker import RankSpec
 
 log = logging.getLogger("pipelines.bench")
 
@@ -44,32 +40,25 @@ MEASURED_EPOCHS = 2
 
 
 @dataclass(frozen=True)
-class StepSpec:
-    """What a benchmark rank needs; small and picklable.
+class StepSpec(RankSpec):
+    """What a benchmark rank needs: a training rank's spec and the epochs to run.
+
+    ``rows`` holds the training split alone, so the prepared rank reads no validation set.
 
     Attributes:
-        launcher: ``horovod`` or ``local`` (selects the Distribution).
-        train_url: The training split.
-        image_shape: (H, W, C) of the stored images.
-        num_classes: Number of labels.
-        rows: Rows of the training split.
-        train: The fixed model's hyper-parameters.
         warmup_epochs: Untimed epochs first.
         measured_epochs: Timed epochs after them.
     """
 
-    launcher: str
-    train_url: str
-    image_shape: tuple[int, int, int]
-    num_classes: int
-    rows: int
-    train: TrainConfig
     warmup_epochs: int = WARMUP_EPOCHS
     measured_epochs: int = MEASURED_EPOCHS
 
 
 def step_worker(spec: StepSpec) -> dict[str, Any]:
     """One training rank that times its epochs; runs under any launcher.
+
+    The rank is set up by :func:`pipelines.train.worker.prepared_rank`, exactly as a
+    training rank is; only the timing callback is added, and nothing is written.
 
     Returns:
         ``rank``, ``size``, ``steps_per_epoch``, ``epoch_seconds`` (the timed epochs),
@@ -78,48 +67,21 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         and ``seconds`` (the whole rank, start-up included).
     """
     from pipelines.train.launcher import distribution
-    from pipelines.train.worker import limit_threads, weights_digest
+    from pipelines.train.worker import prepared_rank, weights_digest
 
     started = time.perf_counter()
     dist = distribution(spec.launcher)
-    limit_threads(dist.local_size)
-
-    from pipelines.keras_api import keras
-    from pipelines.models import build_model
-    from pipelines.train.feed import make_dataset, steps_per_epoch
-
-    cfg = spec.train
-    keras().utils.set_random_seed(cfg.seed)
-    # Horovod: scale the rate by the number of ranks, as training does.
-    scaled_lr = cfg.learning_rate * dist.size
-    model = build_model(
-        cfg,
-        spec.image_shape,
-        spec.num_classes,
-        optimizer_wrapper=dist.wrap_optimizer,
-        learning_rate=scaled_lr,
-    )
-    steps = steps_per_epoch(spec.rows, dist.size, cfg.batch_size)
-    data = make_dataset(
-        spec.train_url,
-        image_shape=spec.image_shape,
-        batch_size=cfg.batch_size,
-        # Horovod: each rank reads its own row groups.
-        cur_shard=dist.rank,
-        shard_count=dist.size,
-        seed=cfg.seed,
-    )
-    timer = epoch_timer()
-    callbacks = dist.callbacks(
-        initial_lr=scaled_lr, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps
-    )
-    model.fit(
-        data,
-        epochs=spec.warmup_epochs + spec.measured_epochs,
-        steps_per_epoch=steps,
-        callbacks=[*callbacks, timer],
-        verbose=0,
-    )
+    with prepared_rank(spec, dist) as rank:
+        timer = epoch_timer()
+        rank.model.fit(
+            rank.train_data,
+            epochs=spec.warmup_epochs + spec.measured_epochs,
+            steps_per_epoch=rank.steps_per_epoch,
+            callbacks=[*rank.callbacks, timer],  # the timer last: see epoch_timer
+            verbose=0,
+        )
+        digest = weights_digest(rank.model)
+    steps = rank.steps_per_epoch
     measured = timer.seconds[spec.warmup_epochs :]
     epoch = statistics.median(measured)
     return {
@@ -128,8 +90,8 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         "steps_per_epoch": steps,
         "epoch_seconds": [round(s, 4) for s in measured],
         "step_seconds": epoch / steps,
-        "images_per_second": dist.size * cfg.batch_size * steps / epoch,
-        "weights_sha256": weights_digest(model),
+        "images_per_second": dist.size * spec.train.batch_size * steps / epoch,
+        "weights_sha256": digest,
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -139,7 +101,7 @@ def bench_train(
 ) -> list[Measurement]:
     """Horovod step time and throughput against plain Keras ``fit`` on the same feed.
 
-    On the cached benchmark dataset (see :func:`~pipelines.bench.common.prepared_dataset`),
+    On the cached benchmark dataset (see :func:`~pipelines.bench.data.prepared_dataset`),
     the fixed model of the feed benchmark (``mnist_cnn``, Adam, batch 32 per rank) trains on
     the training split, fed by :func:`pipelines.train.feed.make_dataset` in every case:
 
@@ -183,12 +145,12 @@ def bench_train(
     spark = get_spark(config.spark)
     slots = spark.sparkContext.defaultParallelism
     spec = StepSpec(
+        train=bench_model_config(),
         launcher="local",
-        train_url=data.split("train"),
+        dataset=str(data.path),
         image_shape=data.image_shape,
         num_classes=len(data.label_names),
-        rows=data.rows["train"],
-        train=bench_model_config(),
+        rows={"train": data.rows["train"]},
     )
     horovod = replace(spec, launcher="horovod")
     launches = {

@@ -6,6 +6,10 @@ really averaged) and timings. Rank 0 alone writes checkpoints and the final mode
 ``spec.out_dir``, which must be visible to the driver (local disk locally, a shared mount
 on a cluster).
 
+:func:`prepared_rank` sets a rank up for ``model.fit`` (device, threads, seed, model, sharded
+feed, the Distribution's callbacks); training and ``dlpipe bench train`` both run it, so the
+benchmark measures this code.
+
 Distributed-only steps go through :mod:`pipelines.train.launcher`'s Distribution, so this
 module never imports Horovod.
 """
@@ -17,7 +21,9 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +49,8 @@ RANKS_DIR = "ranks"
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a rank needs; small and picklable.
+class RankSpec:
+    """What preparing a rank needs (see :func:`prepared_rank`); small and picklable.
 
     Attributes:
         train: Hyper-parameters.
@@ -52,9 +58,7 @@ class WorkerSpec:
         dataset: Prepared dataset directory.
         image_shape: (H, W, C) of the stored images.
         num_classes: Number of labels.
-        rows: Rows per split, from the manifest.
-        out_dir: Where rank 0 writes checkpoints and the final model.
-        resume: Continue from the checkpoint in ``out_dir`` if there is one.
+        rows: Rows per split, from the manifest; without ``val`` rows no validation is read.
     """
 
     train: TrainConfig
@@ -63,8 +67,54 @@ class WorkerSpec:
     image_shape: tuple[int, int, int]
     num_classes: int
     rows: dict[str, int]
+
+
+@dataclass(frozen=True)
+class WorkerSpec(RankSpec):
+    """Everything a training rank needs: a :class:`RankSpec` and where its run is kept.
+
+    Attributes:
+        out_dir: Where rank 0 writes checkpoints and the final model.
+        resume: Continue from the checkpoint in ``out_dir`` if there is one.
+    """
+
     out_dir: str
     resume: bool = False
+
+
+@dataclass(frozen=True)
+class PreparedRank:
+    """A rank ready for ``model.fit``, as :func:`prepared_rank` set it up.
+
+    Attributes:
+        device: What :func:`~pipelines.devices.pin_device` returned (``GPU:<n> ...`` or CPU).
+        policy: The Keras dtype policy in force: ``mixed_float16`` or ``float32``.
+        model: The compiled model: built with the Distribution's optimizer wrapper, or
+            reloaded (optimizer state included) from the checkpoint resumed.
+        resumed: The checkpoint state the model was reloaded from, or None.
+        scaled_lr: The learning rate scaled to this world's size.
+        steps_per_epoch: Training steps per epoch, the same on every rank.
+        train_data: This rank's shard of the training split (infinite, shuffled).
+        validation: ``fit`` keyword arguments for the validation split; empty without one.
+        callbacks: The Distribution's callbacks; callers append their own after them.
+    """
+
+    device: str
+    policy: str
+    model: Any
+    resumed: dict[str, Any] | None
+    scaled_lr: float
+    steps_per_epoch: int
+    train_data: Any
+    validation: dict[str, Any]
+    callbacks: list
+
+    def resharded(self, spec: RankSpec, dist: Distribution) -> PreparedRank:
+        """The same model with the feed, steps and callbacks of the world as it is now.
+
+        Horovod elastic: a reset may change this rank's number and the world's size.
+        """
+        return replace(self, **_world(spec, dist))
 
 
 def train_worker(spec: WorkerSpec) -> dict[str, Any]:
@@ -83,7 +133,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     out = Path(spec.out_dir)
     _announce(out, dist.rank)
     try:
-        return _pinned_and_trained(spec, dist, started)
+        return _train(spec, dist, started)
     except BaseException as exc:
         # Horovod: a rank that raised (e.g. its peer's socket closed) says so; one that was
         # killed cannot, which tells the driver which rank really died.
@@ -91,10 +141,38 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
         raise
 
 
-def _pinned_and_trained(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, Any]:
+@contextmanager
+def prepared_rank(
+    spec: RankSpec, dist: Distribution, *, resume_from: Path | None = None
+) -> Iterator[PreparedRank]:
+    """Set this rank up for ``model.fit``: what training and its benchmark both run.
+
+    Pins the device and splits the host's cores before any TensorFlow op, seeds, then
+    builds the model at the rank-scaled rate (or reloads the checkpoint in ``resume_from``)
+    and opens this rank's shard of the splits with the Distribution's callbacks. The
+    block runs under the dtype policy of ``train.mixed_precision``, restored after it.
+    Checkpoint writing, history and the final model are the caller's.
+
+    Args:
+        spec: Hyper-parameters, dataset and its shape.
+        dist: This rank's Distribution.
+        resume_from: A run's output directory whose committed checkpoint, if any, the
+            model continues from; None always builds a new model.
+
+    Yields:
+        The prepared rank.
+
+    Raises:
+        NoGpuError: ``train.use_gpu`` is true and a rank's host has no GPU (every rank
+            raises it, so none waits in a collective for one that stopped).
+    """
+    from pipelines.keras_api import keras
+    from pipelines.models import build_model
+
+    cfg = spec.train
     # Before any TensorFlow op (devices and thread pools are fixed by the first one).
     try:
-        device, failure = pin_device(spec.train.use_gpu, dist.local_rank), None
+        device, failure = pin_device(cfg.use_gpu, dist.local_rank), None
     except NoGpuError as exc:
         device, failure = CPU, str(exc)
     limit_threads(dist.local_size)
@@ -102,91 +180,39 @@ def _pinned_and_trained(spec: WorkerSpec, dist: Distribution, started: float) ->
     failures = [f for f in dist.allgather(failure, "device_check") if f]
     if failures:
         raise NoGpuError(failures[0])
-    with precision(spec.train.mixed_precision, device) as policy:
-        result = _train(spec, dist, started)
-    return {**result, "device": device, "precision": policy}
-
-
-def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, Any]:
-    """The rank's training proper, on the device and dtype policy already set."""
-    from pipelines.keras_api import keras
-    from pipelines.models import as_float32, build_model
-
-    k = keras()
-    cfg = spec.train
-    # Horovod: scale the rate by the number of ranks (the global batch grows with it).
-    scaled_lr = cfg.learning_rate * dist.size
-    k.utils.set_random_seed(cfg.seed)
-
-    out = Path(spec.out_dir)
-    state = _read_state(out) if spec.resume else None
-    # Horovod: every rank resumes from the same epoch as rank 0.
-    state = dist.broadcast(state, "resume_state")
-    if state:
-        model = dist.load_model(str(out / state.get("model", CHECKPOINT_MODEL)))
-        initial_epoch, history = state["epoch"], state["history"]
-    else:
-        model = build_model(
-            cfg,
-            spec.image_shape,
-            spec.num_classes,
-            optimizer_wrapper=dist.wrap_optimizer,
-            learning_rate=scaled_lr,
+    with precision(cfg.mixed_precision, device) as policy:
+        keras().utils.set_random_seed(cfg.seed)
+        state, model = None, None
+        if resume_from is not None:
+            # Horovod: every rank resumes from the same epoch as rank 0.
+            state = dist.broadcast(_read_state(resume_from), "resume_state")
+            if state:
+                model = dist.load_model(str(resume_from / state.get("model", CHECKPOINT_MODEL)))
+        if model is None:
+            model = build_model(
+                cfg,
+                spec.image_shape,
+                spec.num_classes,
+                optimizer_wrapper=dist.wrap_optimizer,
+                learning_rate=_scaled_lr(cfg, dist),
+            )
+        yield PreparedRank(
+            device=device, policy=policy, model=model, resumed=state, **_world(spec, dist)
         )
-        initial_epoch, history = 0, {}
-
-    if cfg.elastic:
-        steps, world_sizes = _fit_elastic(spec, dist, model, initial_epoch, history, k)
-    else:
-        steps = _fit(spec, dist, model, initial_epoch, history, k, [])
-        world_sizes = [{"epoch": initial_epoch, "size": dist.size}]
-
-    if dist.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{FINAL_MODEL}.tmp"
-        # Mixed precision is a training setting: the model evaluated, logged and served is
-        # float32, so it runs at full speed on CPU executors too.
-        final = as_float32(model, cfg, spec.image_shape, spec.num_classes)
-        final.save(tmp, include_optimizer=False, save_format="h5")
-        os.replace(tmp, out / FINAL_MODEL)
-    epochs_done = len(next(iter(history.values()), []))
-    return {
-        "rank": dist.rank,
-        "size": dist.size,
-        "history": history,
-        "epochs": epochs_done,
-        "initial_epoch": initial_epoch,
-        "stopped_early": epochs_done < cfg.epochs,
-        "steps_per_epoch": steps,
-        "world_sizes": world_sizes,
-        "learning_rate": scaled_lr,
-        "weights_sha256": weights_digest(model),
-        "seconds": round(time.time() - started, 2),
-        "placement": placement(),
-    }
 
 
-def _fit(
-    spec: WorkerSpec,
-    dist: Distribution,
-    model: Any,
-    initial_epoch: int,
-    history: dict[str, list[float]],
-    k: Any,
-    extra_callbacks: list,
-) -> int:
-    """Fit from ``initial_epoch`` to ``train.epochs`` on this world; return the steps per epoch.
+def _scaled_lr(cfg: TrainConfig, dist: Distribution) -> float:
+    # Horovod: scale the rate by the number of ranks (the global batch grows with it).
+    return cfg.learning_rate * dist.size
 
-    Shards, step counts and callbacks follow ``dist.rank``/``dist.size`` as they are now,
-    so an elastic reset calls this again for the new world. Each completed epoch's
-    (averaged) metrics are appended to ``history``.
-    """
+
+def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
+    """The :class:`PreparedRank` fields that follow ``dist.rank`` and ``dist.size`` now."""
     from pipelines.models import is_autoencoder
     from pipelines.train.feed import make_dataset, steps_per_epoch
 
     cfg = spec.train
-    out = Path(spec.out_dir)
-    scaled_lr = cfg.learning_rate * dist.size
+    scaled_lr = _scaled_lr(cfg, dist)
     # Horovod: every rank runs the same number of steps, or the others hang in allreduce.
     steps = steps_per_epoch(spec.rows["train"], dist.size, cfg.batch_size)
     feed = {
@@ -205,11 +231,82 @@ def _fit(
             "validation_data": make_dataset(split_path(spec.dataset, "val"), shuffle=False, **feed),
             "validation_steps": steps_per_epoch(spec.rows["val"], dist.size, cfg.batch_size),
         }
-
-    monitor = "val_loss" if validation else "loss"
     callbacks = dist.callbacks(
         initial_lr=scaled_lr, warmup_epochs=cfg.warmup_epochs, steps_per_epoch=steps
     )
+    return {
+        "scaled_lr": scaled_lr,
+        "steps_per_epoch": steps,
+        "train_data": train_data,
+        "validation": validation,
+        "callbacks": callbacks,
+    }
+
+
+def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, Any]:
+    """The rank's training proper: fit, checkpoints, the final model, the result."""
+    from pipelines.keras_api import keras
+    from pipelines.models import as_float32
+
+    k = keras()
+    cfg = spec.train
+    out = Path(spec.out_dir)
+    with prepared_rank(spec, dist, resume_from=out if spec.resume else None) as rank:
+        if rank.resumed:
+            initial_epoch, history = rank.resumed["epoch"], rank.resumed["history"]
+        else:
+            initial_epoch, history = 0, {}
+
+        if cfg.elastic:
+            steps, world_sizes = _fit_elastic(spec, dist, rank, initial_epoch, history, k)
+        else:
+            steps = _fit(spec, dist, rank, initial_epoch, history, k, [])
+            world_sizes = [{"epoch": initial_epoch, "size": dist.size}]
+
+        model = rank.model
+        if dist.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".{FINAL_MODEL}.tmp"
+            # Mixed precision is a training setting: the model evaluated, logged and served
+            # is float32, so it runs at full speed on CPU executors too.
+            final = as_float32(model, cfg, spec.image_shape, spec.num_classes)
+            final.save(tmp, include_optimizer=False, save_format="h5")
+            os.replace(tmp, out / FINAL_MODEL)
+        epochs_done = len(next(iter(history.values()), []))
+        result = {
+            "rank": dist.rank,
+            "size": dist.size,
+            "history": history,
+            "epochs": epochs_done,
+            "initial_epoch": initial_epoch,
+            "stopped_early": epochs_done < cfg.epochs,
+            "steps_per_epoch": steps,
+            "world_sizes": world_sizes,
+            "learning_rate": rank.scaled_lr,
+            "weights_sha256": weights_digest(model),
+            "seconds": round(time.time() - started, 2),
+            "placement": placement(),
+        }
+    return {**result, "device": rank.device, "precision": rank.policy}
+
+
+def _fit(
+    spec: WorkerSpec,
+    dist: Distribution,
+    rank: PreparedRank,
+    initial_epoch: int,
+    history: dict[str, list[float]],
+    k: Any,
+    extra_callbacks: list,
+) -> int:
+    """Fit from ``initial_epoch`` to ``train.epochs`` on ``rank``'s world; return its steps.
+
+    The training callbacks (early stopping, history, rank 0's checkpoints) go after the
+    Distribution's; each completed epoch's (averaged) metrics are appended to ``history``.
+    """
+    cfg = spec.train
+    monitor = "val_loss" if rank.validation else "loss"
+    callbacks = list(rank.callbacks)
     if cfg.early_stopping_patience > 0:
         # Runs after the metric averaging above, so every rank sees the same numbers and
         # stops at the same epoch (a rank that stopped alone would hang the others).
@@ -221,23 +318,23 @@ def _fit(
     callbacks.append(_Record(history, k))
     if dist.rank == 0:
         # Horovod: checkpoints only on rank 0, so ranks never write the same file.
-        callbacks.append(_Checkpoint(out, history, k))
-    model.fit(
-        train_data,
+        callbacks.append(_Checkpoint(Path(spec.out_dir), history, k))
+    rank.model.fit(
+        rank.train_data,
         epochs=cfg.epochs,
         initial_epoch=initial_epoch,
-        steps_per_epoch=steps,
+        steps_per_epoch=rank.steps_per_epoch,
         callbacks=callbacks + extra_callbacks,
         verbose=2 if dist.rank == 0 else 0,
-        **validation,
+        **rank.validation,
     )
-    return steps
+    return rank.steps_per_epoch
 
 
 def _fit_elastic(
     spec: WorkerSpec,
     dist: Distribution,
-    model: Any,
+    rank: PreparedRank,
     initial_epoch: int,
     history: dict[str, list[float]],
     k: Any,
@@ -253,19 +350,24 @@ def _fit_elastic(
         from each epoch on where it changed (the first entry is the start).
     """
     # Horovod: what is restored on every rank after a reset (rank 0's copy is broadcast).
-    state = dist.elastic_state(model, epoch=initial_epoch, history=history, world_sizes=[])
+    state = dist.elastic_state(rank.model, epoch=initial_epoch, history=history, world_sizes=[])
     steps: list[int] = []
+    entries = 0
 
     # Horovod: re-entered after each reset, with the new rank and size.
     @dist.elastic_run
     def loop(state: Any) -> None:
+        nonlocal entries
+        # Horovod: the first entry runs on the prepared world; a reset's, on the new one.
+        world = rank if entries == 0 else rank.resharded(spec, dist)
+        entries += 1
         # Horovod: the state keeps references, so drop what a reset epoch appended.
         for values in state.history.values():
             del values[state.epoch :]
         if not state.world_sizes or state.world_sizes[-1]["size"] != dist.size:
             state.world_sizes.append({"epoch": state.epoch, "size": dist.size})
         callbacks = dist.elastic_callbacks(state)
-        steps.append(_fit(spec, dist, model, state.epoch, state.history, k, callbacks))
+        steps.append(_fit(spec, dist, world, state.epoch, state.history, k, callbacks))
 
     loop(state)
     final = {key: list(values) for key, values in state.history.items()}

@@ -29,7 +29,7 @@ from pipelines.bench import (
     prepared_dataset,
     run_benchmarks,
 )
-from pipelines.bench.common import meets, pair
+from pipelines.bench.stats import meets, pair
 from pipelines.config import Config, IngestConfig
 from pipelines.errors import UserError
 

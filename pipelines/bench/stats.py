@@ -1,0 +1,114 @@
+"""Measurement maths: a figure's median next to its baseline's, their ratio, the verdict.
+
+In: run-by-run figures of a benchmark and of its baseline. Out: a :class:`Measurement`
+(built by :func:`pair`), judged against a target such as ``>= 1.6`` by :func:`meets`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured figure next to its baseline from the same run.
+
+    Attributes:
+        benchmark: Benchmark name (``ingest``, ``feed``, ...).
+        measured: What was measured, e.g. ``spark ingest``.
+        value: Median of the measured runs, in ``unit``.
+        unit: Unit of ``value`` and ``baseline_value``, e.g. ``images/s`` or ``s/epoch``.
+        baseline: What ``value`` is compared with, e.g. ``plain PIL loop``.
+        baseline_value: Median of the baseline runs, in ``unit``.
+        ratio: ``value / baseline_value``. For a throughput above 1 means faster than the
+            baseline; for a time (``s/...``) below 1 does.
+        target: The ratio aimed for, e.g. ``>= 1.6`` or ``<= 1.1``; empty when the figure
+            is informative only.
+        met: Whether ``ratio`` meets ``target``; None without a target.
+        details: Run-by-run figures and settings (JSON-ready).
+    """
+
+    benchmark: str
+    measured: str
+    value: float
+    unit: str
+    baseline: str
+    baseline_value: float
+    ratio: float
+    target: str
+    met: bool | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def pair(
+    benchmark: str,
+    measured: str,
+    values: Sequence[float],
+    baseline: str,
+    baseline_values: Sequence[float],
+    *,
+    unit: str,
+    target: str = "",
+    details: Mapping[str, Any] | None = None,
+) -> Measurement:
+    """A :class:`Measurement` from run-by-run figures: medians, their ratio, the verdict.
+
+    Args:
+        benchmark: Benchmark name.
+        measured: What ``values`` measure.
+        values: One figure per measured run, in ``unit``.
+        baseline: What ``baseline_values`` measure.
+        baseline_values: One figure per baseline run, in ``unit``.
+        unit: Unit of both.
+        target: ``>= x`` or ``<= x`` on the ratio, or empty.
+        details: Extra JSON-ready facts; the run-by-run figures are added as ``runs``.
+
+    Returns:
+        The measurement.
+
+    Raises:
+        ValueError: No figures, a baseline median that is not positive, or a malformed
+            target.
+    """
+    if not values or not baseline_values:
+        raise ValueError(f"bench {benchmark}: no runs of {measured!r} or {baseline!r}")
+    value = statistics.median(values)
+    base = statistics.median(baseline_values)
+    if base <= 0:
+        raise ValueError(f"bench {benchmark}: baseline {baseline!r} measured {base} {unit}")
+    ratio = value / base
+    runs = {"measured": _rounded(values), "baseline": _rounded(baseline_values)}
+    return Measurement(
+        benchmark=benchmark,
+        measured=measured,
+        value=value,
+        unit=unit,
+        baseline=baseline,
+        baseline_value=base,
+        ratio=ratio,
+        target=target,
+        met=meets(ratio, target),
+        details={**(details or {}), "runs": runs},
+    )
+
+
+def meets(ratio: float, target: str) -> bool | None:
+    """Whether ``ratio`` meets a target such as ``>= 1.6`` or ``<= 1.1``; None without one.
+
+    Raises:
+        ValueError: The target is neither empty nor ``>= x`` / ``<= x``.
+    """
+    if not target:
+        return None
+    op, _, number = target.partition(" ")
+    if op not in (">=", "<=") or not number:
+        raise ValueError(f"a target is '>= x' or '<= x', got {target!r}")
+    bound = float(number)
+    return ratio >= bound if op == ">=" else ratio <= bound
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    return [float(f"{v:.6g}") for v in values]
