@@ -8,7 +8,7 @@ nothing when the stack is right, else a :class:`PreflightError` with one line pe
 Why: a wrong package rarely fails loudly. Under Keras 3 Horovod's ``DistributedOptimizer``
 runs but stops averaging gradients; pyarrow 15 breaks Petastorm's reads in the middle of
 a job; a Horovod built without TensorFlow or against another TensorFlow fails only once
-the ranks start, on the executors. ``../shared/design.md`` section 2 says why each pin
+the ranks start, on the executors. ARCHITECTURE.md and the README say why each pin
 exists.
 
 Three layers, so that a test can feed a wrong environment to the real checks:

@@ -35,7 +35,7 @@ def prepared_schema(height: int, width: int, channels: int) -> Unischema:
     """Unischema of the prepared dataset for images of one fixed shape.
 
     Images are uint8 ndarrays stored with Petastorm's own ``NdarrayCodec`` (the only kind
-    plain Petastorm readers can decode; see design notes). ``split`` is the partition
+    plain Petastorm readers can decode; see ARCHITECTURE.md). ``split`` is the partition
     column, so one split can be read without touching the others.
 
     Args:

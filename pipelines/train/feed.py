@@ -15,7 +15,7 @@ Out:
 - :func:`steps_per_epoch`: the step count every rank must run;
 - :func:`dataset_url`: a local path as the ``file://`` URL Petastorm wants.
 
-How the feed reads (see the design notes on Petastorm storage): images are stored with
+How the feed reads (ARCHITECTURE.md, "Why the stack is pinned"): images are stored with
 Petastorm's ``NdarrayCodec``, so ``make_batch_reader`` hands back the ``np.save`` bytes of each
 image. Every cell of a split has the same fixed 128-byte ``.npy`` header, so a whole row group
 is decoded at once in TensorFlow by slicing the pixels out of the bytes
