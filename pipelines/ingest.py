@@ -40,7 +40,7 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +55,6 @@ from pipelines.spark import driver_table
 
 if TYPE_CHECKING:
     import pandas as pd
-    import pyarrow as pa
     from petastorm.unischema import Unischema
     from pyspark.sql import Column, SparkSession
 
@@ -68,15 +67,6 @@ log = logging.getLogger(__name__)
 #: display forms (:func:`~pipelines.listing.display_path`): a Spark string cannot carry
 #: a name that is not valid UTF-8.
 _RECORDS = "path string, rel string, label int, label_name string"
-
-#: Columns of the prepared dataset's files, in the Unischema's order, with their Arrow types.
-_PREPARED = {
-    schema.IMAGE: "binary",
-    schema.LABEL: "int32",
-    schema.LABEL_NAME: "string",
-    schema.PATH: "string",
-    schema.SPLIT: "string",
-}
 
 #: What each decoding task reports: a row per file written (the fields of
 #: :class:`_WrittenFile`), and a row per record rejected (``path``, ``reason``).
@@ -116,26 +106,18 @@ class IngestError(UserError):
 
 
 @dataclass(frozen=True)
-class IngestResult:
-    """What an ingest produced; mirrors ``_manifest.json``."""
+class IngestResult(schema.Manifest):
+    """What an ingest produced: the dataset's :class:`~pipelines.schema.Manifest` and where."""
 
-    output: str
-    source: str
-    format: str
-    files_seen: int
-    ingested: int
-    quarantined: int
-    skipped: int
-    splits: dict[str, int]
-    classes: dict[str, int]
-    label_names: list[str]
-    image_shape: list[int]
-    started_at: str
-    finished_at: str
+    output: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The result as a JSON-ready dict."""
-        return asdict(self)
+        """The result as a JSON-ready dict (``output`` first, then the manifest)."""
+        return {"output": self.output, **asdict(self.manifest())}
+
+    def manifest(self) -> schema.Manifest:
+        """The manifest alone, as written into the dataset."""
+        return schema.Manifest(**self.manifest_dict())
 
 
 @dataclass(frozen=True)
@@ -462,7 +444,7 @@ def _decode_task(
                 if reason is not None
             ]
             decoded = batch.assign(**{schema.IMAGE: [image for image, _ in results]})
-            writer.add(decoded.loc[decoded[schema.IMAGE].notna(), list(_PREPARED)])
+            writer.add(decoded.loc[decoded[schema.IMAGE].notna(), list(schema.PREPARED_COLUMNS)])
         report = [asdict(file) for file in writer.close()]
         report += [{"path": path, "reason": reason} for path, reason in rejected]
         yield pd.DataFrame(
@@ -571,10 +553,8 @@ def _write_quarantine(rejected: dict[str, str], tmp: Path) -> None:
 
 def _finish(result: IngestResult, tmp: Path) -> IngestResult:
     """Stamp the finish time and write the manifest into the staged dataset."""
-    result = IngestResult(**{**result.to_dict(), "finished_at": _iso(time.time())})
-    manifest = {**result.to_dict()}
-    manifest.pop("output")
-    (tmp / schema.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    result = replace(result, finished_at=_iso(time.time()))
+    result.manifest().write(tmp)
     return result
 
 
@@ -744,7 +724,9 @@ class _TaskWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pandas(rows, schema=_arrow_schema(), preserve_index=False)
+        table = pa.Table.from_pandas(
+            rows, schema=schema.prepared_arrow_schema(), preserve_index=False
+        )
         table = table.replace_schema_metadata()  # pandas' own metadata has no use here
         # One row group per file, unless that would exceed row_group_size_mb.
         rows_per_group = max(1, min(len(rows), self._row_group_bytes * len(rows) // table.nbytes))
@@ -756,13 +738,6 @@ class _TaskWriter:
         self._written.append(
             _WrittenFile(split, name, staged, footers[0].num_rows, footers[0].num_row_groups)
         )
-
-
-def _arrow_schema() -> pa.Schema:
-    """Arrow schema of the prepared dataset's files (as Spark would write them)."""
-    import pyarrow as pa
-
-    return pa.schema([(name, getattr(pa, kind)()) for name, kind in _PREPARED.items()])
 
 
 def _decode_file(path: bytes, size: int, channels: int) -> tuple[bytes | None, str | None]:
@@ -777,7 +752,7 @@ def _decode_file(path: bytes, size: int, channels: int) -> tuple[bytes | None, s
     if content is None:
         return None, unreadable  # quarantined with the reason, not a failed job
     try:
-        return _encode(decode_image(content, size, channels)), None
+        return schema.encode_cell(decode_image(content, size, channels)), None
     except ImageDecodeError as exc:
         return None, str(exc)
 
@@ -790,20 +765,9 @@ def _prepare_record(
 
     try:
         array = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-        return _encode(prepare_array(array, size, channels)), None
+        return schema.encode_cell(prepare_array(array, size, channels)), None
     except (ValueError, ImageDecodeError) as exc:
         return None, f"cannot convert record: {exc}"
-
-
-def _encode(array) -> bytes:
-    """Encode as Petastorm's ``NdarrayCodec`` does (``np.save``), readable by plain Petastorm."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def _iso(timestamp: float) -> str:

@@ -1,15 +1,29 @@
-"""The contracts between stages.
+"""The contracts between stages: the one place each hand-over is typed.
 
-In: the target image shape. Out: the Unischema of the prepared dataset (what ingest writes
-and training reads) and the column names shared by ingest, training and scoring. Nothing
-here touches data.
+- The prepared dataset (ingest writes, training, the feed and the bench read): its columns
+  (:data:`PREPARED_COLUMNS`, as a Unischema and an Arrow schema), the image-cell codec
+  (:func:`encode_cell`, :func:`decode_cells`) and its :class:`Manifest`.
+- The scoring table (scoring writes): the model's output columns (:data:`MODEL_OUTPUTS`,
+  which serving's signature follows) and the table's own columns around them.
+- The label sidecar of a logged model (serving writes, scoring reads).
+
+Heavy libraries are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
     from petastorm.unischema import Unischema
 
 #: Splits of the prepared dataset, in the order they are reported.
@@ -17,6 +31,15 @@ SPLITS = ("train", "val", "test")
 
 #: Column names of the prepared dataset.
 IMAGE, LABEL, LABEL_NAME, PATH, SPLIT = "image", "label", "label_name", "path", "split"
+
+#: Columns of the prepared dataset's files, in the Unischema's order, with their Arrow types.
+PREPARED_COLUMNS: dict[str, str] = {
+    IMAGE: "binary",
+    LABEL: "int32",
+    LABEL_NAME: "string",
+    PATH: "string",
+    SPLIT: "string",
+}
 
 #: Quarantine table columns: every rejected file, with why.
 QUARANTINE_COLUMNS = ("path", "reason")
@@ -29,6 +52,9 @@ QUARANTINE_DIR = "_quarantine"
 #: np.save writes a fixed 128-byte header for a fixed uint8 shape (NPY format 1.0), so the
 #: feed can slice raw pixels out of a whole batch of encoded cells without parsing each one.
 NPY_HEADER_BYTES = 128
+
+#: The first bytes of every ``.npy`` cell.
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def prepared_schema(height: int, width: int, channels: int) -> Unischema:
@@ -51,16 +77,24 @@ def prepared_schema(height: int, width: int, channels: int) -> Unischema:
     from petastorm.unischema import Unischema, UnischemaField
     from pyspark.sql.types import IntegerType, StringType
 
+    scalars = {"int32": (np.int32, IntegerType()), "string": (np.str_, StringType())}
+    image = UnischemaField(IMAGE, np.uint8, (height, width, channels), NdarrayCodec(), False)
     return Unischema(
         "PreparedImage",
-        [
-            UnischemaField(IMAGE, np.uint8, (height, width, channels), NdarrayCodec(), False),
-            UnischemaField(LABEL, np.int32, (), ScalarCodec(IntegerType()), False),
-            UnischemaField(LABEL_NAME, np.str_, (), ScalarCodec(StringType()), False),
-            UnischemaField(PATH, np.str_, (), ScalarCodec(StringType()), False),
-            UnischemaField(SPLIT, np.str_, (), ScalarCodec(StringType()), False),
+        [image]
+        + [
+            UnischemaField(name, scalars[kind][0], (), ScalarCodec(scalars[kind][1]), False)
+            for name, kind in PREPARED_COLUMNS.items()
+            if name != IMAGE
         ],
     )
+
+
+def prepared_arrow_schema() -> pa.Schema:
+    """Arrow schema of the prepared dataset's files (as Spark would write them)."""
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in PREPARED_COLUMNS.items()])
 
 
 def split_path(dataset: str, split: str) -> str:
@@ -78,3 +112,212 @@ def split_path(dataset: str, split: str) -> str:
         ``<dataset>/split=<split>``.
     """
     return f"{dataset.rstrip('/')}/{SPLIT}={split}"
+
+
+# --- the image cell: one uint8 array as np.save writes it -----------------------------------
+
+
+class CellError(ValueError):
+    """An encoded image is not an ``np.save`` of a uint8 array of the expected shape."""
+
+    def __init__(self, cell: bytes) -> None:
+        """Keep the offending cell, for the caller's message.
+
+        Args:
+            cell: The first cell that does not match.
+        """
+        super().__init__(f"cell of {len(cell)} bytes does not match the expected shape")
+        self.cell = cell
+
+
+def encode_cell(array: np.ndarray) -> bytes:
+    """Encode as Petastorm's ``NdarrayCodec`` does (``np.save``), readable by plain Petastorm."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def cell_size(shape: Sequence[int]) -> int:
+    """Bytes of one encoded uint8 image of ``shape``: the fixed header and the pixels."""
+    import numpy as np
+
+    return NPY_HEADER_BYTES + int(np.prod(shape))
+
+
+def stored_array(cell: bytes) -> tuple[tuple[int, ...], np.dtype] | None:
+    """``(shape, dtype)`` from an ``.npy`` header, None when it is not one."""
+    import numpy as np
+
+    try:
+        stream = io.BytesIO(cell[: NPY_HEADER_BYTES * 4])
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    except (ValueError, OSError, SyntaxError):
+        return None
+    return tuple(shape), np.dtype(dtype)
+
+
+def cell_matches(cell: bytes, shape: tuple[int, int, int]) -> bool:
+    """Whether one encoded image is an ``np.save`` of a uint8 array of ``shape``."""
+    import numpy as np
+
+    return (
+        len(cell) == cell_size(shape)
+        and cell.startswith(NPY_MAGIC)
+        and stored_array(cell) == (shape, np.dtype(np.uint8))
+    )
+
+
+def decode_cells(cells: Sequence[bytes], shape: tuple[int, int, int]) -> np.ndarray:
+    """Decode many ``np.save`` cells of one uint8 shape into one ``(N, *shape)`` array.
+
+    Raises:
+        CellError: A cell is not a uint8 array of ``shape`` (its header differs).
+    """
+    import numpy as np
+
+    if len(cells) == 0:
+        return np.zeros((0, *shape), dtype=np.uint8)
+    if not cell_matches(cells[0], shape):
+        raise CellError(cells[0])
+    width = cell_size(shape)
+    for cell in cells:
+        if len(cell) != width:
+            raise CellError(cell)
+    raw = np.frombuffer(b"".join(cells), dtype=np.uint8).reshape(len(cells), width)
+    headers = raw[:, :NPY_HEADER_BYTES]
+    bad = np.flatnonzero((headers != headers[0]).any(axis=1))
+    if bad.size:
+        raise CellError(cells[int(bad[0])])
+    return raw[:, NPY_HEADER_BYTES:].reshape(len(cells), *shape).copy()
+
+
+# --- the manifest ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A prepared dataset's ``_manifest.json``: counts, classes, label order, image shape.
+
+    Attributes:
+        source: The source, in display form.
+        format: The source format (``folder``, ``mnist``, ``cifar10``).
+        files_seen: Files listed (ingested, quarantined and skipped).
+        ingested: Rows written.
+        quarantined: Records rejected, with why, in ``_quarantine/``.
+        skipped: Files skipped as not images.
+        splits: Rows per split.
+        classes: Rows per class name.
+        label_names: Class names; a label is an index into this list.
+        image_shape: ``[height, width, channels]`` of every image.
+        started_at: ISO time the ingest started.
+        finished_at: ISO time the ingest finished.
+    """
+
+    source: str = ""
+    format: str = ""
+    files_seen: int = 0
+    ingested: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    splits: dict[str, int] = field(default_factory=dict)
+    classes: dict[str, int] = field(default_factory=dict)
+    label_names: list[str] = field(default_factory=list)
+    image_shape: list[int] = field(default_factory=list)
+    started_at: str = ""
+    finished_at: str = ""
+
+    #: Keys every reader needs; a file without one of them is not a manifest.
+    REQUIRED = ("splits", "label_names", "image_shape")
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        """Parse a manifest's text; keys it does not know are ignored.
+
+        Raises:
+            ValueError: Not JSON.
+            KeyError: One of :attr:`REQUIRED` is missing.
+            TypeError: A value has the wrong kind.
+        """
+        data: Mapping[str, Any] = json.loads(text)
+        missing = [key for key in cls.REQUIRED if key not in data]
+        if missing:
+            raise KeyError(f"manifest lacks {', '.join(missing)}")
+        values = {f.name: data[f.name] for f in fields(Manifest) if f.name in data}
+        values["splits"] = {str(k): int(v) for k, v in data["splits"].items()}
+        values["label_names"] = [str(name) for name in data["label_names"]]
+        values["image_shape"] = [int(d) for d in data["image_shape"]]
+        return cls(**values)
+
+    @classmethod
+    def read(cls, dataset: str | Path) -> Manifest:
+        """Read a prepared dataset's manifest, or fail with a one-line hint.
+
+        Raises:
+            UserError: The dataset has no manifest.
+        """
+        path = Path(dataset) / MANIFEST_FILE
+        if not path.is_file():
+            raise UserError(
+                f"no prepared dataset at {dataset} (missing {path.name}); run 'dlpipe ingest' first"
+            )
+        return cls.from_json(path.read_text())
+
+    def manifest_dict(self) -> dict[str, Any]:
+        """The manifest's keys and values only (not those a subclass adds)."""
+        return {f.name: getattr(self, f.name) for f in fields(Manifest)}
+
+    def write(self, dataset: str | Path) -> Path:
+        """Write ``_manifest.json`` into ``dataset`` (sorted keys, so the bytes are stable)."""
+        path = Path(dataset) / MANIFEST_FILE
+        path.write_text(json.dumps(self.manifest_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+# --- the scoring table -----------------------------------------------------------------------
+
+#: Output columns of the pyfunc model (a classifier), in order, with their Spark types; every
+#: one may be null. Serving's signature and the scoring table both follow this.
+MODEL_OUTPUTS: dict[str, str] = {
+    "predicted_label": "string",
+    "probability": "double",
+    "probabilities": "array<double>",
+    "error": "string",
+}
+
+#: What scoring adds after the model's outputs: where the prediction came from, and when.
+SCORING_PROVENANCE: dict[str, str] = {
+    "model_name": "string",
+    "model_version": "string",
+    "model_uri": "string",
+    "scored_at": "timestamp",
+    "batch_id": "string",
+}
+
+#: The scoring table, in column order: the image's path, the model's outputs, provenance.
+SCORED_ROW: dict[str, str] = {PATH: "string", **MODEL_OUTPUTS}
+SCORING_TABLE: dict[str, str] = {**SCORED_ROW, **SCORING_PROVENANCE}
+
+
+def ddl(columns: Mapping[str, str]) -> str:
+    """Spark DDL (``"name type, ..."``) for a column mapping."""
+    return ", ".join(f"{name} {kind}" for name, kind in columns.items())
+
+
+# --- the label sidecar of a logged model -------------------------------------------------
+
+#: Where the label sidecar lies inside a logged (or downloaded) model: serving writes it as
+#: an artifact, and MLflow copies every artifact into the model's ``artifacts/``.
+MODEL_ARTIFACTS_DIR = "artifacts"
+LABELS_FILE = "labels.json"
+
+
+def model_label_names(model_dir: str | Path) -> list[str]:
+    """Class names of a downloaded model (the order of ``probabilities``); [] when none."""
+    path = Path(model_dir) / MODEL_ARTIFACTS_DIR / LABELS_FILE
+    return json.loads(path.read_text())["label_names"] if path.is_file() else []

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines import schema
 from pipelines.config import Config
 from pipelines.host import cores_per_process, limit_tf_threads, settle_python_worker
 from pipelines.listing import display_path, file_uri, list_tree, read_file
@@ -41,13 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The scoring table, in column order.
-TABLE_SCHEMA = (
-    "path string, predicted_label string, probability double, probabilities array<double>, "
-    "error string, model_name string, model_version string, model_uri string, "
-    "scored_at timestamp, batch_id string"
-)
-TABLE_COLUMNS = tuple(part.split()[0] for part in TABLE_SCHEMA.split(", "))
+#: The scoring table, in column order (the contract is :data:`pipelines.schema.SCORING_TABLE`).
+TABLE_SCHEMA = schema.ddl(schema.SCORING_TABLE)
+TABLE_COLUMNS = tuple(schema.SCORING_TABLE)
 #: Images a scoring task handles at most (beyond one task per slot): bounds retry cost.
 FILES_PER_TASK = 20_000
 #: Sidecar with the class order of ``probabilities``, one file per model version.
@@ -129,7 +126,7 @@ def score(
     if config.mlflow.registry_uri:  # models:/ URIs are downloaded through the registry
         mlflow.set_registry_uri(config.mlflow.registry_uri)
     local_model = _local_model(resolved, config.work_path / "cache" / "models")
-    label_names = _label_names(local_model)
+    label_names = schema.model_label_names(local_model)
     model_name = _ship(spark, local_model)
     threads = cores_per_process(spark.sparkContext.defaultParallelism)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.score.arrow_batch_size)
@@ -141,22 +138,20 @@ def score(
             yield _predict_batch(model_name, threads, batch, use_gpu)
 
     scored_at = datetime.fromtimestamp(started, tz=UTC).replace(tzinfo=None)
-    predictions = images.mapInPandas(
-        predict,
-        "path string, predicted_label string, probability double, "
-        "probabilities array<double>, error string",
-    )
+    predictions = images.mapInPandas(predict, schema.ddl(schema.SCORED_ROW))
+    provenance = {
+        "model_name": resolved.name,
+        "model_version": resolved.version,
+        "model_uri": resolved.uri,
+        "scored_at": scored_at,
+        "batch_id": batch_id,
+    }
     rows = predictions.select(
-        "path",
-        "predicted_label",
-        "probability",
-        "probabilities",
-        "error",
-        F.lit(resolved.name).cast("string").alias("model_name"),
-        F.lit(resolved.version).cast("string").alias("model_version"),
-        F.lit(resolved.uri).alias("model_uri"),
-        F.lit(scored_at).cast("timestamp").alias("scored_at"),
-        F.lit(batch_id).alias("batch_id"),
+        *schema.SCORED_ROW,
+        *(
+            F.lit(provenance[name]).cast(kind).alias(name)
+            for name, kind in schema.SCORING_PROVENANCE.items()
+        ),
     )
     _write(rows, table, config.score.format, batch_id)
     classes_file = _write_classes(spark, table, resolved, label_names, config.score.format)
@@ -349,12 +344,9 @@ def _predict_batch(model_name: str, threads: int, batch: Any, use_gpu: bool | st
             if errors[position] is None:
                 contents[position], errors[position] = read_file(file)
     readable = pd.isna(pd.Series(errors, dtype=object)).to_numpy()
-    columns = {
-        "predicted_label": [None] * len(batch),
-        "probability": [None] * len(batch),  # null in the table, as the model's pd.NA
-        "probabilities": [None] * len(batch),
-        "error": errors,
-    }
+    # Null in the table where there is no prediction (the model's pd.NA too).
+    columns: dict[str, list[Any]] = {name: [None] * len(batch) for name in schema.MODEL_OUTPUTS}
+    columns["error"] = errors
     if readable.any():
         images = [content for content, ok in zip(contents, readable, strict=True) if ok]
         output = model.predict(pd.DataFrame({"image": images}))
@@ -362,12 +354,7 @@ def _predict_batch(model_name: str, threads: int, batch: Any, use_gpu: bool | st
         for name, values in columns.items():
             for position, value in zip(positions, output[name].tolist(), strict=True):
                 values[position] = value
-    return pd.DataFrame({"path": batch["path"].to_numpy(), **columns})
-
-
-def _label_names(model_dir: Path) -> list[str]:
-    labels = next(model_dir.rglob("labels.json"), None)
-    return json.loads(labels.read_text())["label_names"] if labels else []
+    return pd.DataFrame({schema.PATH: batch["path"].to_numpy(), **columns})
 
 
 def _write(rows: DataFrame, table: str, fmt: str, batch_id: str) -> None:

@@ -55,6 +55,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
+from pipelines import schema
 from pipelines.images import ImageDecodeError, decode_image, normalise, prepare_array
 from pipelines.keras_api import keras
 
@@ -66,8 +67,8 @@ if TYPE_CHECKING:
 #: The input column of the pyfunc model.
 IMAGE_COLUMN = "image"
 
-#: Output columns of a classifier, in order.
-OUTPUT_COLUMNS: tuple[str, ...] = ("predicted_label", "probability", "probabilities", "error")
+#: Output columns of a classifier, in order (the contract is :data:`schema.MODEL_OUTPUTS`).
+OUTPUT_COLUMNS: tuple[str, ...] = tuple(schema.MODEL_OUTPUTS)
 
 #: The extra output column of an autoencoder.
 RECONSTRUCTION_COLUMN = "reconstruction_error"
@@ -304,7 +305,7 @@ def save_keras_artifacts(
             )
     root = Path(directory)
     model_path = root / "model.h5"
-    labels_path = root / "labels.json"
+    labels_path = root / schema.LABELS_FILE
     with warnings.catch_warnings():
         # Keras calls HDF5 "legacy"; it is the one format that loads without custom objects.
         warnings.filterwarnings("ignore", message=".*HDF5 file.*", category=UserWarning)
@@ -336,14 +337,10 @@ def model_signature(num_classes: int, *, autoencoder: bool = False) -> ModelSign
     """
     if not autoencoder and num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-    outputs = [
-        ColSpec(DataType.string, "predicted_label", required=False),
-        ColSpec(DataType.double, "probability", required=False),
-        ColSpec(Array(DataType.double), "probabilities", required=False),
-        ColSpec(DataType.string, "error", required=False),
-    ]
-    if autoencoder:
-        outputs.append(ColSpec(DataType.double, RECONSTRUCTION_COLUMN, required=False))
+    kinds = {"string": DataType.string, "double": DataType.double}
+    kinds["array<double>"] = Array(DataType.double)
+    columns = {**schema.MODEL_OUTPUTS, **({RECONSTRUCTION_COLUMN: "double"} if autoencoder else {})}
+    outputs = [ColSpec(kinds[kind], name, required=False) for name, kind in columns.items()]
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]), outputs=Schema(outputs)
     )
@@ -395,9 +392,9 @@ def log_image_model(
     num_classes = len(label_names)
     with tempfile.TemporaryDirectory(prefix="dlpipe-model-") as tmp:
         root = Path(tmp)
-        (root / "artifacts").mkdir()
+        (root / schema.MODEL_ARTIFACTS_DIR).mkdir()
         artifacts = save_keras_artifacts(
-            model, label_names, image_shape, autoencoder, root / "artifacts"
+            model, label_names, image_shape, autoencoder, root / schema.MODEL_ARTIFACTS_DIR
         )
         code_copy = root / "code" / __package__
         _copy_package(importlib.resources.files(__package__), code_copy)

@@ -8,7 +8,6 @@ Nothing heavy (TensorFlow, Spark) is imported at module import.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import uuid
@@ -205,14 +204,14 @@ def prepared_dataset(config: Config, images: int) -> PreparedDataset:
         cfg = replace(folder_ingest_config(config, side, channels), splits=SplitConfig())
         log.info("bench: ingesting %d generated images into %s (cached)", images, path)
         ingest(get_spark(config.spark), cfg, source, path)
-    manifest = json.loads(manifest_file.read_text())
-    if manifest["splits"].get("train", 0) == 0:
+    manifest = schema.Manifest.read(path)
+    if manifest.splits.get("train", 0) == 0:
         raise UserError(f"bench: {images} images give no training rows; use more --images")
     return PreparedDataset(
         path=path,
         source=source,
-        image_shape=tuple(int(d) for d in manifest["image_shape"]),  # type: ignore[arg-type]
-        rows={k: int(v) for k, v in manifest["splits"].items()},
-        label_names=[str(n) for n in manifest["label_names"]],
+        image_shape=tuple(manifest.image_shape),  # type: ignore[arg-type]
+        rows=dict(manifest.splits),
+        label_names=list(manifest.label_names),
         rows_per_row_group=rows_per_group,
     )

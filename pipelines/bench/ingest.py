@@ -8,7 +8,6 @@ ingest's own decode function run in one process (parallel efficiency).
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 import statistics
@@ -190,15 +189,7 @@ def _loop_ingest(
     files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
     names = sorted({p.relative_to(source).parts[0] for p in files})
     labels = {name: i for i, name in enumerate(names)}
-    arrow_schema = pa.schema(
-        [
-            (schema.IMAGE, pa.binary()),
-            (schema.LABEL, pa.int32()),
-            (schema.LABEL_NAME, pa.string()),
-            (schema.PATH, pa.string()),
-            (schema.SPLIT, pa.string()),
-        ]
-    )
+    arrow_schema = schema.prepared_arrow_schema()
     writers: dict[str, pq.ParquetWriter] = {}
     pending: dict[str, list[tuple]] = {name: [] for name in schema.SPLITS}
 
@@ -223,8 +214,6 @@ def _loop_ingest(
         for path in files:
             rel = path.relative_to(source).as_posix()
             label_name = rel.split("/")[0]
-            buffer = io.BytesIO()
-            np.save(buffer, decode(path))
             bucket = (zlib.crc32(rel.encode()) % 1_000_000) / 1_000_000.0
             split = (
                 "train"
@@ -234,7 +223,7 @@ def _loop_ingest(
                 else "test"
             )
             pending[split].append(
-                (buffer.getvalue(), labels[label_name], label_name, str(path), split)
+                (schema.encode_cell(decode(path)), labels[label_name], label_name, str(path), split)
             )
             written += 1
             if len(pending[split]) == rows_per_group:

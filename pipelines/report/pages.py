@@ -179,6 +179,8 @@ def run_page(
         The whole HTML document.
 
     """
+    from pipelines.registry import RUN_DECISION_TAG  # mlflow, only when a page is made
+
     info, data = run.info, run.data
     summary = json.loads(files["summary.json"].read_text()) if "summary.json" in files else {}
     seconds = (
@@ -203,7 +205,7 @@ def run_page(
             "started": _when(info.start_time),
             "duration": f"{seconds:,.0f} s" if seconds is not None else None,
             "version": version or "not registered",
-            "decision": data.tags.get("registry.decision"),
+            "decision": data.tags.get(RUN_DECISION_TAG),
             "error": data.tags.get("error"),
         },
         "no_artifacts": not any(name.endswith(".png") for name in files),

@@ -247,9 +247,11 @@ def _run_figure(client: Any, run: Any, tracking_uri: str, dest: Path) -> Path | 
 
 
 def _model_version(client: Any, run: Any) -> str | None:
+    from pipelines.registry import RUN_MODEL_TAG, RUN_VERSION_TAG
+
     tags = run.data.tags
-    if tags.get("registry.version"):
-        return f"{tags.get('registry.model_name', 'model')} version {tags['registry.version']}"
+    if tags.get(RUN_VERSION_TAG):
+        return f"{tags.get(RUN_MODEL_TAG, 'model')} version {tags[RUN_VERSION_TAG]}"
     try:
         versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
     except Exception:

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import io
-import json
 import logging
 import math
 import os
@@ -63,9 +61,6 @@ log = logging.getLogger(__name__)
 #: Row groups a reader keeps decoded ahead of training. Petastorm's default (50) would hold
 #: 50 x 128 images per reader, a lot for large images; a few keep the pipeline busy.
 _RESULTS_QUEUE_ROW_GROUPS = 8
-
-#: The first bytes of every ``.npy`` file.
-_NPY_MAGIC = b"\x93NUMPY"
 
 
 class SplitNotFoundError(UserError, FileNotFoundError):
@@ -613,30 +608,12 @@ def _usable_shard(
 
 def _check_cell(cell: bytes, url: str, shape: tuple[int, int, int]) -> None:
     """Check that one encoded image is an ``np.save`` of a uint8 array of ``shape``."""
-    expected = schema.NPY_HEADER_BYTES + int(np.prod(shape))
-    if len(cell) == expected and cell.startswith(_NPY_MAGIC):
-        stored = _stored_array(cell)
-        if stored == (shape, np.dtype(np.uint8)):
-            return
-    raise ImageShapeError(_shape_message(cell, url, shape))
-
-
-def _stored_array(cell: bytes) -> tuple[tuple[int, ...], np.dtype] | None:
-    """``(shape, dtype)`` from an ``.npy`` header, None when it is not one."""
-    try:
-        stream = io.BytesIO(cell[: schema.NPY_HEADER_BYTES * 4])
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
-    except (ValueError, OSError, SyntaxError):
-        return None
-    return tuple(shape), np.dtype(dtype)
+    if not schema.cell_matches(cell, shape):
+        raise ImageShapeError(_shape_message(cell, url, shape))
 
 
 def _shape_message(cell: bytes, url: str, shape: tuple[int, int, int]) -> str:
-    stored = _stored_array(cell)
+    stored = schema.stored_array(cell)
     found = (
         f"{stored[1]} images of shape {stored[0]}"
         if stored
@@ -651,19 +628,10 @@ def _shape_message(cell: bytes, url: str, shape: tuple[int, int, int]) -> str:
 
 def _decode_cells(cells: Sequence[bytes], url: str, shape: tuple[int, int, int]) -> np.ndarray:
     """Decode many ``np.save`` cells of one uint8 shape into one ``(N, *shape)`` array."""
-    if len(cells) == 0:
-        return np.zeros((0, *shape), dtype=np.uint8)
-    _check_cell(cells[0], url, shape)
-    width = schema.NPY_HEADER_BYTES + int(np.prod(shape))
-    for cell in cells:
-        if len(cell) != width:
-            raise ImageShapeError(_shape_message(cell, url, shape))
-    raw = np.frombuffer(b"".join(cells), dtype=np.uint8).reshape(len(cells), width)
-    headers = raw[:, : schema.NPY_HEADER_BYTES]
-    bad = np.flatnonzero((headers != headers[0]).any(axis=1))
-    if bad.size:
-        raise ImageShapeError(_shape_message(cells[int(bad[0])], url, shape))
-    return raw[:, schema.NPY_HEADER_BYTES :].reshape(len(cells), *shape).copy()
+    try:
+        return schema.decode_cells(cells, shape)
+    except schema.CellError as exc:
+        raise ImageShapeError(_shape_message(exc.cell, url, shape)) from None
 
 
 def _manifest_label_names(url: str) -> list[str] | None:
@@ -680,10 +648,9 @@ def _manifest_label_names(url: str) -> list[str] | None:
             filesystem, inner = fs.FileSystem.from_uri(manifest)
             with filesystem.open_input_stream(inner) as stream:
                 text = stream.read().decode("utf-8")
-        names = json.loads(text)["label_names"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return schema.Manifest.from_json(text).label_names
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return [str(n) for n in names]
 
 
 def _quiet_petastorm() -> None:

@@ -64,9 +64,9 @@ def test_two_ranks_on_gpus_end_with_identical_weights(spark, digits, tmp_path, m
         train=cfg,
         launcher="horovod",
         dataset=str(digits),
-        image_shape=tuple(manifest["image_shape"]),
-        num_classes=len(manifest["label_names"]),
-        rows=manifest["splits"],
+        image_shape=tuple(manifest.image_shape),
+        num_classes=len(manifest.label_names),
+        rows=manifest.splits,
         out_dir=str(tmp_path / "out"),
     )
     ranks = sorted(
