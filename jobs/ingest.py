@@ -7,9 +7,24 @@ Arguments are those of ``dlpipe ingest``. The Spark master comes from spark-subm
 Databricks cluster), not from the config, unless ``--set spark.master=...`` says otherwise.
 """
 
-import sys
+from __future__ import annotations
 
-from pipelines.cli import main
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from pipelines import pipeline
+from pipelines.cli import job
+from pipelines.config import Config
+
+if TYPE_CHECKING:
+    from pipelines.ingest import IngestResult
+
+
+def _ingest(args: argparse.Namespace, config: Config) -> IngestResult:
+    """The stage, called directly with ``dlpipe ingest``'s parsed options."""
+    return pipeline.ingest_stage(config, args.source, args.output)
+
 
 if __name__ == "__main__":
-    sys.exit(main(["ingest", "--set", "spark.master=null", *sys.argv[1:]]))
+    sys.exit(job("ingest", _ingest))

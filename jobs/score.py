@@ -7,9 +7,24 @@ Arguments are those of ``dlpipe score``. The Spark master comes from spark-submi
 Databricks cluster), not from the config.
 """
 
-import sys
+from __future__ import annotations
 
-from pipelines.cli import main
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from pipelines import pipeline
+from pipelines.cli import job
+from pipelines.config import Config
+
+if TYPE_CHECKING:
+    from pipelines.score import ScoreResult
+
+
+def _score(args: argparse.Namespace, config: Config) -> ScoreResult:
+    """The stage, called directly with ``dlpipe score``'s parsed options."""
+    return pipeline.score_stage(config, args.source, args.output, args.model, args.batch_id)
+
 
 if __name__ == "__main__":
-    sys.exit(main(["score", "--set", "spark.master=null", *sys.argv[1:]]))
+    sys.exit(job("score", _score))

@@ -7,9 +7,24 @@ Arguments are those of ``dlpipe train``. The Spark master comes from spark-submi
 Databricks cluster); ``train.num_proc`` ranks need as many executor task slots.
 """
 
-import sys
+from __future__ import annotations
 
-from pipelines.cli import main
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from pipelines import pipeline
+from pipelines.cli import job
+from pipelines.config import Config
+
+if TYPE_CHECKING:
+    from pipelines.train.driver import TrainResult
+
+
+def _train(args: argparse.Namespace, config: Config) -> TrainResult:
+    """The stage, called directly with ``dlpipe train``'s parsed options."""
+    return pipeline.train_stage(config, args.dataset, args.resume)
+
 
 if __name__ == "__main__":
-    sys.exit(main(["train", "--set", "spark.master=null", *sys.argv[1:]]))
+    sys.exit(job("train", _train))

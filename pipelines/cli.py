@@ -2,7 +2,8 @@
 
 In: command-line arguments. Out: the stage's result printed for people (and, with
 ``--json``, one JSON object as the last line), exit code 0 on success, 1 on a user error
-(a one-line message on stderr, no traceback), 2 on bad usage.
+(a one-line message on stderr, no traceback), 2 on bad usage. The stages and ``run`` are
+:mod:`pipelines.pipeline`'s: this module parses, calls and prints (for ``jobs/*.py`` too).
 """
 
 from __future__ import annotations
@@ -12,14 +13,20 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipelines import pipeline
 from pipelines.config import Config, load_config
 from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.ingest import IngestResult
+    from pipelines.pipeline import RunSummary
+    from pipelines.score import ScoreResult
+    from pipelines.train.driver import TrainResult
 
 log = logging.getLogger("pipelines")
 
@@ -29,20 +36,27 @@ HUMAN = "_human"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dlpipe`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.json)
-    try:
-        config = load_config(args.conf, args.set or ())
-        result = args.handler(args, config)
-    except UserError as exc:
-        print(f"dlpipe {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"dlpipe {args.command}: interrupted", file=sys.stderr)
-        return 130
-    _print_result(result, args.json)
-    return 0
+    args = _parser().parse_args(argv)
+    return _execute(args, args.handler)
+
+
+def job(command: str, stage: Callable[[argparse.Namespace, Config], Any]) -> int:
+    """A ``jobs/*.py`` entry point: ``dlpipe COMMAND``'s arguments, ``stage`` run on them.
+
+    The arguments come from ``sys.argv[1:]``, parsed by ``dlpipe COMMAND``'s own parser; the
+    Spark master comes from spark-submit (``spark.master=null``) unless ``--set`` says
+    otherwise. Prints what ``dlpipe COMMAND`` prints.
+
+    Args:
+        command: The stage's sub-command (``ingest``, ``train``, ``score``).
+        stage: Runs the stage from the parsed arguments and the config; returns its result
+            (a dataclass with ``to_dict``, or a dict).
+
+    Returns:
+        The exit code, as :func:`main`'s.
+    """
+    args = _parser().parse_args([command, "--set", "spark.master=null", *sys.argv[1:]])
+    return _execute(args, stage)
 
 
 def console() -> None:
@@ -56,39 +70,44 @@ def console() -> None:
         sys.exit(code)
 
 
+def _execute(args: argparse.Namespace, handler: Callable[[argparse.Namespace, Config], Any]) -> int:
+    """Load the config (``--set`` and the command's own overrides), run, print; exit code."""
+    _setup_logging(args.json)
+    try:
+        config = load_config(args.conf, [*(args.set or ()), *args.overrides(args)])
+        result = handler(args, config)
+    except UserError as exc:
+        print(f"dlpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dlpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    _print_result(result if isinstance(result, dict) else result.to_dict(), args.json)
+    return 0
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
 def _demo_data(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    from pipelines.demo import write_demo_digits
-
-    out = Path(args.out) if args.out else config.demo_data_path
-    demo = write_demo_digits(out)
+    demo = pipeline.demo_data_stage(config, args.out)
     return {"path": str(demo.path), "images": demo.images, "classes": demo.classes}
 
 
-def _ingest(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    config = _with_ingest_options(config, args)
-    source = args.source or config.ingest.source
-    if not source:
-        raise UserError("no source: pass --source DIR or set ingest.source")
-    return _run_ingest(config, source, args.output or str(config.prepared_path))
+def _ingest(args: argparse.Namespace, config: Config) -> IngestResult:
+    return pipeline.ingest_stage(config, args.source, args.output)
 
 
-def _train(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    return _run_train(config, args.dataset, args.resume)
+def _train(args: argparse.Namespace, config: Config) -> TrainResult:
+    return pipeline.train_stage(config, args.dataset, args.resume)
 
 
-def _score(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    from pipelines.score import score
+def _score(args: argparse.Namespace, config: Config) -> ScoreResult:
+    return pipeline.score_stage(config, args.source, args.output, args.model, args.batch_id)
 
-    source = args.source or config.score.source
-    if not source and config.demo_data_path.is_dir():
-        source = str(config.demo_data_path)
-    if not source:
-        raise UserError("no source: pass --source DIR or set score.source")
-    spark = _spark(config)
-    return score(spark, config, source, args.output, args.model, args.batch_id).to_dict()
+
+def _run(args: argparse.Namespace, config: Config) -> RunSummary:
+    return pipeline.run(config)
 
 
 def _serve(args: argparse.Namespace, config: Config) -> dict[str, Any]:
@@ -119,109 +138,6 @@ def _bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     return {**report, HUMAN: format_table(report)}
 
 
-def _run(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    from pipelines.report import render_run_report
-    from pipelines.score import score
-
-    _check_local_slots(config)  # a config that cannot train fails before ingest runs
-    started = time.time()
-    summary: dict[str, Any] = {"work_dir": str(config.work_path)}
-    source = config.ingest.source
-    if not source:
-        demo = _demo_data(argparse.Namespace(out=None), config)
-        summary["demo_data"] = {k: v for k, v in demo.items() if k != "classes"}
-        source = demo["path"]
-    ingested = _run_ingest(config, source, str(config.prepared_path))
-    headline = ("output", "files_seen", "ingested", "quarantined", "skipped", "splits")
-    summary["ingest"] = {key: ingested[key] for key in headline}
-    trained = _run_train(config, None, resume=False)
-    summary["train"] = trained
-    scored = score(_spark(config), config, config.score.source or source)
-    summary["score"] = scored.to_dict()
-    page = render_run_report(
-        trained["run_id"], tracking_uri=config.tracking_uri, out_dir=config.work_path / "reports"
-    )
-    summary["report"] = str(page)
-    summary["seconds"] = round(time.time() - started, 1)
-    summary["headline"] = {
-        **{k: round(v, 4) for k, v in trained["test_metrics"].items() if k != "test_rows"},
-        "rows_scored": scored.scored,
-        "score_errors": scored.errors,
-        "table": scored.table,
-        "run_id": trained["run_id"],
-        "model": f"{trained['model_name']} v{trained['model_version']}",
-        "model_version": trained["model_version"],
-        "champion": trained["promoted"],
-        "report": str(page),
-        "mlflow_ui": f"mlflow ui --backend-store-uri {config.tracking_uri}",
-    }
-    return summary
-
-
-def _run_ingest(config: Config, source: str, output: str) -> dict[str, Any]:
-    from pipelines.ingest import ingest
-
-    spark = _spark(config)
-    return ingest(spark, config.ingest, source, output).to_dict()
-
-
-def _run_train(config: Config, dataset: str | None, resume: bool) -> dict[str, Any]:
-    from pipelines.train.driver import train
-    from pipelines.train.launcher import make_launcher
-
-    _check_local_slots(config)
-    spark = None
-    if config.train.launcher == "horovod":
-        spark = _spark(config)
-        _wait_for_slots(spark, config)
-    launcher = make_launcher(config.train.launcher, spark, config.train.num_proc, config.train.nics)
-    return train(config, launcher, dataset, resume).to_dict()
-
-
-def _check_local_slots(config: Config) -> None:
-    """Fail before any Spark work when a local master cannot run ``train.num_proc`` ranks."""
-    from pipelines.spark import local_slots
-
-    slots = local_slots(config.spark.master)
-    if config.train.launcher == "horovod" and slots is not None and config.train.num_proc > slots:
-        raise UserError(
-            f"train.num_proc={config.train.num_proc} needs {config.train.num_proc} Spark task "
-            f"slots, but spark.master={config.spark.master} has {slots}; lower train.num_proc "
-            f"or use local[{config.train.num_proc}]"
-        )
-
-
-def _wait_for_slots(spark: Any, config: Config) -> None:
-    """Wait (bounded) until the executors offer a task slot per rank, else fail in one line."""
-    from pipelines.spark import task_slots
-
-    train = config.train
-    # Elastic training may start with fewer ranks than num_proc, never below min_num_proc.
-    key, wanted = (
-        ("min_num_proc", train.min_num_proc) if train.elastic else ("num_proc", train.num_proc)
-    )
-    timeout = train.slots_timeout_s
-    slots = task_slots(spark, train.num_proc, timeout)
-    if slots < wanted:
-        raise UserError(
-            f"train.{key}={wanted} needs {wanted} concurrent Spark task slots, but the "
-            f"executors offer {slots} after {timeout:g} s (train.slots_timeout_s); lower "
-            f"train.{key}, or add executors or cores"
-        )
-
-
-def _spark(config: Config) -> Any:
-    """The session, after the preflight: the driver's stack, then its executors' (once)."""
-    from pipelines import preflight
-    from pipelines.spark import get_spark
-
-    horovod = config.train.launcher == "horovod"
-    preflight.check_driver(horovod=horovod)  # before any Spark work
-    spark = get_spark(config.spark)
-    preflight.check_executors(spark, horovod=horovod)  # before the stage's first job
-    return spark
-
-
 def _doctor(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines import preflight
 
@@ -238,9 +154,13 @@ def _doctor(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     return result
 
 
-def _with_ingest_options(config: Config, args: argparse.Namespace) -> Config:
-    """Fold ``--format/--image-size/--channels`` into the config (validated like --set)."""
-    overrides = [
+def _no_overrides(args: argparse.Namespace) -> list[str]:
+    return []
+
+
+def _ingest_overrides(args: argparse.Namespace) -> list[str]:
+    """``--format/--image-size/--channels`` as overrides after ``--set`` (validated alike)."""
+    return [
         f"ingest.{key}={value}"
         for key, value in (
             ("format", args.format),
@@ -249,15 +169,44 @@ def _with_ingest_options(config: Config, args: argparse.Namespace) -> Config:
         )
         if value is not None
     ]
-    if not overrides:
-        return config
-    return load_config(args.conf, [*(args.set or ()), *overrides])
 
 
 # --- parser ---------------------------------------------------------------------------------
 
+#: Adds one sub-command: ``(name, handler, help_text)`` -> its parser.
+_Add = Callable[[str, Callable, str], argparse.ArgumentParser]
+
 
 def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlpipe",
+        description="Distributed deep learning for images on Apache Spark.",
+        epilog="Run 'dlpipe COMMAND --help' for the options of a command.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_options()
+
+    def add(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler, overrides=_no_overrides)
+        return sub
+
+    for add_command in (
+        _add_demo_data,
+        _add_ingest,
+        _add_train,
+        _add_score,
+        _add_serve,
+        _add_report,
+        _add_bench,
+        _add_doctor,
+        _add_run,
+    ):
+        add_command(add)
+    return parser
+
+
+def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--conf", metavar="FILE", help="overlay merged over conf/base.yaml, e.g. conf/cluster.yaml"
@@ -271,18 +220,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", help="print the result as one JSON object on the last line"
     )
-    parser = argparse.ArgumentParser(
-        prog="dlpipe",
-        description="Distributed deep learning for images on Apache Spark.",
-        epilog="Run 'dlpipe COMMAND --help' for the options of a command.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return common
 
-    def add(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        return sub
 
+def _add_demo_data(add: _Add) -> None:
     demo = add(
         "demo-data",
         _demo_data,
@@ -290,12 +231,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", metavar="DIR", help="default: <work_dir>/demo-digits")
 
+
+def _add_ingest(add: _Add) -> None:
     ingest = add(
         "ingest",
         _ingest,
         "decode, resize and split images on Spark into a Petastorm dataset "
         "(+ _quarantine/ of rejected files and _manifest.json)",
     )
+    ingest.set_defaults(overrides=_ingest_overrides)
     ingest.add_argument(
         "--source",
         metavar="SRC",
@@ -310,6 +254,8 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--image-size", type=int, metavar="N", help="target N x N pixels")
     ingest.add_argument("--channels", type=int, choices=[1, 3], help="1 = grey, 3 = RGB")
 
+
+def _add_train(add: _Add) -> None:
     train = add(
         "train",
         _train,
@@ -325,6 +271,8 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the interrupted run from its last completed epoch",
     )
 
+
+def _add_score(add: _Add) -> None:
     score = add(
         "score",
         _score,
@@ -347,6 +295,8 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-id", metavar="ID", help="partition to (re)write (default: the source folder name)"
     )
 
+
+def _add_serve(add: _Add) -> None:
     serve = add(
         "serve",
         _serve,
@@ -357,6 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
 
+
+def _add_report(add: _Add) -> None:
     report = add(
         "report",
         _report,
@@ -375,6 +327,8 @@ def _parser() -> argparse.ArgumentParser:
         "--no-log", action="store_true", help="do not log the page to the run as an artifact"
     )
 
+
+def _add_bench(add: _Add) -> None:
     bench = add(
         "bench",
         _bench,
@@ -391,6 +345,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, metavar="R", help="median of R runs")
     bench.add_argument("--csv", metavar="FILE", help="append the results to this CSV file")
 
+
+def _add_doctor(add: _Add) -> None:
     doctor = add(
         "doctor",
         _doctor,
@@ -403,13 +359,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also check every executor Python worker of the configured Spark master",
     )
 
+
+def _add_run(add: _Add) -> None:
     add(
         "run",
         _run,
         "the main job on the configured target: "
         "demo data -> ingest -> train -> register -> score -> report",
     )
-    return parser
 
 
 # --- output ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,14 +80,9 @@ class TrainResult:
         return asdict(self)
 
 
-def load_manifest(dataset: Path) -> dict[str, Any]:
+def load_manifest(dataset: Path) -> schema.Manifest:
     """Read a prepared dataset's manifest, or fail with a one-line hint."""
-    path = dataset / schema.MANIFEST_FILE
-    if not path.is_file():
-        raise UserError(
-            f"no prepared dataset at {dataset} (missing {path.name}); run 'dlpipe ingest' first"
-        )
-    return json.loads(path.read_text())
+    return schema.Manifest.read(dataset)
 
 
 def checkpoint_dir(config: Config) -> Path:
@@ -95,7 +91,11 @@ def checkpoint_dir(config: Config) -> Path:
 
 
 def train(
-    config: Config, launcher: Launcher, dataset: str | Path | None = None, resume: bool = False
+    config: Config,
+    launcher: Launcher,
+    dataset: str | Path | None = None,
+    resume: bool = False,
+    report: ReportStep | None = None,
 ) -> TrainResult:
     """Train, evaluate, log and register one model.
 
@@ -104,6 +104,9 @@ def train(
         launcher: Starts the ranks (Horovod on Spark, or one local rank).
         dataset: Prepared dataset directory (default: the configured one).
         resume: Continue the interrupted run from its last completed epoch.
+        report: Called in the active run once the model is evaluated, before it is logged
+            and registered (the orchestrator passes the run report step); a failure fails
+            the run. None: no report.
 
     Returns:
         Run id, test metrics and the registry decision.
@@ -119,7 +122,7 @@ def train(
     started = time.time()
     data_dir = Path(dataset).expanduser().resolve() if dataset else config.prepared_path
     manifest = load_manifest(data_dir)
-    if manifest["splits"].get("train", 0) == 0:
+    if manifest.splits.get("train", 0) == 0:
         raise UserError(f"{data_dir} has no training rows; ingest more images")
     out = checkpoint_dir(config)
     state = read_checkpoint_state(out) if resume else None
@@ -144,7 +147,7 @@ def train(
             else:
                 _tag_resume(run.info.run_id, state["epoch"], previous)
             result = _train_in_run(
-                config, launcher, data_dir, manifest, out, resume, run.info.run_id
+                config, launcher, data_dir, manifest, out, resume, run.info.run_id, report
             )
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -157,10 +160,11 @@ def _train_in_run(
     config: Config,
     launcher: Launcher,
     data_dir: Path,
-    manifest: dict[str, Any],
+    manifest: schema.Manifest,
     out: Path,
     resume: bool,
     run_id: str,
+    report: ReportStep | None,
 ) -> dict[str, Any]:
     import mlflow
 
@@ -171,9 +175,9 @@ def _train_in_run(
         train=config.train,
         launcher=launcher.kind,
         dataset=str(data_dir),
-        image_shape=tuple(manifest["image_shape"]),
-        num_classes=len(manifest["label_names"]),
-        rows=manifest["splits"],
+        image_shape=tuple(manifest.image_shape),
+        num_classes=len(manifest.label_names),
+        rows=manifest.splits,
         out_dir=str(out),
         resume=resume,
     )
@@ -219,12 +223,14 @@ def _train_in_run(
     evaluation = evaluate(model, data_dir, manifest, autoencoder)
     mlflow.log_metrics(evaluation.metrics)
     mlflow.log_text(_summary(model), "model_summary.txt")
-    _log_report(config, model, rank0["history"], evaluation, manifest, autoencoder)
+    if report is not None:
+        trained = Trained(model, rank0["history"], evaluation, manifest, autoencoder)
+        report(config, trained)
 
     info = serving.log_image_model(
         model,
-        label_names=manifest["label_names"],
-        image_shape=list(manifest["image_shape"]),
+        label_names=manifest.label_names,
+        image_shape=list(manifest.image_shape),
         autoencoder=autoencoder,
         input_example_png=evaluation.example_png,
     )
@@ -268,17 +274,34 @@ class Evaluation:
     arrays: Any = None  # SplitArrays: the evaluated split, for the report
 
 
-def evaluate(model: Any, data_dir: Path, manifest: dict[str, Any], autoencoder: bool) -> Evaluation:
+@dataclass(frozen=True)
+class Trained:
+    """The evaluated model in memory, for a step run in the training run (the report)."""
+
+    model: Any  # the Keras model
+    history: dict[str, list[float]]  # rank 0's per-epoch metrics
+    evaluation: Evaluation
+    manifest: schema.Manifest  # the prepared dataset's manifest
+    autoencoder: bool
+
+
+#: A step run in the active training run once the model is evaluated: ``(config, trained)``.
+ReportStep = Callable[[Config, Trained], None]
+
+
+def evaluate(
+    model: Any, data_dir: Path, manifest: schema.Manifest, autoencoder: bool
+) -> Evaluation:
     """Score the test split (the val split if test is empty) in this process."""
     import numpy as np
 
     from pipelines.images import encode_png, normalise
     from pipelines.train.feed import read_split
 
-    split = "test" if manifest["splits"].get("test", 0) else "val"
-    if not manifest["splits"].get(split, 0):
+    split = "test" if manifest.splits.get("test", 0) else "val"
+    if not manifest.splits.get(split, 0):
         raise UserError(f"{data_dir} has neither test nor val rows to evaluate on")
-    arrays = read_split(schema.split_path(str(data_dir), split), tuple(manifest["image_shape"]))
+    arrays = read_split(schema.split_path(str(data_dir), split), tuple(manifest.image_shape))
     x = normalise(arrays.images)
     outputs = model.predict(x, batch_size=256, verbose=0)
     if autoencoder:
@@ -291,30 +314,6 @@ def evaluate(model: Any, data_dir: Path, manifest: dict[str, Any], autoencoder: 
         }
     metrics["test_rows"] = float(len(arrays.labels))
     return Evaluation(metrics, arrays.labels, outputs, encode_png(arrays.images[0]), arrays)
-
-
-def _log_report(
-    config: Config,
-    model: Any,
-    history: dict[str, list[float]],
-    evaluation: Evaluation,
-    manifest: dict[str, Any],
-    autoencoder: bool,
-) -> None:
-    """Log the run report's artifacts (curves, confusion, filters, ...) under ``report/``."""
-    from pipelines.report import log_training_report
-
-    report = log_training_report(
-        model,
-        history=history,
-        arrays=evaluation.arrays,
-        outputs=evaluation.outputs,
-        label_names=manifest["label_names"],
-        autoencoder=autoencoder,
-        tsne=config.train.tsne,
-    )
-    for section, error in report["errors"].items():
-        log.warning("train: report section %s was not written: %s", section, error)
 
 
 def _use_experiment(config: Config) -> str:
@@ -336,7 +335,7 @@ def _use_experiment(config: Config) -> str:
 
 
 def _log_inputs(
-    config: Config, launcher: Launcher, data_dir: Path, manifest: dict[str, Any]
+    config: Config, launcher: Launcher, data_dir: Path, manifest: schema.Manifest
 ) -> None:
     """Params (the whole resolved config), lineage and tags, once per run."""
     import mlflow
@@ -348,7 +347,7 @@ def _log_inputs(
             "world_size": launcher.num_proc,
             "dataset": str(data_dir),
             "dataset_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-            "dataset_rows": json.dumps(manifest["splits"], sort_keys=True),
+            "dataset_rows": json.dumps(manifest.splits, sort_keys=True),
         }
     )
     mlflow.log_params(params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from pipelines.config import Config, load_config
 from pipelines.errors import UserError
+from pipelines.pipeline import log_run_report
 from pipelines.train.driver import checkpoint_dir, load_manifest, train
 from pipelines.train.launcher import HorovodSparkLauncher, LocalLauncher
 from pipelines.train.worker import WorkerSpec, train_worker
@@ -39,9 +41,9 @@ def _spec(config: Config, dataset: Path, out: Path, launcher: str) -> WorkerSpec
         train=config.train,
         launcher=launcher,
         dataset=str(dataset),
-        image_shape=tuple(manifest["image_shape"]),
-        num_classes=len(manifest["label_names"]),
-        rows=manifest["splits"],
+        image_shape=tuple(manifest.image_shape),
+        num_classes=len(manifest.label_names),
+        rows=manifest.splits,
         out_dir=str(out),
     )
 
@@ -69,7 +71,8 @@ def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_pat
     from pipelines.train.feed import read_split
 
     config = _config(tmp_path, monkeypatch, "train.num_proc=2")
-    result = train(config, HorovodSparkLauncher(spark, 2), digits)
+    # The run report step, as the orchestrator (dlpipe train, dlpipe run) passes it.
+    result = train(config, HorovodSparkLauncher(spark, 2), digits, report=log_run_report)
     assert result.world_size == 2
     assert result.test_metrics["test_accuracy"] > 0.8
     assert result.promoted and result.model_version == "1"
@@ -85,7 +88,7 @@ def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_pat
     model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
     frame = pd.DataFrame({"image": [encode_png(img) for img in test.images]})
     predicted = model.predict(frame)
-    names = load_manifest(digits)["label_names"]
+    names = load_manifest(digits).label_names
     accuracy = np.mean(predicted["predicted_label"] == [names[i] for i in test.labels])
     assert accuracy == pytest.approx(result.test_metrics["test_accuracy"], abs=1e-9)
 
@@ -147,7 +150,7 @@ def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch):
         for child in digits.iterdir():
             (bad / child.name).symlink_to(child)
         (bad / "_manifest.json").unlink()
-        (bad / "_manifest.json").write_text(json.dumps({**manifest, "image_shape": [8, 8, 1]}))
+        dataclasses.replace(manifest, image_shape=[8, 8, 1]).write(bad)
     with pytest.raises(ValueError):
         train(config, LocalLauncher(), bad)
     mlflow.set_tracking_uri(config.tracking_uri)

@@ -1,0 +1,252 @@
+"""The orchestrator: each stage from a :class:`~pipelines.config.Config`, and ``run`` for all.
+
+In: a resolved config and, per stage, the options of ``dlpipe <stage>``. Out: the stage's
+typed result (:class:`~pipelines.demo.DemoData`, :class:`~pipelines.ingest.IngestResult`,
+:class:`~pipelines.train.driver.TrainResult`, :class:`~pipelines.score.ScoreResult`), or for
+:func:`run` a :class:`RunSummary`. Here, not in the stages, live the pre-flight checks and
+the Spark session a stage needs, the Horovod slot checks, and the run report step that
+training calls inside its MLflow run. ``cli.py`` and ``jobs/*.py`` call these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.config import Config
+    from pipelines.demo import DemoData
+    from pipelines.ingest import IngestResult
+    from pipelines.score import ScoreResult
+    from pipelines.train.driver import Trained, TrainResult
+
+log = logging.getLogger(__name__)
+
+#: The ingest counts a :class:`RunSummary` shows.
+INGEST_HEADLINE = ("output", "files_seen", "ingested", "quarantined", "skipped", "splits")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What ``dlpipe run`` did, stage by stage.
+
+    Attributes:
+        work_dir: The work directory.
+        demo_data: The bundled digits, when written because ``ingest.source`` was unset.
+        ingest: The ingest stage's result.
+        train: The training stage's result.
+        score: The scoring stage's result.
+        report: The run's HTML report page.
+        seconds: Wall time of the whole run.
+        headline: The numbers a person looks at first.
+    """
+
+    work_dir: str
+    demo_data: DemoData | None
+    ingest: IngestResult
+    train: TrainResult
+    score: ScoreResult
+    report: str
+    seconds: float
+    headline: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as a JSON-ready dict (the ingest and demo data as headline counts)."""
+        summary: dict[str, Any] = {"work_dir": self.work_dir}
+        if self.demo_data is not None:
+            summary["demo_data"] = {
+                "path": str(self.demo_data.path),
+                "images": self.demo_data.images,
+            }
+        ingested = self.ingest.to_dict()
+        summary["ingest"] = {key: ingested[key] for key in INGEST_HEADLINE}
+        summary.update(
+            train=self.train.to_dict(),
+            score=self.score.to_dict(),
+            report=self.report,
+            seconds=self.seconds,
+            headline=self.headline,
+        )
+        return summary
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+
+def demo_data_stage(config: Config, out: str | None = None) -> DemoData:
+    """Write the bundled digits to ``out`` (default: the configured demo data folder)."""
+    from pipelines.demo import write_demo_digits
+
+    return write_demo_digits(Path(out) if out else config.demo_data_path)
+
+
+def ingest_stage(
+    config: Config, source: str | None = None, output: str | None = None
+) -> IngestResult:
+    """Ingest ``source`` (default: ``ingest.source``) into ``output`` (default: the prepared path).
+
+    Raises:
+        UserError: No source given or configured, or the ingest stage's own errors.
+    """
+    from pipelines.ingest import ingest
+
+    source = source or config.ingest.source
+    if not source:
+        raise UserError("no source: pass --source DIR or set ingest.source")
+    return ingest(spark_session(config), config.ingest, source, output or str(config.prepared_path))
+
+
+def train_stage(config: Config, dataset: str | None = None, resume: bool = False) -> TrainResult:
+    """Train on ``dataset`` with the configured launcher, logging the run report into the run.
+
+    Raises:
+        UserError: Too few task slots for ``train.num_proc``, or the training stage's errors.
+    """
+    from pipelines.train.driver import train
+    from pipelines.train.launcher import make_launcher
+
+    check_local_slots(config)
+    spark = None
+    if config.train.launcher == "horovod":
+        spark = spark_session(config)
+        wait_for_slots(spark, config)
+    launcher = make_launcher(config.train.launcher, spark, config.train.num_proc, config.train.nics)
+    return train(config, launcher, dataset, resume, report=log_run_report)
+
+
+def log_run_report(config: Config, trained: Trained) -> None:
+    """The run report step: log its artifacts under ``report/`` of the active training run."""
+    from pipelines.report import log_training_report
+
+    report = log_training_report(
+        trained.model,
+        history=trained.history,
+        arrays=trained.evaluation.arrays,
+        outputs=trained.evaluation.outputs,
+        label_names=trained.manifest.label_names,
+        autoencoder=trained.autoencoder,
+        tsne=config.train.tsne,
+    )
+    for section, error in report["errors"].items():
+        log.warning("train: report section %s was not written: %s", section, error)
+
+
+def score_stage(
+    config: Config,
+    source: str | None = None,
+    output: str | None = None,
+    model: str | None = None,
+    batch_id: str | None = None,
+) -> ScoreResult:
+    """Score ``source`` (default: ``score.source``, else the demo digits if written).
+
+    Raises:
+        UserError: No source given, configured or written, or the scoring stage's errors.
+    """
+    from pipelines.score import score
+
+    source = source or config.score.source
+    if not source and config.demo_data_path.is_dir():
+        source = str(config.demo_data_path)
+    if not source:
+        raise UserError("no source: pass --source DIR or set score.source")
+    return score(spark_session(config), config, source, output, model, batch_id)
+
+
+def run(config: Config) -> RunSummary:
+    """Demo data (when no ``ingest.source``) -> ingest -> train -> score -> report page.
+
+    Raises:
+        UserError: A stage's error; too few task slots fails before ingest runs.
+    """
+    from pipelines.report import render_run_report
+
+    check_local_slots(config)  # a config that cannot train fails before ingest runs
+    started = time.time()
+    demo = None
+    source = config.ingest.source
+    if not source:
+        demo = demo_data_stage(config)
+        source = str(demo.path)
+    ingested = ingest_stage(config, source)
+    trained = train_stage(config)
+    scored = score_stage(config, config.score.source or source)
+    page = str(
+        render_run_report(
+            trained.run_id, tracking_uri=config.tracking_uri, out_dir=config.work_path / "reports"
+        )
+    )
+    headline = {
+        **{k: round(v, 4) for k, v in trained.test_metrics.items() if k != "test_rows"},
+        "rows_scored": scored.scored,
+        "score_errors": scored.errors,
+        "table": scored.table,
+        "run_id": trained.run_id,
+        "model": f"{trained.model_name} v{trained.model_version}",
+        "model_version": trained.model_version,
+        "champion": trained.promoted,
+        "report": page,
+        "mlflow_ui": f"mlflow ui --backend-store-uri {config.tracking_uri}",
+    }
+    return RunSummary(
+        work_dir=str(config.work_path),
+        demo_data=demo,
+        ingest=ingested,
+        train=trained,
+        score=scored,
+        report=page,
+        seconds=round(time.time() - started, 1),
+        headline=headline,
+    )
+
+
+# --- Spark and Horovod slots ----------------------------------------------------------------
+
+
+def spark_session(config: Config) -> Any:
+    """The session, after the preflight: the driver's stack, then its executors' (once)."""
+    from pipelines import preflight
+    from pipelines.spark import get_spark
+
+    horovod = config.train.launcher == "horovod"
+    preflight.check_driver(horovod=horovod)  # before any Spark work
+    spark = get_spark(config.spark)
+    preflight.check_executors(spark, horovod=horovod)  # before the stage's first job
+    return spark
+
+
+def check_local_slots(config: Config) -> None:
+    """Fail before any Spark work when a local master cannot run ``train.num_proc`` ranks."""
+    from pipelines.spark import local_slots
+
+    slots = local_slots(config.spark.master)
+    if config.train.launcher == "horovod" and slots is not None and config.train.num_proc > slots:
+        raise UserError(
+            f"train.num_proc={config.train.num_proc} needs {config.train.num_proc} Spark task "
+            f"slots, but spark.master={config.spark.master} has {slots}; lower train.num_proc "
+            f"or use local[{config.train.num_proc}]"
+        )
+
+
+def wait_for_slots(spark: Any, config: Config) -> None:
+    """Wait (bounded) until the executors offer a task slot per rank, else fail in one line."""
+    from pipelines.spark import task_slots
+
+    train = config.train
+    # Elastic training may start with fewer ranks than num_proc, never below min_num_proc.
+    key, wanted = (
+        ("min_num_proc", train.min_num_proc) if train.elastic else ("num_proc", train.num_proc)
+    )
+    timeout = train.slots_timeout_s
+    slots = task_slots(spark, train.num_proc, timeout)
+    if slots < wanted:
+        raise UserError(
+            f"train.{key}={wanted} needs {wanted} concurrent Spark task slots, but the "
+            f"executors offer {slots} after {timeout:g} s (train.slots_timeout_s); lower "
+            f"train.{key}, or add executors or cores"
+        )
