@@ -340,6 +340,20 @@ def _quote(name: str) -> str:
     return name.replace("'", "\\'")
 
 
+def use_stores(tracking_uri: str | None, registry_uri: str | None = None) -> None:
+    """Point MLflow's fluent API at the tracking store and, when given, a separate registry.
+
+    Args:
+        tracking_uri: Tracking URI (None: leave MLflow's as it is).
+        registry_uri: Registry URI when it is not the tracking store's, e.g.
+            ``databricks-uc`` (None: MLflow's default, the tracking store).
+    """
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if registry_uri:
+        mlflow.set_registry_uri(registry_uri)
+
+
 @contextlib.contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at ``uri`` for a block, then restore it (and its env var)."""

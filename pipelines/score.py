@@ -33,7 +33,7 @@ from pipelines import schema
 from pipelines.config import Config
 from pipelines.host import cores_per_process, limit_tf_threads, settle_python_worker
 from pipelines.listing import display_path, file_uri, list_tree, read_file
-from pipelines.registry import ResolvedModel, resolve_model_uri
+from pipelines.registry import ResolvedModel, resolve_model_uri, use_stores
 from pipelines.sources import SourceError
 from pipelines.spark import driver_table
 
@@ -106,7 +106,6 @@ def score(
         ModelNotFoundError: The model, alias or version does not exist.
         SourceError: The source is missing or empty, or a table lacks the needed columns.
     """
-    import mlflow
     from pyspark.sql import functions as F
 
     started = time.time()
@@ -122,9 +121,8 @@ def score(
     log.info("score: %s with %s into %s (batch %s)", source, resolved.uri, table, batch_id)
 
     images, skipped = _read_source(spark, config, source)
-    mlflow.set_tracking_uri(config.tracking_uri)
-    if config.mlflow.registry_uri:  # models:/ URIs are downloaded through the registry
-        mlflow.set_registry_uri(config.mlflow.registry_uri)
+    # models:/ URIs are downloaded through the registry.
+    use_stores(config.tracking_uri, config.mlflow.registry_uri)
     local_model = _local_model(resolved, config.work_path / "cache" / "models")
     label_names = schema.model_label_names(local_model)
     model_name = _ship(spark, local_model)

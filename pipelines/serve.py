@@ -37,7 +37,7 @@ from typing import Any
 
 from pipelines.config import Config
 from pipelines.errors import UserError
-from pipelines.registry import resolve_model_uri
+from pipelines.registry import resolve_model_uri, use_stores
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,7 @@ def run_server(
     import mlflow
     import mlflow.pyfunc
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    if registry_uri:
-        mlflow.set_registry_uri(registry_uri)
+    use_stores(tracking_uri, registry_uri)
     # A signal while the model loads (TensorFlow start-up takes seconds) stops as cleanly.
     stopped: list[str] = []
 

@@ -119,6 +119,8 @@ def train(
     """
     import mlflow
 
+    from pipelines import registry
+
     started = time.time()
     data_dir = Path(dataset).expanduser().resolve() if dataset else config.prepared_path
     manifest = load_manifest(data_dir)
@@ -131,9 +133,7 @@ def train(
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
 
-    mlflow.set_tracking_uri(config.tracking_uri)
-    if config.mlflow.registry_uri:
-        mlflow.set_registry_uri(config.mlflow.registry_uri)
+    registry.use_stores(config.tracking_uri, config.mlflow.registry_uri)
     experiment_id = _use_experiment(config)
     fail_stale_runs(config.tracking_uri, experiment_id)
     run_id = _remembered_run(out) if state else None
