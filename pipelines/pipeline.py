@@ -111,11 +111,10 @@ def train_stage(config: Config, dataset: str | None = None, resume: bool = False
     from pipelines.train.launcher import make_launcher
 
     check_local_slots(config)
-    spark = None
-    if config.train.launcher == "horovod":
-        spark = spark_session(config)
-        wait_for_slots(spark, config)
-    launcher = make_launcher(config.train.launcher, spark, config.train.num_proc, config.train.nics)
+    spark = spark_session(config) if config.train.launcher == "horovod" else None
+    cfg = config.train
+    launcher = make_launcher(cfg.launcher, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s)
+    launcher.wait_for_slots(cfg.elastic, cfg.min_num_proc)  # before a run is opened in MLflow
     return train(config, launcher, dataset, resume, report=log_run_report)
 
 
@@ -230,23 +229,4 @@ def check_local_slots(config: Config) -> None:
             f"train.num_proc={config.train.num_proc} needs {config.train.num_proc} Spark task "
             f"slots, but spark.master={config.spark.master} has {slots}; lower train.num_proc "
             f"or use local[{config.train.num_proc}]"
-        )
-
-
-def wait_for_slots(spark: Any, config: Config) -> None:
-    """Wait (bounded) until the executors offer a task slot per rank, else fail in one line."""
-    from pipelines.spark import task_slots
-
-    train = config.train
-    # Elastic training may start with fewer ranks than num_proc, never below min_num_proc.
-    key, wanted = (
-        ("min_num_proc", train.min_num_proc) if train.elastic else ("num_proc", train.num_proc)
-    )
-    timeout = train.slots_timeout_s
-    slots = task_slots(spark, train.num_proc, timeout)
-    if slots < wanted:
-        raise UserError(
-            f"train.{key}={wanted} needs {wanted} concurrent Spark task slots, but the "
-            f"executors offer {slots} after {timeout:g} s (train.slots_timeout_s); lower "
-            f"train.{key}, or add executors or cores"
         )

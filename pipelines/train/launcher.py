@@ -114,15 +114,37 @@ class LocalDistribution:
 
 
 class HorovodDistribution:
-    """Horovod's Keras API; :meth:`__init__` calls ``hvd.init()``."""
+    """Horovod's Keras API; :meth:`__init__` calls ``hvd.init()``.
+
+    Rank and sizes are read from Horovod on every access: in elastic mode a reset of the
+    world may change them.
+    """
 
     def __init__(self) -> None:
         import horovod.tensorflow.keras as hvd
 
         hvd.init()
         self._hvd = hvd
-        self.rank, self.size, self.local_size = hvd.rank(), hvd.size(), hvd.local_size()
-        self.local_rank = hvd.local_rank()
+
+    @property
+    def rank(self) -> int:
+        """Horovod: this rank in the current world."""
+        return self._hvd.rank()
+
+    @property
+    def size(self) -> int:
+        """Horovod: the current world size."""
+        return self._hvd.size()
+
+    @property
+    def local_size(self) -> int:
+        """Horovod: the ranks on this host."""
+        return self._hvd.local_size()
+
+    @property
+    def local_rank(self) -> int:
+        """Horovod: this rank's index among the ranks on its host."""
+        return self._hvd.local_rank()
 
     def wrap_optimizer(self, optimizer: Any) -> Any:
         """Horovod: average gradients across ranks with allreduce."""
@@ -157,8 +179,14 @@ class HorovodDistribution:
         """Horovod: reload with the optimizer state, re-wrapped in a DistributedOptimizer."""
         if self.size == 1:
             return LocalDistribution().load_model(path)
-        # A mixed-precision checkpoint holds LossScaleOptimizer(inner): Horovod must wrap
-        # the inner optimizer (its own mapping would wrap the LossScaleOptimizer and fail).
+        return self._load_wrapped(path)
+
+    def _load_wrapped(self, path: str) -> Any:
+        """Horovod: ``hvd.load_model``, mixed-precision checkpoints included.
+
+        Such a checkpoint holds ``LossScaleOptimizer(inner)``: Horovod must wrap the inner
+        optimizer (its own mapping would wrap the LossScaleOptimizer and fail).
+        """
         return self._hvd.load_model(
             path,
             legacy_opts=True,
@@ -189,34 +217,7 @@ class HorovodDistribution:
 
 
 class ElasticHorovodDistribution(HorovodDistribution):
-    """Horovod elastic: rank and size are read afresh, as a reset may change them."""
-
-    @property  # type: ignore[override]
-    def rank(self) -> int:
-        """Horovod: this rank in the current world."""
-        return self._hvd.rank()
-
-    @rank.setter
-    def rank(self, value: int) -> None:  # set once by HorovodDistribution.__init__
-        pass
-
-    @property  # type: ignore[override]
-    def size(self) -> int:
-        """Horovod: the current world size."""
-        return self._hvd.size()
-
-    @size.setter
-    def size(self, value: int) -> None:
-        pass
-
-    @property  # type: ignore[override]
-    def local_rank(self) -> int:
-        """Horovod: this rank's index on its host in the current world."""
-        return self._hvd.local_rank()
-
-    @local_rank.setter
-    def local_rank(self, value: int) -> None:
-        pass
+    """Horovod elastic: the world may shrink or grow between epochs."""
 
     def wrap_optimizer(self, optimizer: Any) -> Any:
         """Horovod: always average gradients, as the world may change size."""
@@ -231,11 +232,7 @@ class ElasticHorovodDistribution(HorovodDistribution):
 
     def load_model(self, path: str) -> Any:
         """Horovod: always re-wrap the optimizer, even in a world of one."""
-        return self._hvd.load_model(
-            path,
-            legacy_opts=True,
-            custom_objects={"lossscaleoptimizer": self._loss_scale_optimizer},
-        )
+        return self._load_wrapped(path)
 
     def elastic_state(self, model: Any, **values: Any) -> Any:
         """Horovod: weights, optimizer and ``values``, committed and restored together."""
@@ -269,6 +266,9 @@ class Launcher(Protocol):
     kind: str
     num_proc: int
 
+    def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
+        """Fail (after a bounded wait) unless every rank can get a task slot at once."""
+
     def run(
         self,
         fn: Callable[..., Any],
@@ -290,6 +290,9 @@ class LocalLauncher:
 
     kind, num_proc = "local", 1
 
+    def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
+        """Nothing to wait for: the one rank runs here, not in a Spark task."""
+
     def run(self, fn: Callable[..., Any], args: Sequence[Any], **_faults: Any) -> list[Any]:
         """Call ``fn(*args)`` here (one rank: nothing to be elastic about, nothing to time)."""
         return [fn(*args)]
@@ -300,10 +303,17 @@ class HorovodSparkLauncher:
 
     kind = "horovod"
 
-    def __init__(self, spark: SparkSession, num_proc: int, nics: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        spark: SparkSession,
+        num_proc: int,
+        nics: Sequence[str] = (),
+        slots_timeout_s: float = 120.0,
+    ) -> None:
         self.spark = spark
         self.num_proc = num_proc
         self.nics = set(nics) or None
+        self.slots_timeout_s = slots_timeout_s
 
     def run(
         self,
@@ -334,12 +344,7 @@ class HorovodSparkLauncher:
                 f"Horovod is not importable ({exc}); run 'make venv' to build it, "
                 "or use --set train.launcher=local for one in-process rank"
             ) from None
-        slots = self.spark.sparkContext.defaultParallelism
-        if self.num_proc > slots:
-            raise UserError(
-                f"train.num_proc={self.num_proc} needs {self.num_proc} Spark task slots, "
-                f"but the session has {slots}; lower train.num_proc or add executor cores"
-            )
+        self.wait_for_slots(elastic, min_num_proc)  # at once when it was called before
         log.info("train: starting %d Horovod ranks on Spark (Gloo)", self.num_proc)
         import cloudpickle
 
@@ -391,6 +396,25 @@ class HorovodSparkLauncher:
                 raise result.error
         return results
 
+    def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
+        """Wait (bounded) until the executors offer a task slot per rank, else fail in one line.
+
+        Horovod on Spark needs every rank's task running at once: with fewer slots the
+        ranks that started would wait for the others until Horovod's start timeout.
+        Elastic training may start with fewer ranks than ``num_proc``, never below
+        ``min_num_proc``.
+        """
+        from pipelines.spark import task_slots
+
+        key, wanted = ("min_num_proc", min_num_proc) if elastic else ("num_proc", self.num_proc)
+        slots = task_slots(self.spark, self.num_proc, self.slots_timeout_s)
+        if slots < wanted:
+            raise UserError(
+                f"train.{key}={wanted} needs {wanted} concurrent Spark task slots, but the "
+                f"executors offer {slots} after {self.slots_timeout_s:g} s "
+                f"(train.slots_timeout_s); lower train.{key}, or add executors or cores"
+            )
+
 
 def _lost_rank(message: str) -> tuple[int, int] | None:
     """(rank, exit code) from Horovod's "processes exited with non-zero status" error.
@@ -422,11 +446,15 @@ def _returning_user_errors(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def make_launcher(
-    kind: str, spark: SparkSession | None, num_proc: int, nics: Sequence[str] = ()
+    kind: str,
+    spark: SparkSession | None,
+    num_proc: int,
+    nics: Sequence[str] = (),
+    slots_timeout_s: float = 120.0,
 ) -> Launcher:
-    """The launcher for ``train.launcher``; ``local`` ignores ``num_proc`` and ``nics``."""
+    """The launcher for ``train.launcher``; ``local`` ignores everything but ``kind``."""
     if kind == "local":
         return LocalLauncher()
     if spark is None:
         raise ValueError("the horovod launcher needs a SparkSession")
-    return HorovodSparkLauncher(spark, num_proc, nics)
+    return HorovodSparkLauncher(spark, num_proc, nics, slots_timeout_s)

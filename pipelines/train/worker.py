@@ -185,7 +185,7 @@ def prepared_rank(
         state, model = None, None
         if resume_from is not None:
             # Horovod: every rank resumes from the same epoch as rank 0.
-            state = dist.broadcast(_read_state(resume_from), "resume_state")
+            state = dist.broadcast(read_checkpoint_state(resume_from), "resume_state")
             if state:
                 model = dist.load_model(str(resume_from / state.get("model", CHECKPOINT_MODEL)))
         if model is None:
@@ -430,12 +430,12 @@ def weights_digest(model: Any) -> str:
 
 
 def read_checkpoint_state(out_dir: str | Path) -> dict[str, Any] | None:
-    """The last completed epoch and history in ``out_dir``, or None without a checkpoint."""
-    return _read_state(Path(out_dir))
+    """The last committed epoch and history in ``out_dir``.
 
-
-def _read_state(out: Path) -> dict[str, Any] | None:
-    """The committed state, or None when there is none or its model is not the one it names."""
+    Returns:
+        The state, or None without a checkpoint or when its model is not the one it names.
+    """
+    out = Path(out_dir)
     path = out / CHECKPOINT_STATE
     if not path.is_file():
         return None
