@@ -114,37 +114,15 @@ class LocalDistribution:
 
 
 class HorovodDistribution:
-    """Horovod's Keras API; :meth:`__init__` calls ``hvd.init()``.
-
-    Rank and sizes are read from Horovod on every access: in elastic mode a reset of the
-    world may change them.
-    """
+    """Horovod's Keras API; :meth:`__init__` calls ``hvd.init()``."""
 
     def __init__(self) -> None:
         import horovod.tensorflow.keras as hvd
 
         hvd.init()
         self._hvd = hvd
-
-    @property
-    def rank(self) -> int:
-        """Horovod: this rank in the current world."""
-        return self._hvd.rank()
-
-    @property
-    def size(self) -> int:
-        """Horovod: the current world size."""
-        return self._hvd.size()
-
-    @property
-    def local_size(self) -> int:
-        """Horovod: the ranks on this host."""
-        return self._hvd.local_size()
-
-    @property
-    def local_rank(self) -> int:
-        """Horovod: this rank's index among the ranks on its host."""
-        return self._hvd.local_rank()
+        self.rank, self.size, self.local_size = hvd.rank(), hvd.size(), hvd.local_size()
+        self.local_rank = hvd.local_rank()
 
     def wrap_optimizer(self, optimizer: Any) -> Any:
         """Horovod: average gradients across ranks with allreduce."""
@@ -217,7 +195,34 @@ class HorovodDistribution:
 
 
 class ElasticHorovodDistribution(HorovodDistribution):
-    """Horovod elastic: the world may shrink or grow between epochs."""
+    """Horovod elastic: rank and size are read afresh, as a reset may change them."""
+
+    @property  # type: ignore[override]
+    def rank(self) -> int:
+        """Horovod: this rank in the current world."""
+        return self._hvd.rank()
+
+    @rank.setter
+    def rank(self, value: int) -> None:  # set once by HorovodDistribution.__init__
+        pass
+
+    @property  # type: ignore[override]
+    def size(self) -> int:
+        """Horovod: the current world size."""
+        return self._hvd.size()
+
+    @size.setter
+    def size(self, value: int) -> None:
+        pass
+
+    @property  # type: ignore[override]
+    def local_rank(self) -> int:
+        """Horovod: this rank's index on its host in the current world."""
+        return self._hvd.local_rank()
+
+    @local_rank.setter
+    def local_rank(self, value: int) -> None:
+        pass
 
     def wrap_optimizer(self, optimizer: Any) -> Any:
         """Horovod: always average gradients, as the world may change size."""
