@@ -119,12 +119,13 @@ def _serve(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 def _report(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines.report import render_comparison, render_run_report
 
-    out = Path(args.out) if args.out else config.work_path / "reports"
+    where = config.locations
+    out = Path(args.out) if args.out else where.reports
     if args.compare:
-        path = render_comparison(args.compare, tracking_uri=config.tracking_uri, out_dir=out)
+        path = render_comparison(args.compare, tracking_uri=where.tracking_uri, out_dir=out)
         return {"report": str(path), "runs": list(dict.fromkeys(args.compare))}
     path = render_run_report(
-        args.run_id, tracking_uri=config.tracking_uri, out_dir=out, log_to_run=not args.no_log
+        args.run_id, tracking_uri=where.tracking_uri, out_dir=out, log_to_run=not args.no_log
     )
     return {"report": str(path), "run_id": args.run_id}
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -47,6 +47,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from pipelines.locations import Locations
 
 #: The repository's conf/ folder: the targets, when running from a checkout.
 _CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -320,35 +323,11 @@ class Config:
     serve: Annotated[ServeConfig, _SECTION] = field(default_factory=ServeConfig)
 
     @property
-    def work_path(self) -> Path:
-        """The work directory as an absolute path."""
-        return Path(self.work_dir).expanduser().resolve()
+    def locations(self) -> Locations:
+        """Where each stage reads and writes unless told otherwise (the work directory's layout)."""
+        from pipelines.locations import Locations
 
-    @property
-    def prepared_path(self) -> Path:
-        """Where the prepared dataset goes unless told otherwise."""
-        if self.ingest.output:
-            return Path(self.ingest.output).expanduser().resolve()
-        return self.work_path / "datasets" / "prepared"
-
-    @property
-    def table_path(self) -> str:
-        """Where batch scoring writes unless told otherwise."""
-        return self.score.table or str(self.work_path / "tables" / "scores")
-
-    @property
-    def demo_data_path(self) -> Path:
-        """Where ``dlpipe demo-data`` writes the bundled digits by default."""
-        return self.work_path / "demo-digits"
-
-    @property
-    def tracking_uri(self) -> str:
-        """MLflow tracking URI: config, then ``MLFLOW_TRACKING_URI``, then local sqlite."""
-        if self.mlflow.tracking_uri:
-            return self.mlflow.tracking_uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{self.work_path / 'mlflow.db'}"
+        return Locations.of(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain nested dicts (for logging as MLflow params)."""

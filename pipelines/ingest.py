@@ -49,7 +49,8 @@ from pipelines import schema
 from pipelines.config import IngestConfig, SplitConfig
 from pipelines.errors import UserError
 from pipelines.images import ImageDecodeError, decode_image, prepare_array
-from pipelines.listing import display_path, file_uri, list_tree, read_file
+from pipelines.listing import display_path, list_tree, read_file
+from pipelines.locations import to_url
 from pipelines.sources import SourceError, detect_format, read_cifar10, read_mnist_idx
 from pipelines.spark import driver_table
 
@@ -502,7 +503,7 @@ def _write_petastorm_metadata(
     with warnings.catch_warnings():
         # Petastorm's local file system and legacy dataset are deprecated in pyarrow 14.
         warnings.simplefilter("ignore", FutureWarning)
-        resolver = FilesystemResolver(file_uri(dataset))
+        resolver = FilesystemResolver(to_url(dataset))
         parquet = pq.ParquetDataset(
             resolver.get_dataset_path(), filesystem=resolver.filesystem(), validate_schema=False
         )

@@ -119,11 +119,3 @@ def display_path(path: str) -> str:
     bytes (:func:`os.fsencode`), which executors get beside the display form.
     """
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def file_uri(path: Path) -> str:
-    """A ``file://`` URI Spark and Petastorm accept.
-
-    Not ``Path.as_uri()``: it %-encodes ``=`` in ``split=train``, which Spark keeps literally.
-    """
-    return f"file://{path.resolve()}"

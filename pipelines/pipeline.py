@@ -82,7 +82,7 @@ def demo_data_stage(config: Config, out: str | None = None) -> DemoData:
     """Write the bundled digits to ``out`` (default: the configured demo data folder)."""
     from pipelines.demo import write_demo_digits
 
-    return write_demo_digits(Path(out) if out else config.demo_data_path)
+    return write_demo_digits(Path(out) if out else config.locations.demo_data)
 
 
 def ingest_stage(
@@ -98,7 +98,8 @@ def ingest_stage(
     source = source or config.ingest.source
     if not source:
         raise UserError("no source: pass --source DIR or set ingest.source")
-    return ingest(spark_session(config), config.ingest, source, output or str(config.prepared_path))
+    output = output or str(config.locations.prepared)
+    return ingest(spark_session(config), config.ingest, source, output)
 
 
 def train_stage(config: Config, dataset: str | None = None, resume: bool = False) -> TrainResult:
@@ -150,8 +151,8 @@ def score_stage(
     from pipelines.score import score
 
     source = source or config.score.source
-    if not source and config.demo_data_path.is_dir():
-        source = str(config.demo_data_path)
+    if not source and config.locations.demo_data.is_dir():
+        source = str(config.locations.demo_data)
     if not source:
         raise UserError("no source: pass --source DIR or set score.source")
     return score(spark_session(config), config, source, output, model, batch_id)
@@ -177,7 +178,9 @@ def run(config: Config) -> RunSummary:
     scored = score_stage(config, config.score.source or source)
     page = str(
         render_run_report(
-            trained.run_id, tracking_uri=config.tracking_uri, out_dir=config.work_path / "reports"
+            trained.run_id,
+            tracking_uri=config.locations.tracking_uri,
+            out_dir=config.locations.reports,
         )
     )
     headline = {
@@ -190,10 +193,10 @@ def run(config: Config) -> RunSummary:
         "model_version": trained.model_version,
         "champion": trained.promoted,
         "report": page,
-        "mlflow_ui": f"mlflow ui --backend-store-uri {config.tracking_uri}",
+        "mlflow_ui": f"mlflow ui --backend-store-uri {config.locations.tracking_uri}",
     }
     return RunSummary(
-        work_dir=str(config.work_path),
+        work_dir=str(config.locations.work),
         demo_data=demo,
         ingest=ingested,
         train=trained,

@@ -11,11 +11,8 @@ Deployment moves an alias, it never retrains: scoring and serving ask for
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlflow
@@ -23,6 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipelines import tracking
 from pipelines.errors import UserError
 
 #: Tag on the model version: the one-line promotion decision.
@@ -127,7 +125,7 @@ def register_and_promote(
         RegistrationError: The version did not become READY in time.
 
     """
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    client = tracking.client(tracking_uri, registry_uri)
     metrics = client.get_run(run_id).data.metrics
     if metric not in metrics:
         logged = ", ".join(sorted(metrics)) or "none"
@@ -137,7 +135,7 @@ def register_and_promote(
         )
     value = float(metrics[metric])
 
-    with _tracking_uri(tracking_uri), _registry_uri(registry_uri):
+    with tracking.pointed_at(tracking_uri, registry_uri):
         created = mlflow.register_model(model_uri, model_name)
     version = _wait_until_ready(client, model_name, str(created.version))
 
@@ -198,7 +196,7 @@ def resolve_model_uri(
     if parsed is None:
         return ResolvedModel(uri=target, name=None, version=None)
     name, selector, is_alias = parsed
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    client = tracking.client(tracking_uri, registry_uri)
     _require_registered_model(client, name, registry_uri or tracking_uri)
     if is_alias:
         holder = _alias_holder(client, name, selector)
@@ -338,54 +336,3 @@ def _is_not_found(exc: MlflowException) -> bool:
 def _quote(name: str) -> str:
     """Escape a name for a single-quoted search filter."""
     return name.replace("'", "\\'")
-
-
-def use_stores(tracking_uri: str | None, registry_uri: str | None = None) -> None:
-    """Point MLflow's fluent API at the tracking store and, when given, a separate registry.
-
-    Args:
-        tracking_uri: Tracking URI (None: leave MLflow's as it is).
-        registry_uri: Registry URI when it is not the tracking store's, e.g.
-            ``databricks-uc`` (None: MLflow's default, the tracking store).
-    """
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    if registry_uri:
-        mlflow.set_registry_uri(registry_uri)
-
-
-@contextlib.contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri`` for a block, then restore it (and its env var)."""
-    previous = mlflow.get_tracking_uri()
-    if previous == uri:
-        yield
-        return
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if env_before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_before
-
-
-@contextlib.contextmanager
-def _registry_uri(uri: str | None) -> Iterator[None]:
-    """Point MLflow's fluent registry API at ``uri`` for a block (None: leave it as it is)."""
-    if uri is None:
-        yield
-        return
-    # set_registry_uri also exports MLFLOW_REGISTRY_URI: restore the variable and, through
-    # it, what the next lookup resolves to.
-    env_before = os.environ.get("MLFLOW_REGISTRY_URI")
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_registry_uri(env_before)  # None unsets it
-        if env_before is None:
-            os.environ.pop("MLFLOW_REGISTRY_URI", None)

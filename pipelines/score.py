@@ -29,11 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import schema
+from pipelines import schema, tracking
 from pipelines.config import Config
 from pipelines.host import cores_per_process, limit_tf_threads, settle_python_worker
-from pipelines.listing import display_path, file_uri, list_tree, read_file
-from pipelines.registry import ResolvedModel, resolve_model_uri, use_stores
+from pipelines.listing import display_path, list_tree, read_file
+from pipelines.locations import is_uri, to_url
+from pipelines.registry import ResolvedModel, resolve_model_uri
 from pipelines.sources import SourceError
 from pipelines.spark import driver_table
 
@@ -109,21 +110,22 @@ def score(
     from pyspark.sql import functions as F
 
     started = time.time()
+    where = config.locations
     resolved = resolve_model_uri(
         model or config.score.model,
         model_name=config.mlflow.model_name,
         alias=config.mlflow.champion_alias,
-        tracking_uri=config.tracking_uri,
-        registry_uri=config.mlflow.registry_uri,
+        tracking_uri=where.tracking_uri,
+        registry_uri=where.registry_uri,
     )
-    table = table or config.table_path
+    table = table or where.table
     batch_id = batch_id or default_batch_id(source)
     log.info("score: %s with %s into %s (batch %s)", source, resolved.uri, table, batch_id)
 
     images, skipped = _read_source(spark, config, source)
     # models:/ URIs are downloaded through the registry.
-    use_stores(config.tracking_uri, config.mlflow.registry_uri)
-    local_model = _local_model(resolved, config.work_path / "cache" / "models")
+    tracking.use_stores(where.tracking_uri, where.registry_uri)
+    local_model = _local_model(resolved, where.model_cache)
     label_names = schema.model_label_names(local_model)
     model_name = _ship(spark, local_model)
     threads = cores_per_process(spark.sparkContext.defaultParallelism)
@@ -195,7 +197,7 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
     if not src.exists():
         raise SourceError(f"source not found: {src}")
     if _is_table(src):
-        frame = spark.read.parquet(file_uri(src))
+        frame = spark.read.parquet(to_url(src))
         column = config.score.image_column
         missing = {"path", column} - set(frame.columns)
         if missing:
@@ -367,7 +369,7 @@ def _write(rows: DataFrame, table: str, fmt: str, batch_id: str) -> None:
             writer.saveAsTable(table)
         return
     # Parquet: Spark stages the new partition and swaps only it in; other batches stay.
-    writer.option("partitionOverwriteMode", "dynamic").parquet(_table_uri(table))
+    writer.option("partitionOverwriteMode", "dynamic").parquet(to_url(table))
 
 
 def _write_classes(
@@ -382,7 +384,7 @@ def _write_classes(
         return None
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model.name or 'model'}-v{model.version or 'x'}")
     text = json.dumps({"model_uri": model.uri, "label_names": label_names}) + "\n"
-    if not _is_path(table):
+    if is_uri(table):
         uri = f"{table.rstrip('/')}/{CLASSES_DIR}/{stem}.json"
         hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(uri)
         fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
@@ -406,7 +408,7 @@ def _count(spark: SparkSession, table: str, batch_id: str, fmt: str) -> dict[str
     driver: a Spark job over the table cost about a sixth of a small batch's scoring time.
     """
     folder = Path(table) / f"batch_id={batch_id}"
-    if fmt == "parquet" and _is_path(table) and _PLAIN_PARTITION_VALUE.fullmatch(batch_id):
+    if fmt == "parquet" and not is_uri(table) and _PLAIN_PARTITION_VALUE.fullmatch(batch_id):
         import pyarrow.parquet as pq
 
         rows = errors = 0
@@ -427,17 +429,8 @@ def _count(spark: SparkSession, table: str, batch_id: str, fmt: str) -> dict[str
     return {"rows": rows, "errors": errors, "scored": rows - errors}
 
 
-def _is_path(table: str) -> bool:
-    """A local file-system path, as opposed to a URI (``file://``, ``s3a://``, ``dbfs:/``)."""
-    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", table) is None
-
-
-def _table_uri(table: str) -> str:
-    return file_uri(Path(table)) if _is_path(table) else table
-
-
 def read_table(spark: SparkSession, table: str, fmt: str = "parquet") -> DataFrame:
     """The scoring table as a DataFrame (for users and tests)."""
     if fmt == "delta":
         return spark.read.format("delta").load(table) if "/" in table else spark.table(table)
-    return spark.read.parquet(_table_uri(table))
+    return spark.read.parquet(to_url(table))

@@ -37,7 +37,8 @@ from typing import Any
 
 from pipelines.config import Config
 from pipelines.errors import UserError
-from pipelines.registry import resolve_model_uri, use_stores
+from pipelines.registry import resolve_model_uri
+from pipelines.tracking import use_stores
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ def serve_command(
         "--stop-timeout-s", repr(config.serve.stop_timeout_s),
     ]  # fmt: skip
     env = dict(os.environ)
-    env["MLFLOW_TRACKING_URI"] = config.tracking_uri
+    env["MLFLOW_TRACKING_URI"] = config.locations.tracking_uri
     if config.mlflow.registry_uri:
         env["MLFLOW_REGISTRY_URI"] = config.mlflow.registry_uri
     return command, env, resolved
@@ -423,8 +424,8 @@ def serve(config: Config, model: str | None, host: str, port: int) -> dict[str, 
         port,
         max_body_mb=config.serve.max_body_mb,
         stop_timeout_s=config.serve.stop_timeout_s,
-        tracking_uri=config.tracking_uri,
-        registry_uri=config.mlflow.registry_uri,
+        tracking_uri=config.locations.tracking_uri,
+        registry_uri=config.locations.registry_uri,
     )
 
 
@@ -433,8 +434,8 @@ def _resolve(config: Config, model: str | None) -> str:
         model or config.score.model,
         model_name=config.mlflow.model_name,
         alias=config.mlflow.champion_alias,
-        tracking_uri=config.tracking_uri,
-        registry_uri=config.mlflow.registry_uri,
+        tracking_uri=config.locations.tracking_uri,
+        registry_uri=config.locations.registry_uri,
     ).uri
 
 

@@ -40,7 +40,7 @@ DATASET_IMAGES = 5000
 
 def bench_dir(config: Config) -> Path:
     """``<work_dir>/bench``: the cache of generated data, and scratch space."""
-    return config.work_path / "bench"
+    return config.locations.bench
 
 
 @contextmanager

@@ -58,9 +58,9 @@ def bench_reader(
     """
     check_sizes("reader", images, repeats)
     data = prepared_dataset(config, images)
-    from pipelines.train.feed import dataset_url
+    from pipelines.locations import to_url
 
-    url = dataset_url(data.split("train"))
+    url = to_url(data.split("train"))
     rows = data.rows["train"]
     readers = {"petastorm": _petastorm_pass, "pyarrow": _pyarrow_pass}
 

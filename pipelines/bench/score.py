@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import tracking
 from pipelines.bench.data import (
     DATASET_CHANNELS,
     DATASET_CLASSES,
@@ -30,6 +31,7 @@ from pipelines.bench.feed import bench_model_config
 from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes, interleaved, timed
 from pipelines.config import Config
+from pipelines.locations import sqlite_store
 
 log = logging.getLogger("pipelines.bench")
 
@@ -93,14 +95,14 @@ def bench_score(
     warm_source = cached_jpegs(config, max(8, min(500, images // 10)), DATASET_SOURCE_SIZE)
     files = sorted(source.rglob("*.jpg"))
     spark = get_spark(config.spark)
-    previous_uri = mlflow.get_tracking_uri()
     with scratch(config) as work:
-        try:
-            tracking = f"sqlite:///{work / 'mlflow.db'}"
-            model_uri = _log_model(tracking, work / "artifacts")
+        # The bench's own store; the caller's MLflow set-up is restored afterwards.
+        tracking_uri = sqlite_store(work)
+        with tracking.pointed_at(tracking_uri):
+            model_uri = _log_model(tracking_uri, work / "artifacts")
             cfg = replace(
                 config,
-                mlflow=replace(config.mlflow, tracking_uri=tracking),
+                mlflow=replace(config.mlflow, tracking_uri=tracking_uri),
                 score=replace(config.score, model=model_uri, table=None),
             )
             model = mlflow.pyfunc.load_model(model_uri)
@@ -138,8 +140,6 @@ def bench_score(
             runs["arrays"]()
             runs["bytes"]()
             rates = interleaved("score", runs, repeats)
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
 
     details = {
         "images": images,
@@ -178,18 +178,17 @@ def bench_score(
 def _log_model(tracking_uri: str, artifacts: Path) -> str:
     """Log the fixed model as the pyfunc image model in a new store; return its URI."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     from pipelines.images import encode_png
     from pipelines.models import build_model
     from pipelines.serving import log_image_model
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.create_experiment("dlpipe-bench", artifact_location=artifacts.as_uri())
+    experiment = tracking.client(tracking_uri).create_experiment(
+        "dlpipe-bench", artifact_location=artifacts.as_uri()
+    )
     shape = (DATASET_IMAGE_SIZE, DATASET_IMAGE_SIZE, DATASET_CHANNELS)
     model = build_model(bench_model_config(), shape, DATASET_CLASSES)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(experiment_id=experiment):
+    with tracking.pointed_at(tracking_uri), mlflow.start_run(experiment_id=experiment):
         info = log_image_model(
             model,
             label_names=[f"class_{k}" for k in range(DATASET_CLASSES)],

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines import tracking
 from pipelines.errors import UserError
 from pipelines.report.artifacts import REPORT_DIR
 from pipelines.report.pages import comparison_page, run_page
@@ -57,7 +58,7 @@ def render_run_report(
 
     Args:
         run_id: MLflow run id.
-        tracking_uri: Tracking server or store, e.g. ``sqlite:///work/mlflow.db``.
+        tracking_uri: Tracking server or store, e.g. ``http://127.0.0.1:5000``.
         out_dir: Directory for ``run-<run_id>.html`` (default: :func:`default_out_dir`).
         log_to_run: Also log the page to the run as ``report/report.html``.
 
@@ -68,9 +69,7 @@ def render_run_report(
         UserError: No such run.
 
     """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = tracking.client(tracking_uri)
     run = _get_run(client, run_id, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="dlpipe-report-") as tmp:
         files = _download_report(client, run_id, tracking_uri, Path(tmp))
@@ -116,12 +115,10 @@ def render_comparison(
         UserError: Fewer than two distinct runs, or a run that does not exist.
 
     """
-    from mlflow.tracking import MlflowClient
-
     ids = list(dict.fromkeys(run_ids))
     if len(ids) < 2:
         raise UserError("--compare needs at least two different run ids")
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = tracking.client(tracking_uri)
     runs = [_get_run(client, run_id, tracking_uri) for run_id in ids]
     differing = _differing_params([run.data.params for run in runs])
     histories = [_epoch_histories(client, run) for run in runs]

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import schema
+from pipelines import schema, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
@@ -87,7 +87,7 @@ def load_manifest(dataset: Path) -> schema.Manifest:
 
 def checkpoint_dir(config: Config) -> Path:
     """Where rank 0 keeps the checkpoint of the current model (what ``--resume`` reads)."""
-    return config.work_path / "training" / config.mlflow.model_name
+    return config.locations.training(config.mlflow.model_name)
 
 
 def train(
@@ -119,10 +119,9 @@ def train(
     """
     import mlflow
 
-    from pipelines import registry
-
     started = time.time()
-    data_dir = Path(dataset).expanduser().resolve() if dataset else config.prepared_path
+    where = config.locations
+    data_dir = Path(dataset).expanduser().resolve() if dataset else where.prepared
     manifest = load_manifest(data_dir)
     if manifest.splits.get("train", 0) == 0:
         raise UserError(f"{data_dir} has no training rows; ingest more images")
@@ -133,11 +132,10 @@ def train(
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
 
-    registry.use_stores(config.tracking_uri, config.mlflow.registry_uri)
-    experiment_id = _use_experiment(config)
-    fail_stale_runs(config.tracking_uri, experiment_id)
+    experiment_id = tracking.use_experiment(where, config.mlflow.experiment)
+    fail_stale_runs(where.tracking_uri, experiment_id)
     run_id = _remembered_run(out) if state else None
-    previous = _reopen(config.tracking_uri, run_id) if run_id else None
+    previous = _reopen(where.tracking_uri, run_id) if run_id else None
     with mlflow.start_run(run_id=run_id) as run:
         try:
             mlflow.set_tags(_owner_tags())
@@ -242,14 +240,14 @@ def _train_in_run(
         alias=config.mlflow.champion_alias,
         metric=metric,
         higher_is_better=not autoencoder,
-        tracking_uri=config.tracking_uri,
-        registry_uri=config.mlflow.registry_uri,
+        tracking_uri=config.locations.tracking_uri,
+        registry_uri=config.locations.registry_uri,
     )
     log.info("train: %s", registration.decision)
     return {
         "run_id": run_id,
         "experiment": config.mlflow.experiment,
-        "tracking_uri": config.tracking_uri,
+        "tracking_uri": config.locations.tracking_uri,
         "world_size": rank0["size"],
         "epochs": rank0["epochs"],
         "stopped_early": rank0["stopped_early"],
@@ -316,24 +314,6 @@ def evaluate(
     return Evaluation(metrics, arrays.labels, outputs, encode_png(arrays.images[0]), arrays)
 
 
-def _use_experiment(config: Config) -> str:
-    """Make the configured experiment current, creating it if needed; return its id.
-
-    With a local sqlite store MLflow would put artifacts in ``./mlruns`` of whatever
-    directory the job started in; a new experiment keeps them in the work directory instead.
-    """
-    import mlflow
-    from mlflow import MlflowClient
-
-    name = config.mlflow.experiment
-    if config.tracking_uri.startswith("sqlite:"):
-        client = MlflowClient(tracking_uri=config.tracking_uri)
-        if client.get_experiment_by_name(name) is None:
-            location = (config.work_path / "mlartifacts").resolve().as_uri()
-            client.create_experiment(name, artifact_location=location)
-    return mlflow.set_experiment(name).experiment_id
-
-
 def _log_inputs(
     config: Config, launcher: Launcher, data_dir: Path, manifest: schema.Manifest
 ) -> None:
@@ -389,10 +369,9 @@ def _log_new_epochs(run_id: str, history: dict[str, list[float]]) -> None:
     A resumed run gets the epochs of its checkpoint's history again: those logged by the
     interrupted attempt are not logged twice.
     """
-    import mlflow
     from mlflow.entities import Metric
 
-    client = mlflow.MlflowClient()
+    client = tracking.client()
     now = int(time.time() * 1000)
     metrics = []
     for name, values in history.items():
@@ -442,9 +421,7 @@ def fail_stale_runs(tracking_uri: str, experiment_id: str) -> list[str]:
     Returns:
         The ids of the runs marked FAILED.
     """
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = tracking.client(tracking_uri)
     failed = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
         tags = run.data.tags
@@ -463,9 +440,7 @@ def fail_stale_runs(tracking_uri: str, experiment_id: str) -> list[str]:
 
 def _reopen(tracking_uri: str, run_id: str) -> dict[str, str]:
     """Check that the run to resume is not still running; return its status and error."""
-    from mlflow import MlflowClient
-
-    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    run = tracking.client(tracking_uri).get_run(run_id)
     if run.info.status == "RUNNING" and _owner_alive(run.data.tags):
         raise UserError(
             f"run {run_id} is still RUNNING (pid {run.data.tags.get(OWNER_PID, '?')} on host "
@@ -483,7 +458,7 @@ def _tag_resume(run_id: str, epoch: int, previous: dict[str, str] | None) -> Non
     resumes.append({"epoch": epoch, **(previous or {})})
     mlflow.set_tag("resumes", json.dumps(resumes))
     if "error" in run.data.tags:
-        mlflow.MlflowClient().delete_tag(run_id, "error")
+        tracking.client().delete_tag(run_id, "error")
 
 
 def _remember_run(out: Path, run_id: str) -> None:

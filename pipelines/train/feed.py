@@ -12,8 +12,7 @@ Out:
   evaluation, reports and benchmarks;
 - :func:`in_memory_dataset`: the same batches as :func:`make_dataset` from such arrays, the
   baseline the feed benchmark compares against;
-- :func:`steps_per_epoch`: the step count every rank must run;
-- :func:`dataset_url`: a local path as the ``file://`` URL Petastorm wants.
+- :func:`steps_per_epoch`: the step count every rank must run.
 
 How the feed reads (ARCHITECTURE.md, "Why the stack is pinned"): images are stored with
 Petastorm's ``NdarrayCodec``, so ``make_batch_reader`` hands back the ``np.save`` bytes of each
@@ -33,25 +32,20 @@ TensorFlow is imported inside the functions that need it; importing this module 
 
 from __future__ import annotations
 
-import atexit
-import functools
 import logging
 import math
 import os
-import queue
-import threading
-import time
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from pipelines import schema
 from pipelines.errors import UserError
+from pipelines.locations import local_path, to_url
+from pipelines.train.streams import GENERATOR_WORK, RowGroupStream, close_readers_at_exit, closing
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -178,7 +172,7 @@ def make_dataset(
         )
     if not 0 <= cur_shard < shard_count:
         raise ValueError(f"cur_shard must be in [0, {shard_count}), got {cur_shard}")
-    url = dataset_url(url)
+    url = to_url(url)
     _require_split(url)
     shard = _usable_shard(url, shape, cur_shard, shard_count, seed)
     reader_args = {
@@ -192,18 +186,18 @@ def make_dataset(
         **shard,
     }
 
-    _close_readers_at_exit()
+    close_readers_at_exit()
 
     def row_groups() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        # Runs on tf.data threads. Every stretch of work is inside _ACTIVITY so that the exit
-        # hook can wait until no tf.data thread is inside this generator (see _shutdown).
-        with _ACTIVITY:
-            if _CLOSING.is_set():
+        # Runs on tf.data threads. Every stretch of work is inside GENERATOR_WORK so that the
+        # exit hook can wait until no tf.data thread is inside this generator (streams.py).
+        with GENERATOR_WORK:
+            if closing():
                 return
-            stream = _RowGroupStream(url, reader_args)
+            stream = RowGroupStream(url, reader_args)
         try:
             while True:
-                with _ACTIVITY:
+                with GENERATOR_WORK:
                     item = stream.get()
                     if item is None:  # the process is exiting
                         return
@@ -295,7 +289,7 @@ def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
     from petastorm import make_batch_reader
 
     shape = _check_shape(image_shape)
-    url = dataset_url(url)
+    url = to_url(url)
     _require_split(url)
     _quiet_petastorm()
     cells: list[np.ndarray] = []
@@ -334,177 +328,6 @@ def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
         paths=[str(p) for p in all_paths[order]],
         label_names=label_names,
     )
-
-
-def dataset_url(location: str | os.PathLike[str]) -> str:
-    """Turn a local path into the ``file://`` URL Petastorm wants; URLs pass unchanged.
-
-    Args:
-        location: A local path (relative or absolute), ``file:/...`` or any other URL.
-
-    Returns:
-        The URL. Not ``Path.as_uri()``: that %-encodes the ``=`` of ``split=train``.
-    """
-    text = os.fspath(location)
-    parsed = urlparse(text)
-    if parsed.scheme == "file":
-        return f"file://{parsed.path}"
-    if parsed.scheme and len(parsed.scheme) > 1:  # "C:" would be a drive letter
-        return text
-    return f"file://{os.path.abspath(text)}"
-
-
-# --- background reading ------------------------------------------------------------------------
-
-#: Seconds between checks for a stop request while waiting on a queue.
-_POLL_S = 0.05
-
-#: Row groups a stream holds ready for the tf.data generator.
-_STREAM_QUEUE_ROW_GROUPS = 2
-
-#: The longest the exit hook waits for readers to stop and tf.data threads to go quiet.
-_SHUTDOWN_TIMEOUT_S = 10.0
-
-#: How long no tf.data thread may have been inside a generator before the exit hook returns.
-_QUIET_S = 0.05
-
-#: Set by the exit hook: generators return at once, so every pipeline runs to its end.
-_CLOSING = threading.Event()
-
-
-class _Activity:
-    """Counts threads inside a generator's work and remembers when the last one left."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._busy = 0
-        self._last = 0.0
-
-    def __enter__(self) -> None:
-        with self._cond:
-            self._busy += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._busy -= 1
-            self._last = time.monotonic()
-            self._cond.notify_all()
-
-    def wait_quiet(self, quiet: float, timeout: float) -> None:
-        """Wait until nobody is inside and nobody was for ``quiet`` seconds (or timeout)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while (now := time.monotonic()) < deadline:
-                if self._busy == 0 and now - self._last >= quiet:
-                    return
-                self._cond.wait(min(quiet, deadline - now))
-
-
-_ACTIVITY = _Activity()
-
-
-class _RowGroupStream:
-    """A daemon thread that reads row groups with Petastorm into a small queue.
-
-    Why not read Petastorm directly in the tf.data generator: a thread blocked in a Petastorm
-    reader cannot be woken (its pool never checks for ``stop()`` there), and a tf.data thread
-    blocked in Python when the interpreter exits hangs or aborts the process. Here the
-    generator only waits on a queue, with a timeout, and can always return.
-    """
-
-    def __init__(self, url: str, reader_args: dict[str, Any]) -> None:
-        self._url = url
-        self._reader_args = reader_args
-        self._queue: queue.Queue[Any] = queue.Queue(_STREAM_QUEUE_ROW_GROUPS)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="feed-reader", daemon=True)
-        _STREAMS.add(self)
-        self._thread.start()
-
-    def get(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The next ``(cells, labels)`` row group; None when stopped or exiting.
-
-        Raises:
-            Exception: Whatever the reader raised.
-        """
-        while not (self._stop.is_set() or _CLOSING.is_set()):
-            try:
-                item = self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            return item
-        return None
-
-    def stop(self) -> None:
-        """Ask the thread to stop (it finishes the row group it is reading)."""
-        self._stop.set()
-
-    def join(self, timeout: float | None) -> None:
-        """Wait for the thread (and its Petastorm reader) to end."""
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            _STREAMS.discard(self)
-
-    def close(self) -> None:
-        """Stop and wait."""
-        self.stop()
-        self.join(_SHUTDOWN_TIMEOUT_S)
-
-    def _read(self) -> None:
-        from petastorm import make_batch_reader
-
-        try:
-            reader = make_batch_reader(self._url, **self._reader_args)
-        except BaseException as exc:  # handed to the generator, raised on its thread
-            self._put(exc)
-            return
-        try:
-            for batch in reader:
-                if not self._put((batch.image, batch.label)):
-                    return
-        except BaseException as exc:
-            self._put(exc)
-        finally:
-            # stop + join, not the context manager: its exit prints "Cache cleanup complete."
-            reader.stop()
-            reader.join()
-
-    def _put(self, item: Any) -> bool:
-        while not (self._stop.is_set() or _CLOSING.is_set()):
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-
-_STREAMS: weakref.WeakSet[_RowGroupStream] = weakref.WeakSet()
-
-
-@functools.cache
-def _close_readers_at_exit() -> None:
-    """Register :func:`_shutdown` (once, after TensorFlow is imported: atexit runs LIFO)."""
-    atexit.register(_shutdown)
-
-
-def _shutdown() -> None:
-    """Stop every reader and let every tf.data pipeline reach its end before Python exits.
-
-    A live iterator at exit would otherwise be destroyed during interpreter finalisation
-    while a tf.data thread waits for the GIL inside the generator: a hang or an abort
-    ("terminate called without an active exception").
-    """
-    _CLOSING.set()
-    deadline = time.monotonic() + _SHUTDOWN_TIMEOUT_S
-    streams = list(_STREAMS)
-    for stream in streams:
-        stream.stop()
-    for stream in streams:
-        stream.join(max(0.0, deadline - time.monotonic()))
-    _ACTIVITY.wait_quiet(_QUIET_S, max(0.0, deadline - time.monotonic()))
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -550,15 +373,9 @@ def _check_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _local_path(url: str) -> str | None:
-    """The local path of a ``file://`` URL, None for other schemes."""
-    parsed = urlparse(url)
-    return parsed.path if parsed.scheme == "file" else None
-
-
 def _require_split(url: str) -> None:
     """Fail with the path when a local split directory is missing."""
-    path = _local_path(url)
+    path = local_path(url)
     if path is not None and not os.path.isdir(path):
         raise SplitNotFoundError(
             f"split not found: {path} (an empty split is not written; check the dataset "
@@ -638,7 +455,7 @@ def _manifest_label_names(url: str) -> list[str] | None:
     """Label names from ``_manifest.json`` next to the split, None when it cannot be read."""
     manifest = url.rstrip("/").rsplit("/", 1)[0] + "/" + schema.MANIFEST_FILE
     try:
-        path = _local_path(manifest)
+        path = local_path(manifest)
         if path is not None:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()

@@ -74,7 +74,7 @@ def test_use_gpu_true_fails_the_run_with_the_one_line_error(tmp_path, monkeypatc
     with pytest.raises(NoGpuError) as info:
         train(config, LocalLauncher(), _manifest_only(tmp_path / "data"))
     assert all(part in str(info.value) for part in MESSAGE)
-    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_tracking_uri(config.locations.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[config.mlflow.experiment])
     assert list(runs["status"]) == ["FAILED"]
     assert runs["tags.error"][0].startswith("NoGpuError: train.use_gpu is true")

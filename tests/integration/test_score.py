@@ -83,7 +83,7 @@ def test_one_row_per_file_matching_the_in_process_model(spark, trained, incoming
     assert sorted(Path(p).name for p in errors.path) == ["corrupt.png", "empty.jpg", "gone.png"]
     assert errors.predicted_label.isna().all() and errors.probabilities.isna().all()
 
-    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_tracking_uri(config.locations.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/digits-classifier@champion")
     good = rows[rows.error.isna()].sort_values("path")
     expected = model.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in good.path]}))
@@ -178,7 +178,7 @@ def test_rest_server_answers_like_the_in_process_model(trained, incoming):
         served = post_images(base, [p.read_bytes() for p in images], timeout=60)
     finally:
         stop(server, 30)
-    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_tracking_uri(config.locations.tracking_uri)
     local = mlflow.pyfunc.load_model(uri).predict(
         pd.DataFrame({"image": [p.read_bytes() for p in images]})
     )

@@ -77,7 +77,7 @@ def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_pat
     assert result.test_metrics["test_accuracy"] > 0.8
     assert result.promoted and result.model_version == "1"
 
-    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_tracking_uri(config.locations.tracking_uri)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.model"] == "mlp"
@@ -153,7 +153,7 @@ def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch):
         dataclasses.replace(manifest, image_shape=[8, 8, 1]).write(bad)
     with pytest.raises(ValueError):
         train(config, LocalLauncher(), bad)
-    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_tracking_uri(config.locations.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[config.mlflow.experiment])
     assert list(runs["status"]) == ["FAILED"]
     assert "lenet5" in runs["tags.error"][0]

@@ -232,7 +232,7 @@ def test_a_killed_rank_ends_the_job_with_a_one_line_error(spark, digits, tmp_pat
 
     import mlflow
 
-    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_tracking_uri(config.locations.tracking_uri)
     (run,) = mlflow.search_runs(experiment_names=[config.mlflow.experiment], output_format="list")
     assert run.info.status == "FAILED" and "rank 1 (pid" in run.data.tags["error"]
     assert _left(seen["ranks"], timeout=30) == [], "rank processes were left behind"

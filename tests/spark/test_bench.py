@@ -92,7 +92,7 @@ def test_every_measurement_pairs_a_value_with_a_positive_baseline(measurements):
 
 
 def test_outputs_are_cleaned_up_and_the_data_is_cached(ingest_config, measurements):
-    bench = ingest_config.work_path / "bench"
+    bench = ingest_config.locations.bench
     assert not [p for p in bench.iterdir() if p.name.startswith(("tmp-", "."))]
     sets = sorted(p.name for p in bench.iterdir())
     assert len(sets) == 2  # the measured set and the warm-up set
@@ -198,7 +198,7 @@ def test_score_compares_spark_scoring_with_in_process_predict(config):
     assert against_bytes.baseline == "pyfunc predict, file bytes" and against_bytes.met is None
     assert against_arrays.value == against_bytes.value  # the same Spark runs
     # The temporary MLflow store and the tables are gone; the caller's store is back.
-    assert not list((config.work_path / "bench").glob("tmp-*"))
+    assert not list(config.locations.bench.glob("tmp-*"))
     assert mlflow.get_tracking_uri() == before
 
 

@@ -210,7 +210,7 @@ def test_scoring_the_hostile_corpus_gives_one_row_per_image_file(spark, tmp_path
     )
     # An untrained model: what is scored here is the input handling, not the accuracy.
     model = build_model(TrainConfig(model="mlp", hidden_units=8), (16, 16, 3), 2)
-    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_tracking_uri(config.locations.tracking_uri)
     try:
         # An experiment of this store: the active one an earlier test set is not in it.
         experiment = mlflow.MlflowClient().create_experiment(

@@ -1,0 +1,111 @@
+"""MLflow set-up in one place: which stores the process talks to, and the client for them.
+
+In: a tracking URI and, where the registry is elsewhere (``databricks-uc``), a registry URI,
+usually from :class:`pipelines.locations.Locations`. Out: MLflow's fluent API pointed at them
+(:func:`use_stores`, or :func:`pointed_at` for one block), :func:`client` for the same
+stores, and :func:`use_experiment`. No other module calls ``mlflow.set_tracking_uri``,
+``mlflow.set_registry_uri`` or builds an ``MlflowClient``. MLflow is imported inside the
+functions (importing this module is cheap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from pipelines.locations import Locations
+
+
+def client(tracking_uri: str | None = None, registry_uri: str | None = None) -> MlflowClient:
+    """An MLflow client for the given stores (None: the ones the fluent API points at)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+def use_stores(tracking_uri: str | None, registry_uri: str | None = None) -> None:
+    """Point MLflow's fluent API at the tracking store and, when given, a separate registry.
+
+    Args:
+        tracking_uri: Tracking URI (None: leave MLflow's as it is).
+        registry_uri: Registry URI when it is not the tracking store's, e.g.
+            ``databricks-uc`` (None: MLflow's default, the tracking store).
+    """
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if registry_uri:
+        mlflow.set_registry_uri(registry_uri)
+
+
+@contextlib.contextmanager
+def pointed_at(tracking_uri: str, registry_uri: str | None = None) -> Iterator[None]:
+    """Point the fluent API at the stores for a block, then restore them (and their env vars).
+
+    For library calls that only exist in the fluent form (``mlflow.register_model``), made on
+    behalf of a caller whose own MLflow set-up must not change.
+    """
+    with _tracking_uri(tracking_uri), _registry_uri(registry_uri):
+        yield
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    if previous == uri:
+        yield
+        return
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+@contextlib.contextmanager
+def _registry_uri(uri: str | None) -> Iterator[None]:
+    import mlflow
+
+    if uri is None:
+        yield
+        return
+    # set_registry_uri also exports MLFLOW_REGISTRY_URI: restore the variable and, through
+    # it, what the next lookup resolves to.
+    env_before = os.environ.get("MLFLOW_REGISTRY_URI")
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_registry_uri(env_before)  # None unsets it
+        if env_before is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def use_experiment(locations: Locations, name: str) -> str:
+    """Point the fluent API at ``locations``' stores and experiment ``name``; return its id.
+
+    The experiment is created if needed. With a local sqlite store MLflow would put
+    artifacts in ``./mlruns`` of whatever directory the job started in; an experiment
+    created here keeps them in the work directory (:attr:`Locations.artifacts`) instead.
+    """
+    import mlflow
+
+    use_stores(locations.tracking_uri, locations.registry_uri)
+    if locations.local_store:
+        store = client(locations.tracking_uri)
+        if store.get_experiment_by_name(name) is None:
+            store.create_experiment(name, artifact_location=locations.artifacts.as_uri())
+    return mlflow.set_experiment(name).experiment_id
