@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace, config: Config) -> RunSummary:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    from pipelines.serve import serve
+    from pipelines.rest_server import serve
 
     return serve(config, args.model, args.host, args.port)
 

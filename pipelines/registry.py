@@ -1,6 +1,6 @@
 """Model registry: register a logged model, move the champion alias only when it is better.
 
-In: the URI of a logged model (``models:/m-...`` from :func:`pipelines.serving.log_image_model`,
+In: the URI of a logged model (``models:/m-...`` from :func:`pipelines.image_model.log_image_model`,
 or ``runs:/<run_id>/model``), the id of the run that logged it and the metric to judge by.
 Out: a :class:`Registration` saying which version was created and whether the alias moved,
 with the decision recorded as tags on the model version and on the run.

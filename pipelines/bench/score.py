@@ -49,7 +49,7 @@ def bench_score(
     """Spark batch scoring of a folder of JPEGs against in-process pyfunc ``predict``.
 
     The fixed model of the feed benchmark (``mnist_cnn`` on 28x28 grey, untrained: its
-    weights do not change its speed) is logged with :func:`pipelines.serving.log_image_model`
+    weights do not change its speed) is logged with :func:`pipelines.image_model.log_image_model`
     to a temporary MLflow sqlite store. On ``images`` generated 64x64 JPEGs (the feed
     dataset's source, in four class folders):
 
@@ -179,9 +179,9 @@ def _log_model(tracking_uri: str, artifacts: Path) -> str:
     """Log the fixed model as the pyfunc image model in a new store; return its URI."""
     import mlflow
 
+    from pipelines.image_model import log_image_model
     from pipelines.images import encode_png
     from pipelines.models import build_model
-    from pipelines.serving import log_image_model
 
     experiment = tracking.client(tracking_uri).create_experiment(
         "dlpipe-bench", artifact_location=artifacts.as_uri()

@@ -166,7 +166,7 @@ def _train_in_run(
 ) -> dict[str, Any]:
     import mlflow
 
-    from pipelines import registry, serving
+    from pipelines import image_model, registry
     from pipelines.models import is_autoencoder
 
     spec = WorkerSpec(
@@ -225,7 +225,7 @@ def _train_in_run(
         trained = Trained(model, rank0["history"], evaluation, manifest, autoencoder)
         report(config, trained)
 
-    info = serving.log_image_model(
+    info = image_model.log_image_model(
         model,
         label_names=manifest.label_names,
         image_shape=list(manifest.image_shape),

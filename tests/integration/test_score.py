@@ -15,8 +15,8 @@ from pipelines.config import Config, IngestConfig, load_config
 from pipelines.demo import write_demo_digits
 from pipelines.ingest import ingest
 from pipelines.registry import ModelNotFoundError
+from pipelines.rest_server import serve_command
 from pipelines.score import TABLE_COLUMNS, read_table, score
-from pipelines.serve import serve_command
 from pipelines.sources import SourceError
 from pipelines.train.driver import train
 from pipelines.train.launcher import LocalLauncher

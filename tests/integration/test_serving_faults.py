@@ -3,7 +3,7 @@
 One tiny registered classifier and one ``dlpipe serve`` for the module (started in its own
 session, so that teardown can end its whole process group whatever happens): concurrent
 clients, bad requests, oversized bodies, then SIGTERM. A second server, started the way
-:func:`pipelines.serve.serve_command` says, is stopped with SIGINT. Every request has a
+:func:`pipelines.rest_server.serve_command` says, is stopped with SIGINT. Every request has a
 timeout and every loop a bound in count and time.
 """
 
@@ -27,12 +27,12 @@ import pandas as pd
 import pytest
 
 from pipelines.config import TrainConfig, load_config
+from pipelines.image_model import log_image_model
 from pipelines.images import encode_png
 from pipelines.keras_api import keras
 from pipelines.models import build_model
 from pipelines.registry import register_and_promote
-from pipelines.serve import serve_command
-from pipelines.serving import log_image_model
+from pipelines.rest_server import serve_command
 from tests.integration.conftest import Store
 from tests.integration.rest import (
     alive,

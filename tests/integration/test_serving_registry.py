@@ -29,6 +29,7 @@ from PIL import Image
 
 from pipelines.config import TrainConfig
 from pipelines.errors import UserError
+from pipelines.image_model import OUTPUT_COLUMNS, log_image_model, model_signature, pip_requirements
 from pipelines.images import encode_png
 from pipelines.keras_api import keras
 from pipelines.models import build_model
@@ -39,7 +40,6 @@ from pipelines.registry import (
     register_and_promote,
     resolve_model_uri,
 )
-from pipelines.serving import OUTPUT_COLUMNS, log_image_model, model_signature, pip_requirements
 from tests.integration.conftest import Store
 from tests.integration.rest import free_port, post_images, stop, strict_json, wait_until_serving
 
@@ -195,10 +195,43 @@ def test_logged_model_signature_requirements_and_code(scorer, classifier: Logged
     assert requirements == pip_requirements()
     assert "tensorflow-cpu==2.15.1" in requirements
     assert not any(req.startswith("spark-dl-pipelines") for req in requirements)
-    assert (local / "code" / "pipelines" / "serving.py").is_file()
+    assert (local / "code" / "pipelines" / "image_model.py").is_file()
     assert not list((local / "code").rglob("__pycache__"))
     meta = json.loads((local / "artifacts" / "labels.json").read_text())
     assert meta == {"label_names": LABELS, "image_shape": [SIZE, SIZE, 1], "autoencoder": False}
+
+
+def test_a_model_logged_before_the_rename_still_loads_and_predicts(
+    store: Store, classifier: Logged
+) -> None:
+    """Models logged by earlier versions pickle ``pipelines.serving.ImageModel``."""
+    import pipelines.image_model as image_model
+    import pipelines.serving  # noqa: F401  (cloudpickle pickles by reference what it can import)
+
+    image_model.ImageModel.__module__ = "pipelines.serving"  # how older versions pickled it
+    try:
+        old = _log(store, classifier.model, metric={})
+    finally:
+        image_model.ImageModel.__module__ = "pipelines.image_model"
+    local = Path(mlflow.artifacts.download_artifacts(old.model_uri))
+    pickled = (local / "python_model.pkl").read_bytes()
+    assert b"pipelines.serving" in pickled and b"load_context" not in pickled  # by reference
+    png = base64.b64encode(encode_png(_test_set()[0][0])).decode()
+    script = (
+        "import base64, sys, mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "out = model.predict(pd.DataFrame({'image': [base64.b64decode(sys.argv[2])]}))\n"
+        "print(out['predicted_label'][0], type(model.unwrap_python_model()).__module__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(local), png],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    label, module = done.stdout.split()
+    assert label in LABELS and module == "pipelines.image_model"
 
 
 def test_scoring_server_accepts_base64_json(scorer) -> None:

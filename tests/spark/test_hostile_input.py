@@ -195,9 +195,9 @@ def test_scoring_the_hostile_corpus_gives_one_row_per_image_file(spark, tmp_path
     import mlflow
 
     from pipelines.config import TrainConfig, load_config
+    from pipelines.image_model import log_image_model
     from pipelines.models import build_model
     from pipelines.score import read_table, score
-    from pipelines.serving import log_image_model
 
     source = tmp_path / "share"
     fate = write_corpus(source)

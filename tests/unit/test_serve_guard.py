@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from pipelines.serve import MAX_ERROR_MESSAGE_CHARS, RequestGuard
+from pipelines.rest_server import MAX_ERROR_MESSAGE_CHARS, RequestGuard
 
 
 async def _nan_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

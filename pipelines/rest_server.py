@@ -17,7 +17,7 @@ stop the server within ``serve.stop_timeout_s`` and ``dlpipe serve`` exits 0. A 
 layer (:class:`RequestGuard`) answers 413 to a body over ``serve.max_body_mb`` before it is
 decoded, and shortens error messages that would echo a whole request back.
 
-``python -m pipelines.serve --model-uri URI ...`` runs the same server without the CLI (what
+``python -m pipelines.rest_server --model-uri URI ...`` runs the same server without the CLI (what
 :func:`serve_command` returns, for supervisors and tests).
 """
 
@@ -382,12 +382,12 @@ def serve_command(
 ) -> tuple[list[str], dict[str, str], str]:
     """The server as a separate process: its command line, environment and model URI.
 
-    The command (``python -m pipelines.serve``) serves the resolved model as
+    The command (``python -m pipelines.rest_server``) serves the resolved model as
     :func:`serve` does and stops the same way on SIGTERM.
     """
     resolved = _resolve(config, model)
     command = [
-        sys.executable, "-m", "pipelines.serve",
+        sys.executable, "-m", "pipelines.rest_server",
         "--model-uri", resolved,
         "--host", host,
         "--port", str(port),
@@ -440,8 +440,8 @@ def _resolve(config: Config, model: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.serve``: serve one model URI; exit 0 once stopped by a signal."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__)
+    """``python -m pipelines.rest_server``: serve one model URI; exit 0 once stopped by a signal."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.rest_server", description=__doc__)
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             registry_uri=os.environ.get("MLFLOW_REGISTRY_URI"),
         )
     except UserError as exc:
-        print(f"pipelines.serve: error: {exc}", file=sys.stderr)
+        print(f"pipelines.rest_server: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
