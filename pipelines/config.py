@@ -165,6 +165,44 @@ class IngestConfig:
 
 @with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
+class HorovodConfig:
+    """Horovod's own performance knobs (``train.horovod``), applied in every rank.
+
+    Attributes:
+        fusion_threshold_mb: Largest tensor-fusion buffer in MiB: gradients ready at once
+            are packed into one allreduce up to this size; 0 turns fusion off. Null keeps
+            Horovod's default (128) or ``HOROVOD_FUSION_THRESHOLD`` from the environment.
+        cycle_time_ms: How long Horovod's background thread waits between fusion cycles;
+            longer batches more tensors per allreduce, at more latency per step. Null keeps
+            Horovod's default (1) or ``HOROVOD_CYCLE_TIME``.
+        compression: ``fp16`` sends gradients as float16 (half the bytes on the wire, a
+            rounding of each averaged gradient) or ``none``.
+        backward_passes_per_step: Gradients of this many batches are summed locally before
+            one allreduce (fewer, larger exchanges; the optimizer steps once per group).
+        autotune: Let Horovod tune fusion threshold and cycle time itself during the first
+            steps (``HOROVOD_AUTOTUNE``); overrides the two values above while it searches.
+    """
+
+    fusion_threshold_mb: Annotated[StrictInt, Field(ge=0, le=4096)] | None = None
+    cycle_time_ms: Annotated[StrictFloat, Field(gt=0, le=1000)] | None = None
+    compression: Literal["none", "fp16"] = "none"
+    backward_passes_per_step: Annotated[StrictInt, Field(ge=1, le=64)] = 1
+    autotune: StrictBool = False
+
+    def environment(self) -> dict[str, str]:
+        """The ``HOROVOD_*`` variables these settings mean (read by ``hvd.init()``)."""
+        env = {}
+        if self.fusion_threshold_mb is not None:
+            env["HOROVOD_FUSION_THRESHOLD"] = str(self.fusion_threshold_mb * 1024 * 1024)
+        if self.cycle_time_ms is not None:
+            env["HOROVOD_CYCLE_TIME"] = repr(float(self.cycle_time_ms))
+        if self.autotune:
+            env["HOROVOD_AUTOTUNE"] = "1"
+        return env
+
+
+@with_config(_FORBID_UNKNOWN)
+@dataclass(frozen=True)
 class TrainConfig:
     """Model and training hyper-parameters.
 
@@ -204,6 +242,7 @@ class TrainConfig:
         rank_timeout_s: How long a rank waits in a collective for a peer that went silent
             before the job fails (Gloo's timeout; a killed rank is noticed at once), and,
             in elastic mode, how long to wait for ``min_num_proc`` ranks after a reset.
+        horovod: Horovod's performance knobs (:class:`HorovodConfig`).
     """
 
     model: Literal["mlp", "lenet5", "mnist_cnn", "resnet_small", "autoencoder"] = "mnist_cnn"
@@ -229,6 +268,7 @@ class TrainConfig:
     elastic: StrictBool = False
     min_num_proc: Annotated[StrictInt, Field(ge=1)] = 1
     rank_timeout_s: Annotated[StrictInt, Field(ge=1)] = 60
+    horovod: Annotated[HorovodConfig, _SECTION] = field(default_factory=HorovodConfig)
 
     def __post_init__(self) -> None:
         if self.mixed_precision and self.use_gpu is False:

@@ -28,6 +28,8 @@ from pipelines.errors import UserError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from pipelines.config import HorovodConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -114,13 +116,26 @@ class LocalDistribution:
 
 
 class HorovodDistribution:
-    """Horovod's Keras API; :meth:`__init__` calls ``hvd.init()``."""
+    """Horovod's Keras API; :meth:`__init__` calls ``hvd.init()``.
 
-    def __init__(self) -> None:
+    Args:
+        knobs: Horovod's performance settings (``train.horovod``); None: Horovod's defaults.
+    """
+
+    def __init__(self, knobs: HorovodConfig | None = None) -> None:
+        import os
+
         import horovod.tensorflow.keras as hvd
 
+        if knobs is not None:
+            # Horovod: its background thread reads fusion, cycle time and autotune at init.
+            os.environ.update(knobs.environment())
         hvd.init()
         self._hvd = hvd
+        self._compression = (
+            hvd.Compression.fp16 if knobs and knobs.compression == "fp16" else hvd.Compression.none
+        )
+        self._backward_passes = knobs.backward_passes_per_step if knobs else 1
         self.rank, self.size, self.local_size = hvd.rank(), hvd.size(), hvd.local_size()
         self.local_rank = hvd.local_rank()
 
@@ -130,7 +145,15 @@ class HorovodDistribution:
             # Nothing to average: the per-step allreduce through Horovod's background
             # thread measured 10-15% of a small model's step (dlpipe bench train).
             return optimizer
-        return self._hvd.DistributedOptimizer(optimizer)
+        return self._distributed(optimizer)
+
+    def _distributed(self, optimizer: Any) -> Any:
+        """Horovod: ``DistributedOptimizer`` with the configured compression and passes."""
+        return self._hvd.DistributedOptimizer(
+            optimizer,
+            compression=self._compression,
+            backward_passes_per_step=self._backward_passes,
+        )
 
     def callbacks(self, *, initial_lr: float, warmup_epochs: int, steps_per_epoch: int) -> list:
         """Horovod: broadcast rank 0's initial weights, average metrics, warm the rate up."""
@@ -167,6 +190,7 @@ class HorovodDistribution:
         """
         return self._hvd.load_model(
             path,
+            compression=self._compression,
             legacy_opts=True,
             custom_objects={"lossscaleoptimizer": self._loss_scale_optimizer},
         )
@@ -226,7 +250,7 @@ class ElasticHorovodDistribution(HorovodDistribution):
 
     def wrap_optimizer(self, optimizer: Any) -> Any:
         """Horovod: always average gradients, as the world may change size."""
-        return self._hvd.DistributedOptimizer(optimizer)
+        return self._distributed(optimizer)
 
     def callbacks(self, *, initial_lr: float, warmup_epochs: int, steps_per_epoch: int) -> list:
         """As non-elastic, less the initial broadcast: the elastic state's sync does it."""
@@ -258,11 +282,19 @@ class ElasticHorovodDistribution(HorovodDistribution):
         ]
 
 
-def distribution(kind: str, elastic: bool = False) -> Distribution:
-    """The :class:`Distribution` a worker started by launcher ``kind`` runs under."""
+def distribution(
+    kind: str, elastic: bool = False, knobs: HorovodConfig | None = None
+) -> Distribution:
+    """The :class:`Distribution` a worker started by launcher ``kind`` runs under.
+
+    Args:
+        kind: ``horovod`` or ``local``.
+        elastic: Horovod elastic mode.
+        knobs: Horovod's performance settings (``train.horovod``); unused locally.
+    """
     if kind != "horovod":
         return LocalDistribution()
-    return ElasticHorovodDistribution() if elastic else HorovodDistribution()
+    return ElasticHorovodDistribution(knobs) if elastic else HorovodDistribution(knobs)
 
 
 class Launcher(Protocol):

@@ -129,7 +129,7 @@ def train_worker(spec: WorkerSpec) -> dict[str, Any]:
     started = time.time()
     # Checkpoints are HDF5 on purpose: hvd.load_model restores legacy optimizers from it.
     warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
-    dist = distribution(spec.launcher, elastic=spec.train.elastic)
+    dist = distribution(spec.launcher, elastic=spec.train.elastic, knobs=spec.train.horovod)
     out = Path(spec.out_dir)
     _announce(out, dist.rank)
     try:
