@@ -214,6 +214,10 @@ class TrainConfig:
         batch_size: Batch size per rank.
         epochs: Maximum number of epochs.
         dropout: Dropout rate where the model has dropout.
+        augment_shift: Training images are shifted at random by up to this fraction of
+            their height and width, anew every epoch (0: off).
+        augment_rotation_deg: ... and rotated at random by up to this many degrees either
+            way (0: off). Evaluation, scoring and serving see the images unchanged.
         weight_decay: L2 penalty on weights.
         hidden_units: Width of dense hidden layers (``mlp``, dense ``autoencoder``).
         latent_dim: Bottleneck width of the ``autoencoder``.
@@ -259,6 +263,8 @@ class TrainConfig:
     warmup_epochs: Annotated[StrictInt, Field(ge=0)] = 1
     early_stopping_patience: Annotated[StrictInt, Field(ge=0)] = 8
     seed: StrictInt = 42
+    augment_shift: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.1
+    augment_rotation_deg: Annotated[StrictFloat, Field(ge=0, le=180)] = 18.0
     launcher: Literal["horovod", "local"] = "horovod"
     slots_timeout_s: Annotated[StrictFloat, Field(ge=0)] = 120.0
     nics: list[StrictStr] = field(default_factory=list)

@@ -111,6 +111,24 @@ def steps_per_epoch(rows: int, shard_count: int, batch_size: int) -> int:
     return max(1, math.ceil(rows / (shard_count * batch_size)))
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Random geometric changes to each training image, new every epoch (Keras layers).
+
+    Attributes:
+        shift: Largest translation, as a fraction of height and width (0: none).
+        rotation_deg: Largest rotation either way, in degrees (0: none).
+    """
+
+    shift: float = 0.0
+    rotation_deg: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything."""
+        return self.shift > 0 or self.rotation_deg > 0
+
+
 def make_dataset(
     url: str,
     *,
@@ -123,6 +141,7 @@ def make_dataset(
     autoencoder: bool = False,
     shuffle_buffer: int = 2048,
     reader_workers: int = 1,
+    augment: Augmentation | None = None,
 ) -> tf.data.Dataset:
     """An infinite dataset of training batches read by Petastorm from one shard of a split.
 
@@ -152,6 +171,8 @@ def make_dataset(
         autoencoder: Yield ``(images, images)`` instead of ``(images, labels)``.
         shuffle_buffer: Images in the shuffle buffer.
         reader_workers: Petastorm reader threads; one keeps up with training on two cores.
+        augment: Random shifts and rotations of the scaled images (training only; the
+            autoencoder's target is the augmented image too). None or inactive: none.
 
     Returns:
         A ``tf.data.Dataset`` of ``(float32 (B, H, W, C) in [0, 1], int32 (B,))`` batches
@@ -225,7 +246,7 @@ def make_dataset(
     # The reader never ends; repeat() declares the dataset infinite to tf.data and Keras (and
     # ends it at exit, when the generator returns at once).
     data = data.repeat().map(decode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    return _finish(data, batch_size, shuffle, shuffle_buffer, seed, autoencoder)
+    return _finish(data, batch_size, shuffle, shuffle_buffer, seed, autoencoder, augment)
 
 
 def in_memory_dataset(
@@ -340,20 +361,31 @@ def _finish(
     shuffle_buffer: int,
     seed: int,
     autoencoder: bool,
+    augment: Augmentation | None = None,
 ) -> tf.data.Dataset:
-    """Shuffle single images, batch, scale to [0, 1] and prefetch."""
+    """Shuffle single images, batch, scale to [0, 1], augment and prefetch."""
     import tensorflow as tf
 
     if shuffle:
         data = data.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     data = data.batch(batch_size, drop_remainder=True)
+    changes = _augmenter(augment, seed) if augment and augment.active else None
 
     def scale(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # Exactly pipelines.images.normalise: float32 x / 255 (a division, not * (1/255)).
         x = tf.cast(images, tf.float32) / tf.constant(255.0, tf.float32)
         return (x, x) if autoencoder else (x, labels)
 
-    data = data.map(scale, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    def change(x: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = changes(x, training=True)
+        return (x, x) if autoencoder else (x, target)
+
+    data = data.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
+    if changes is not None:
+        # Not parallel: the random layers draw from one generator, and calls racing for it
+        # would make a seeded run's images differ from one run to the next.
+        data = data.map(change)
+    data = data.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     # Batch order stays reproducible for a seed (parallel maps keep their input order).
     options.deterministic = True
@@ -361,6 +393,23 @@ def _finish(
     # shard the batches again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return data.with_options(options)
+
+
+def _augmenter(augment: Augmentation, seed: int) -> Any:
+    """Keras' random translation and rotation layers, filling uncovered pixels with 0."""
+    from pipelines.keras_api import keras
+
+    layers = keras().layers
+    steps = []
+    if augment.shift > 0:
+        steps.append(
+            layers.RandomTranslation(augment.shift, augment.shift, fill_mode="constant", seed=seed)
+        )
+    if augment.rotation_deg > 0:
+        steps.append(
+            layers.RandomRotation(augment.rotation_deg / 360, fill_mode="constant", seed=seed)
+        )
+    return keras().Sequential(steps, name="augment")
 
 
 def _check_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -209,7 +209,7 @@ def _scaled_lr(cfg: TrainConfig, dist: Distribution) -> float:
 def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
     """The :class:`PreparedRank` fields that follow ``dist.rank`` and ``dist.size`` now."""
     from pipelines.models import is_autoencoder
-    from pipelines.train.feed import make_dataset, steps_per_epoch
+    from pipelines.train.feed import Augmentation, make_dataset, steps_per_epoch
 
     cfg = spec.train
     scaled_lr = _scaled_lr(cfg, dist)
@@ -224,7 +224,10 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
         "seed": cfg.seed,
         "autoencoder": is_autoencoder(cfg),
     }
-    train_data = make_dataset(split_path(spec.dataset, "train"), shuffle=True, **feed)
+    augment = Augmentation(cfg.augment_shift, cfg.augment_rotation_deg)
+    train_data = make_dataset(
+        split_path(spec.dataset, "train"), shuffle=True, augment=augment, **feed
+    )
     validation: dict[str, Any] = {}
     if spec.rows.get("val", 0) > 0:
         validation = {

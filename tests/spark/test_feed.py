@@ -20,6 +20,7 @@ from pipelines.images import normalise
 from pipelines.ingest import ingest
 from pipelines.schema import MANIFEST_FILE, split_path
 from pipelines.train.feed import (
+    Augmentation,
     ImageShapeError,
     SplitNotFoundError,
     in_memory_dataset,
@@ -96,6 +97,43 @@ def test_read_split_returns_every_row_sorted_with_labels(prepared, arrays):
     for path, image, label in zip(arrays.paths, arrays.images, arrays.labels, strict=True):
         assert (image == values[path]).all()
         assert arrays.label_names[label] == Path(path).parent.name
+
+
+def test_augmentation_shifts_training_images_and_keeps_their_labels(train, arrays):
+    stored = {
+        value: label
+        for value, label in zip(_ids(normalise(arrays.images)), arrays.labels, strict=True)
+    }
+    steps = len(arrays) // 4
+    augmented = make_dataset(
+        train, image_shape=SHAPE, batch_size=4, shuffle=False, augment=Augmentation(shift=0.25)
+    )
+    images, labels = _take(augmented, steps)
+    # Each constant image keeps its value inside; a shift uncovers zero pixels at the border.
+    values = np.rint(images.reshape(len(images), -1).max(axis=1) * 255).astype(int)
+    assert [stored[v] for v in values] == labels.tolist()
+    assert (images.reshape(len(images), -1).min(axis=1) == 0).mean() > 0.5
+    again, _ = _take(augmented, steps)  # a new iterator: the shifts are drawn anew
+    assert not np.array_equal(images, again)
+    # The autoencoder's target is the very image it gets.
+    x, target = next(
+        iter(
+            make_dataset(
+                train,
+                image_shape=SHAPE,
+                batch_size=4,
+                autoencoder=True,
+                augment=Augmentation(shift=0.2, rotation_deg=30),
+            )
+        )
+    )
+    np.testing.assert_array_equal(x, target)
+    # Nothing to change: the batches of no augmentation, bit for bit.
+    plain = make_dataset(train, image_shape=SHAPE, batch_size=4, shuffle=False)
+    off = make_dataset(
+        train, image_shape=SHAPE, batch_size=4, shuffle=False, augment=Augmentation()
+    )
+    np.testing.assert_array_equal(_take(plain, 3)[0], _take(off, 3)[0])
 
 
 def test_batches_have_model_shapes_dtypes_and_range(train):
