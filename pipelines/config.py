@@ -246,6 +246,13 @@ class TrainConfig:
         rank_timeout_s: How long a rank waits in a collective for a peer that went silent
             before the job fails (Gloo's timeout; a killed rank is noticed at once), and,
             in elastic mode, how long to wait for ``min_num_proc`` ranks after a reset.
+        layer_stats: Rank 0 records, at every epoch end, each weighted layer's weight and
+            gradient norms, update-to-weight ratio, activation min/max/mean and weight and
+            gradient histograms on a fixed probe batch (MLflow metrics ``layer/...``).
+        grad_vanish_below: The run report flags a layer whose probe-batch gradient norm
+            falls below this (vanishing gradient).
+        grad_explode_above: The run report flags a layer whose probe-batch gradient norm
+            rises above this, or is not finite (exploding gradient).
         horovod: Horovod's performance knobs (:class:`HorovodConfig`).
     """
 
@@ -256,6 +263,8 @@ class TrainConfig:
     batch_size: Annotated[StrictInt, Field(ge=1)] = 32
     epochs: Annotated[StrictInt, Field(ge=1)] = 40
     dropout: Annotated[StrictFloat, Field(ge=0, le=0.95)] = 0.25
+    augment_shift: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.1
+    augment_rotation_deg: Annotated[StrictFloat, Field(ge=0, le=180)] = 18.0
     weight_decay: Annotated[StrictFloat, Field(ge=0)] = 0.0
     hidden_units: Annotated[StrictInt, Field(ge=1)] = 128
     latent_dim: Annotated[StrictInt, Field(ge=1)] = 32
@@ -263,8 +272,6 @@ class TrainConfig:
     warmup_epochs: Annotated[StrictInt, Field(ge=0)] = 1
     early_stopping_patience: Annotated[StrictInt, Field(ge=0)] = 8
     seed: StrictInt = 42
-    augment_shift: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.1
-    augment_rotation_deg: Annotated[StrictFloat, Field(ge=0, le=180)] = 18.0
     launcher: Literal["horovod", "local"] = "horovod"
     slots_timeout_s: Annotated[StrictFloat, Field(ge=0)] = 120.0
     nics: list[StrictStr] = field(default_factory=list)
@@ -274,9 +281,17 @@ class TrainConfig:
     elastic: StrictBool = False
     min_num_proc: Annotated[StrictInt, Field(ge=1)] = 1
     rank_timeout_s: Annotated[StrictInt, Field(ge=1)] = 60
+    layer_stats: StrictBool = True
+    grad_vanish_below: Annotated[StrictFloat, Field(ge=0)] = 1.0e-7
+    grad_explode_above: Annotated[StrictFloat, Field(gt=0)] = 1000.0
     horovod: Annotated[HorovodConfig, _SECTION] = field(default_factory=HorovodConfig)
 
     def __post_init__(self) -> None:
+        if self.grad_vanish_below >= self.grad_explode_above:
+            raise ConfigError(
+                f"train.grad_vanish_below ({self.grad_vanish_below}) must be below "
+                f"train.grad_explode_above ({self.grad_explode_above})"
+            )
         if self.mixed_precision and self.use_gpu is False:
             # float16 is emulated on CPUs: many times slower than float32, never what one wants.
             raise ConfigError(

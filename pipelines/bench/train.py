@@ -1,10 +1,12 @@
 """Train benchmark: Horovod on Spark against plain Keras ``fit``, same model, same feed.
 
 In: a :class:`~pipelines.config.Config` (Spark session, row-group size for the cached
-dataset), a number of generated images and repeats. Out: two
+dataset), a number of generated images and repeats. Out: three
 :class:`~pipelines.bench.stats.Measurement` records: the steady-state step time of one
-Horovod rank over plain Keras (target at most 1.05x), and the images/s of two Horovod ranks
-over plain Keras (informative: what distributing buys on this machine).
+Horovod rank over plain Keras (target at most 1.05x), the images/s of two Horovod ranks
+over plain Keras (informative: what distributing buys on this machine), and the epoch time
+with rank 0's per-layer statistics (``train.layer_stats``) over the same epoch without them,
+at the epoch length of the default digits run (target at most 1.05x).
 
 The ranks run :func:`step_worker`: a training rank set up by the training code itself,
 :func:`pipelines.train.worker.prepared_rank` (device, threads, seed, rank-scaled learning
@@ -17,16 +19,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipelines.bench.data import DATASET_IMAGES, prepared_dataset
+from pipelines.bench.data import DATASET_IMAGES, PreparedDataset, prepared_dataset
 from pipelines.bench.feed import bench_model_config
 from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes, epoch_timer, interleaved
-from pipelines.config import Config
+from pipelines.config import Config, SplitConfig, TrainConfig
+from pipelines.demo import DEMO_IMAGES
 from pipelines.train.worker import RankSpec
 
 log = logging.getLogger("pipelines.bench")
@@ -37,6 +41,13 @@ TRAIN_TARGET_RATIO = 1.05
 WARMUP_EPOCHS = 1
 #: Timed epochs per launch; their median step time is the launch's figure.
 MEASURED_EPOCHS = 2
+#: Target: an epoch with rank 0's per-layer statistics at most this many times one without.
+LAYER_STATS_TARGET_RATIO = 1.05
+#: Timed epochs per layer-stats launch: its epochs are short (a digits epoch), so more.
+LAYER_STATS_EPOCHS = 8
+#: Training rows one rank of the default digits run reads per epoch (the bundled digits'
+#: train split over the default ranks): the epoch length the layer-stats cost is set against.
+DIGITS_ROWS_PER_RANK = math.ceil(DEMO_IMAGES * SplitConfig().train / TrainConfig().num_proc)
 
 
 @dataclass(frozen=True)
@@ -48,10 +59,13 @@ class StepSpec(RankSpec):
     Attributes:
         warmup_epochs: Untimed epochs first.
         measured_epochs: Timed epochs after them.
+        layer_stats: Add rank 0's per-layer statistics callback, as training does with
+            ``train.layer_stats`` (its probe: the first rows of the training feed).
     """
 
     warmup_epochs: int = WARMUP_EPOCHS
     measured_epochs: int = MEASURED_EPOCHS
+    layer_stats: bool = False
 
 
 def step_worker(spec: StepSpec) -> dict[str, Any]:
@@ -62,22 +76,30 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
 
     Returns:
         ``rank``, ``size``, ``steps_per_epoch``, ``epoch_seconds`` (the timed epochs),
-        ``step_seconds`` (their median divided by the steps), ``images_per_second`` (of all
-        ranks together: ``size * batch * steps / median epoch seconds``), ``weights_sha256``
-        and ``seconds`` (the whole rank, start-up included).
+        ``epoch_median`` (their median), ``step_seconds`` (that divided by the steps),
+        ``images_per_second`` (of all ranks together: ``size * batch * steps / median epoch
+        seconds``), ``layer_stats_seconds`` (the callback's own time in the timed epochs;
+        empty without it), ``weights_sha256`` and ``seconds`` (the whole rank, start-up
+        included).
     """
+    from pipelines.keras_api import keras
     from pipelines.train.launcher import distribution
+    from pipelines.train.layer_stats import layer_stats_callback, probe_batch
     from pipelines.train.worker import prepared_rank, weights_digest
 
     started = time.perf_counter()
     dist = distribution(spec.launcher)
     with prepared_rank(spec, dist) as rank:
         timer = epoch_timer()
+        extra = []
+        if spec.layer_stats and dist.rank == 0:
+            probe = probe_batch(rank.train_data)
+            extra.append(layer_stats_callback(keras(), probe, {}, {}))
         rank.model.fit(
             rank.train_data,
             epochs=spec.warmup_epochs + spec.measured_epochs,
             steps_per_epoch=rank.steps_per_epoch,
-            callbacks=[*rank.callbacks, timer],  # the timer last: see epoch_timer
+            callbacks=[*rank.callbacks, *extra, timer],  # the timer last: see epoch_timer
             verbose=0,
         )
         digest = weights_digest(rank.model)
@@ -89,6 +111,10 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         "size": dist.size,
         "steps_per_epoch": steps,
         "epoch_seconds": [round(s, 4) for s in measured],
+        "epoch_median": epoch,
+        "layer_stats_seconds": [
+            round(s, 4) for c in extra for s in c.seconds[spec.warmup_epochs :]
+        ],
         "step_seconds": epoch / steps,
         "images_per_second": dist.size * spec.train.batch_size * steps / epoch,
         "weights_sha256": digest,
@@ -127,9 +153,12 @@ def bench_train(
         images: Number of generated source images.
         repeats: Rounds of launches.
 
+    Then :func:`bench_layer_stats` (in this process, no Horovod).
+
     Returns:
-        One Horovod rank's step seconds over plain Keras (target ``<= 1.05``), and, with
-        two task slots, two ranks' images/s over plain Keras (informative).
+        One Horovod rank's step seconds over plain Keras (target ``<= 1.05``), with two
+        task slots two ranks' images/s over plain Keras (informative), and the layer-stats
+        epoch ratio of :func:`bench_layer_stats` (target ``<= 1.05``).
 
     Raises:
         UserError: ``images`` or ``repeats`` is below 1, no training rows, or Horovod is
@@ -228,7 +257,76 @@ def bench_train(
                 details=details,
             )
         )
+    measurements.append(bench_layer_stats(data, repeats=repeats))
     return measurements
+
+
+def bench_layer_stats(data: PreparedDataset, *, repeats: int = 3) -> Measurement:
+    """Epoch time with rank 0's per-layer statistics over the same epoch without them.
+
+    :func:`step_worker` under the local launcher (plain Keras ``fit``), the benchmark's
+    model (``mnist_cnn``, Adam, batch 32: the default model), at the epoch length of one
+    rank of the default digits run (:data:`DIGITS_ROWS_PER_RANK` rows), with and without
+    :func:`pipelines.train.layer_stats.layer_stats_callback` (one probe forward/backward
+    and the histograms per epoch). ``LAYER_STATS_EPOCHS`` timed epochs per launch, the
+    median epoch is the launch's figure; the two alternate, ``repeats`` rounds. A real
+    epoch also validates and averages across ranks, so its share of the callback is
+    smaller than measured here. The callback's own seconds are kept in the details.
+
+    Args:
+        data: The cached benchmark dataset (28x28 grey, as the digits are trained).
+        repeats: Rounds of launches.
+
+    Returns:
+        The measurement (target ``<= 1.05``).
+    """
+    from pipelines.train.launcher import LocalLauncher
+
+    spec = StepSpec(
+        train=bench_model_config(),
+        launcher="local",
+        dataset=str(data.path),
+        image_shape=data.image_shape,
+        num_classes=len(data.label_names),
+        rows={"train": DIGITS_ROWS_PER_RANK},
+        measured_epochs=LAYER_STATS_EPOCHS,
+    )
+    launches = {"plain": spec, "layer_stats": replace(spec, layer_stats=True)}
+    ranks: dict[str, list[dict[str, Any]]] = {name: [] for name in launches}
+
+    def run(name: str) -> float:
+        (result,) = LocalLauncher().run(step_worker, [launches[name]])
+        ranks[name].append(result)
+        return result["epoch_median"]
+
+    figures = interleaved(
+        "train", {name: functools.partial(run, name) for name in launches}, repeats
+    )
+    callback = [s for r in ranks["layer_stats"] for s in r["layer_stats_seconds"]]
+    plain_epoch = statistics.median(figures["plain"])
+    details = {
+        "repeats": repeats,
+        **data.describe(),
+        "model": spec.train.model,
+        "batch_size": spec.train.batch_size,
+        "rows_per_epoch": DIGITS_ROWS_PER_RANK,
+        "steps_per_epoch": ranks["plain"][0]["steps_per_epoch"],
+        "measured_epochs": LAYER_STATS_EPOCHS,
+        "measures": "median wall seconds of the timed epochs of plain Keras fit, one rank",
+        "epoch_seconds": {name: [r["epoch_seconds"] for r in ranks[name]] for name in ranks},
+        "callback_seconds_median": round(statistics.median(callback), 5),
+        "callback_share_of_plain_epoch": round(statistics.median(callback) / plain_epoch, 4),
+    }
+    return pair(
+        "train",
+        "fit epoch with layer stats",
+        figures["layer_stats"],
+        "fit epoch without",
+        figures["plain"],
+        unit="s/epoch",
+        target=f"<= {LAYER_STATS_TARGET_RATIO}",
+        details=details,
+    )
 
 
 def _rounded(values: list[float]) -> list[float]:

@@ -21,7 +21,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,6 +212,9 @@ def _train_in_run(
     # Elastic: the world size from each epoch on where it changed (a lost rank, a new one).
     mlflow.set_tag("world_size_changes", json.dumps(rank0["world_sizes"][1:]))
     _log_new_epochs(run_id, rank0["history"])
+    # Per-layer statistics of rank 0 (train.layer_stats), step = epoch like the history.
+    layer_stats = rank0.get("layer_stats", {})
+    _log_new_epochs(run_id, {f"layer/{name}": values for name, values in layer_stats.items()})
     mlflow.log_metrics(
         {"epochs_run": rank0["epochs"], "seconds_training": max(r["seconds"] for r in ranks)}
     )
@@ -222,7 +225,15 @@ def _train_in_run(
     mlflow.log_metrics(evaluation.metrics)
     mlflow.log_text(_summary(model), "model_summary.txt")
     if report is not None:
-        trained = Trained(model, rank0["history"], evaluation, manifest, autoencoder)
+        trained = Trained(
+            model,
+            rank0["history"],
+            evaluation,
+            manifest,
+            autoencoder,
+            layer_stats=layer_stats,
+            layer_histograms=rank0.get("layer_histograms", {}),
+        )
         report(config, trained)
 
     info = image_model.log_image_model(
@@ -281,6 +292,10 @@ class Trained:
     evaluation: Evaluation
     manifest: schema.Manifest  # the prepared dataset's manifest
     autoencoder: bool
+    #: Rank 0's per-layer statistics and histograms per epoch (empty with
+    #: ``train.layer_stats`` off); formats in :mod:`pipelines.train.layer_stats`.
+    layer_stats: dict[str, list[float]] = field(default_factory=dict)
+    layer_histograms: dict[str, list[list[list[float]]]] = field(default_factory=dict)
 
 
 #: A step run in the active training run once the model is evaluated: ``(config, trained)``.

@@ -39,13 +39,18 @@ if TYPE_CHECKING:
 #: Files rank 0 writes into the run's output directory.
 CHECKPOINT_MODEL = "checkpoint.h5"  # legacy: the one model file of older checkpoints
 #: The checkpoint's commit point: {"epoch": completed epochs, "history": {...}, "model":
-#: "checkpoint-<epoch>.h5", "model_sha256": ...}. Each epoch's model (full, with optimizer
+#: "checkpoint-<epoch>.h5", "model_sha256": ..., "layer_stats": {...}, "layer_histograms":
+#: {...}} (the last two: see :mod:`pipelines.train.layer_stats`; absent in older
+#: checkpoints and with ``train.layer_stats`` off). Each epoch's model (full, with optimizer
 #: state) gets a new file, written before this state is replaced in one os.replace, so the
 #: state always names a complete model of its own epoch.
 CHECKPOINT_STATE = "checkpoint.json"
 FINAL_MODEL = "model.h5"  # best weights, no optimizer: what gets evaluated and logged
 #: ``rank-<n>.json`` per rank: its host and pid, so the driver can name a rank that died.
 RANKS_DIR = "ranks"
+#: Rank 0's per-layer records (see :mod:`pipelines.train.layer_stats`): keys of its result
+#: and of the checkpoint state.
+LAYER_RECORDS = ("layer_stats", "layer_histograms")
 
 
 @dataclass(frozen=True)
@@ -259,11 +264,13 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
             initial_epoch, history = rank.resumed["epoch"], rank.resumed["history"]
         else:
             initial_epoch, history = 0, {}
+        # Rank 0's per-layer statistics (pipelines.train.layer_stats), resumed like history.
+        layers = {key: (rank.resumed or {}).get(key, {}) for key in LAYER_RECORDS}
 
         if cfg.elastic:
-            steps, world_sizes = _fit_elastic(spec, dist, rank, initial_epoch, history, k)
+            steps, world_sizes = _fit_elastic(spec, dist, rank, initial_epoch, history, k, layers)
         else:
-            steps = _fit(spec, dist, rank, initial_epoch, history, k, [])
+            steps = _fit(spec, dist, rank, initial_epoch, history, k, [], layers)
             world_sizes = [{"epoch": initial_epoch, "size": dist.size}]
 
         model = rank.model
@@ -289,6 +296,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
             "weights_sha256": weights_digest(model),
             "seconds": round(time.time() - started, 2),
             "placement": placement(),
+            **layers,  # filled on rank 0 only
         }
     return {**result, "device": rank.device, "precision": rank.policy}
 
@@ -301,11 +309,14 @@ def _fit(
     history: dict[str, list[float]],
     k: Any,
     extra_callbacks: list,
+    layers: dict[str, dict[str, list]] | None = None,
 ) -> int:
     """Fit from ``initial_epoch`` to ``train.epochs`` on ``rank``'s world; return its steps.
 
     The training callbacks (early stopping, history, rank 0's checkpoints) go after the
-    Distribution's; each completed epoch's (averaged) metrics are appended to ``history``.
+    Distribution's; each completed epoch's (averaged) metrics are appended to ``history``,
+    and, on rank 0 with ``train.layer_stats``, each epoch's per-layer statistics to
+    ``layers`` (:data:`LAYER_RECORDS` -> dict).
     """
     cfg = spec.train
     monitor = "val_loss" if rank.validation else "loss"
@@ -319,9 +330,15 @@ def _fit(
             )
         )
     callbacks.append(_Record(history, k))
+    if dist.rank == 0 and cfg.layer_stats and layers is not None:
+        from pipelines.train.layer_stats import layer_stats_callback, probe_batch
+
+        # Taken once before fit: the first rows of rank 0's (unshuffled) validation shard.
+        probe = probe_batch(rank.validation.get("validation_data", rank.train_data))
+        callbacks.append(layer_stats_callback(k, probe, *(layers[key] for key in LAYER_RECORDS)))
     if dist.rank == 0:
         # Horovod: checkpoints only on rank 0, so ranks never write the same file.
-        callbacks.append(_Checkpoint(Path(spec.out_dir), history, k))
+        callbacks.append(_Checkpoint(Path(spec.out_dir), history, k, layers))
     rank.model.fit(
         rank.train_data,
         epochs=cfg.epochs,
@@ -341,6 +358,7 @@ def _fit_elastic(
     initial_epoch: int,
     history: dict[str, list[float]],
     k: Any,
+    layers: dict[str, dict[str, list]],
 ) -> tuple[int, list[dict[str, int]]]:
     """Fit in Horovod elastic mode: a lost rank resets the world and training goes on.
 
@@ -353,7 +371,9 @@ def _fit_elastic(
         from each epoch on where it changed (the first entry is the start).
     """
     # Horovod: what is restored on every rank after a reset (rank 0's copy is broadcast).
-    state = dist.elastic_state(rank.model, epoch=initial_epoch, history=history, world_sizes=[])
+    state = dist.elastic_state(
+        rank.model, epoch=initial_epoch, history=history, world_sizes=[], **layers
+    )
     steps: list[int] = []
     entries = 0
 
@@ -370,12 +390,18 @@ def _fit_elastic(
         if not state.world_sizes or state.world_sizes[-1]["size"] != dist.size:
             state.world_sizes.append({"epoch": state.epoch, "size": dist.size})
         callbacks = dist.elastic_callbacks(state)
-        steps.append(_fit(spec, dist, world, state.epoch, state.history, k, callbacks))
+        # The layer-stats callback drops what a reset epoch wrote (it sets index = epoch).
+        restored = {key: getattr(state, key) for key in LAYER_RECORDS}
+        steps.append(_fit(spec, dist, world, state.epoch, state.history, k, callbacks, restored))
 
     loop(state)
     final = {key: list(values) for key, values in state.history.items()}
     history.clear()  # may be state.history itself: copied first
     history.update(final)
+    for key in LAYER_RECORDS:
+        records = dict(getattr(state, key))
+        layers[key].clear()
+        layers[key].update(records)
     return steps[-1], list(state.world_sizes)
 
 
@@ -477,13 +503,19 @@ def _Record(history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802
     return Record()
 
 
-def _Checkpoint(out: Path, history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802
+def _Checkpoint(  # noqa: N802
+    out: Path,
+    history: dict[str, list[float]],
+    k: Any,
+    layers: dict[str, dict[str, list]] | None = None,
+) -> Any:
     """A Keras callback saving the full model and the whole history after every epoch.
 
     The model goes to a new file per epoch; the state naming it (and its digest) is then
     replaced in one ``os.replace``: a run killed at any point leaves the last complete
     epoch's model and state, never a model of one epoch with the counter of another.
-    Runs after :func:`_Record`, so ``history`` already holds the epoch.
+    Runs after :func:`_Record` and the layer-stats callback, so ``history`` and ``layers``
+    (saved beside it, when given) already hold the epoch.
     """
 
     class Checkpoint(k.callbacks.Callback):
@@ -498,6 +530,7 @@ def _Checkpoint(out: Path, history: dict[str, list[float]], k: Any) -> Any:  # n
                 "history": history,
                 "model": name,
                 "model_sha256": _file_digest(out / name),
+                **(layers or {}),
             }
             state_tmp = out / f".{CHECKPOINT_STATE}.tmp"
             state_tmp.write_text(json.dumps(state))
