@@ -122,6 +122,7 @@ def train_stage(config: Config, dataset: str | None = None, resume: bool = False
 def log_run_report(config: Config, trained: Trained) -> None:
     """The run report step: log its artifacts under ``report/`` of the active training run."""
     from pipelines.report import log_training_report
+    from pipelines.report.layers import LayerRecords
 
     report = log_training_report(
         trained.model,
@@ -131,9 +132,17 @@ def log_run_report(config: Config, trained: Trained) -> None:
         label_names=trained.manifest.label_names,
         autoencoder=trained.autoencoder,
         tsne=config.train.tsne,
+        layers=LayerRecords(
+            trained.layer_stats,
+            trained.layer_histograms,
+            vanish_below=config.train.grad_vanish_below,
+            explode_above=config.train.grad_explode_above,
+        ),
     )
     for section, error in report["errors"].items():
         log.warning("train: report section %s was not written: %s", section, error)
+    for warning in report.get("layer_stats", {}).get("warnings", []):
+        log.warning("train: %s", warning["message"])
 
 
 def score_stage(

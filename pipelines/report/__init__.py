@@ -6,41 +6,56 @@ in memory (:class:`~pipelines.train.feed.SplitArrays`) and the model's outputs o
 probabilities, or reconstructions for the autoencoder).
 Out: artifacts under ``report/`` of the run, each plot as a PNG beside the numbers it shows:
 
-=============================  =================================================================
-``learning_curves.png/.csv``   train and validation loss, accuracy (or reconstruction error)
-                               and learning rate per epoch
-``confusion_matrix.png/.csv``  true x predicted counts on the evaluation split (classifiers)
-``classification_report.json`` per-class precision, recall, F1, support; accuracy; averages
-``misclassified.png/.csv``     the most confidently misclassified images (classifiers)
-``filters_layer1.png/.json``   the first convolution's kernels (for an MLP: the first dense
-                               layer's weights per unit, reshaped to the image)
-``activations.png/.json``      every conv/pool/activation map for a few sample images, each
-                               layer with its shape and min/max activation (as ConvNetJS shows)
-``embeddings.png/.csv``        2-D PCA (and optionally t-SNE) of the ``embedding`` layer
-                               (``latent`` for the autoencoder), coloured by class
-``reconstructions.png/.csv``   originals beside reconstructions (autoencoder)
-``tensorboard/``               TensorBoard logs: scalars (``train/``, ``validation/``) and graph
-``summary.json``               what :func:`log_training_report` returns
-=============================  =================================================================
+===============================  ===============================================================
+``learning_curves.png/.csv``     train and validation loss, accuracy (or reconstruction error)
+                                 and learning rate per epoch
+``confusion_matrix.png/.csv``    true x predicted counts on the evaluation split (classifiers)
+``classification_report.json``   per-class precision, recall, F1, support; accuracy; averages
+``misclassified.png/.csv``       the most confidently misclassified images (classifiers)
+``attribution.png/.json``        saliency and Grad-CAM of the most confident mistakes and as
+                                 many confidently correct images (classifiers)
+``layer_stats.png/.csv``         per epoch and layer: weight and gradient norms, update ratio,
+                                 activation min/max/mean on a probe batch, with vanishing or
+                                 exploding gradients flagged
+``filters_layer1.png/.json``     the first convolution's kernels (for an MLP: the first dense
+                                 layer's weights per unit, reshaped to the image)
+``filters_topk_<layer>.png``     per conv layer, the top-k test images of each filter cropped to
+``filters_topk.json/.csv``       its receptive field around the peak, and the numbers
+``activations.png/.json``        every conv/pool/activation map for a few sample images, each
+                                 layer with its shape and min/max activation (as ConvNetJS shows)
+``embeddings.png/.csv``          2-D PCA (and optionally t-SNE) of the ``embedding`` layer
+                                 (``latent`` for the autoencoder), coloured by class
+``embeddings_sprite.png/.json``  thumbnails of the points of the page's interactive plot
+``reconstructions.png/.csv``     originals beside reconstructions (autoencoder)
+``tensorboard/``                 TensorBoard logs: scalars (``train/``, ``validation/``), graph,
+                                 weight and gradient histograms (``histograms/``) and the
+                                 embedding projector (``projector_config.pbtxt``, ``projector/``)
+``summary.json``                 what :func:`log_training_report` returns
+===============================  ===============================================================
 
 In, afterwards (:func:`render_run_report`, :func:`render_comparison`): run ids and a tracking
 URI. Out: one self-contained HTML file per run (or per comparison): images embedded as base64
-data URIs, CSS inline, no JavaScript and no external references, so it opens offline from the
-file system and can be mailed around; the run page is also logged to the run as
-``report/report.html``.
+data URIs, CSS and the embedding plot's script inline, no external references and nothing
+fetched, so it opens offline from the file system and can be mailed around; the run page is
+also logged to the run as ``report/report.html``.
 
 The package, one job per module, data flowing one way
 (``numeric`` <- ``plots`` <- ``artifacts``; ``pages`` <- ``render``):
 
-=============  ==============================================================================
-``numeric``    pure numpy: confusion matrix, per-class scores, errors, PCA/t-SNE, samples
-``probe``      Keras introspection: the layers to draw and their outputs
-``plots``      matplotlib figures on the Agg canvas (never ``pyplot``)
-``artifacts``  :func:`write_training_report` / :func:`log_training_report`, one writer per
-               section
-``pages``      HTML building: the run page and the comparison page, self-contained
-``render``     :func:`render_run_report` / :func:`render_comparison`: MLflow reads, page writes
-=============  ==============================================================================
+===============  ===============================================================================
+``numeric``      pure numpy: confusion matrix, per-class scores, errors, PCA/t-SNE, samples
+``probe``        Keras introspection: the layers to draw and their outputs
+``plots``        matplotlib figures on the Agg canvas (never ``pyplot``)
+``filters``      receptive fields and each filter's top-k images (numbers, grid, section)
+``attribution``  saliency and Grad-CAM (numbers, figures, section); also used by
+                 :mod:`pipelines.explain`
+``layers``       the per-layer statistics section: CSV, small multiples, histograms, warnings
+``embeddings``   the embedding section's thumbnails and TensorBoard projector files
+``artifacts``    :func:`write_training_report` / :func:`log_training_report`, one writer per
+                 section
+``pages``        HTML building: the run page and the comparison page, self-contained
+``render``       :func:`render_run_report` / :func:`render_comparison`: MLflow reads, page writes
+===============  ===============================================================================
 
 matplotlib, TensorFlow, scikit-learn and MLflow are imported inside the functions that need
 them, so importing this package costs numpy only.

@@ -25,9 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.report import embeddings
+from pipelines.report.attribution import write_attribution
+from pipelines.report.filters import write_filter_topk
+from pipelines.report.layers import LayerRecords, write_layer_section
 from pipelines.report.numeric import (
+    class_name,
     classification_report,
     confusion_matrix,
+    jsonable,
     most_confident_errors,
     pca_2d,
     pick_samples,
@@ -74,6 +80,7 @@ def log_training_report(
     autoencoder: bool,
     tsne: bool = False,
     samples: int = 4,
+    layers: LayerRecords | None = None,
 ) -> dict[str, Any]:
     """Compute the training report and log it to the active MLflow run under ``report/``.
 
@@ -92,6 +99,8 @@ def log_training_report(
         autoencoder: The model reconstructs its input instead of classifying.
         tsne: Also project the embeddings with t-SNE (scikit-learn; minutes for 10,000 images).
         samples: Number of sample images whose activation maps are drawn.
+        layers: Rank 0's per-layer statistics and histograms per epoch and the gradient
+            thresholds (``train.layer_stats``); None: the section says none were recorded.
 
     Returns:
         The summary also stored as ``report/summary.json``: ``artifacts`` (relative names),
@@ -113,6 +122,7 @@ def log_training_report(
             autoencoder=autoencoder,
             tsne=tsne,
             samples=samples,
+            layers=layers,
         )
         mlflow.log_artifacts(tmp, artifact_path=REPORT_DIR)
     return summary
@@ -129,6 +139,7 @@ def write_training_report(
     autoencoder: bool,
     tsne: bool = False,
     samples: int = 4,
+    layers: LayerRecords | None = None,
 ) -> dict[str, Any]:
     """Write the files of :func:`log_training_report` to a local directory, log nothing.
 
@@ -142,6 +153,7 @@ def write_training_report(
         autoencoder: See :func:`log_training_report`.
         tsne: See :func:`log_training_report`.
         samples: See :func:`log_training_report`.
+        layers: See :func:`log_training_report`.
 
     Returns:
         The summary, as :func:`log_training_report` returns it.
@@ -179,14 +191,20 @@ def write_training_report(
         sections += [
             ("confusion_matrix", lambda: _confusion(out, labels, outputs, names)),
             ("misclassified", lambda: _misclassified(out, arrays, outputs, names)),
+            (
+                "attribution",
+                lambda: write_attribution(out, model, arrays.images, x, labels, outputs, names),
+            ),
         ]
     sections += [
         ("filters_layer1", lambda: _filters(out, model)),
+        ("filters_topk", lambda: write_filter_topk(out, model, arrays.images, x)),
         ("activations", lambda: _activations(out, model, arrays, x, names, samples)),
         (
             "embeddings",
             lambda: _embeddings(out, model, arrays, x, outputs, names, autoencoder, tsne),
         ),
+        ("layer_stats", lambda: write_layer_section(out, layers or LayerRecords())),
         ("tensorboard", lambda: _tensorboard(out / "tensorboard", model, history, x)),
     ]
     for name, section in sections:
@@ -202,7 +220,7 @@ def write_training_report(
         summary.update(result)
     summary["artifacts"] = _artifact_names(out)
     summary["artifacts"].append("summary.json")
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
     return summary
 
 
@@ -232,7 +250,7 @@ def _confusion(
         [[names[k], *cm[k].tolist()] for k in range(len(names))],
     )
     report = classification_report(cm, names)
-    (out / "classification_report.json").write_text(json.dumps(_jsonable(report), indent=2))
+    (out / "classification_report.json").write_text(json.dumps(jsonable(report), indent=2))
     save_png(plot_confusion(cm, names, report["accuracy"]), out / "confusion_matrix.png")
     return {
         "accuracy": report["accuracy"],
@@ -333,7 +351,7 @@ def _filters(out: Path, model: KerasModel) -> dict[str, Any]:
     }
     if note:
         data["note"] = note
-    (out / "filters_layer1.json").write_text(json.dumps(_jsonable(data)))
+    (out / "filters_layer1.json").write_text(json.dumps(jsonable(data)))
     title = (
         f"{layer.name}: {len(tiles)} filters {'x'.join(str(d) for d in kernel.shape[:3])}"
         if kind == "conv"
@@ -359,7 +377,7 @@ def _activations(
     chosen = activation_layers(model)
     picked = pick_samples(np.asarray(arrays.labels), samples)
     sample_info = [
-        {"index": int(i), "path": arrays.paths[i], "label": _name(names, arrays.labels[i])}
+        {"index": int(i), "path": arrays.paths[i], "label": class_name(names, arrays.labels[i])}
         for i in picked
     ]
     if not chosen or not len(picked):
@@ -389,7 +407,7 @@ def _activations(
             }
         )
     (out / "activations.json").write_text(
-        json.dumps(_jsonable({"samples": sample_info, "layers": layers_info}), indent=1)
+        json.dumps(jsonable({"samples": sample_info, "layers": layers_info}), indent=1)
     )
     fig = plot_activations(arrays.images[picked], sample_info, layers_info, maps)
     save_png(fig, out / "activations.png")
@@ -406,14 +424,23 @@ def _embeddings(
     autoencoder: bool,
     tsne: bool,
 ) -> dict[str, Any]:
+    """The 2-D projections (CSV, PNG), the page's thumbnails and the projector files.
+
+    ``embeddings.csv`` has one row per image; ``embeddings_sprite.png/.json`` hold the
+    thumbnails of the (at most :data:`EMBEDDINGS_SHOWN`) points the page plots, in the order
+    of the JSON's ``indices``; ``tensorboard/`` gets the projector's vectors, metadata,
+    sprite and config.
+    """
     wanted = LATENT_LAYER if autoencoder else EMBEDDING_LAYER
     layer_names = [layer.name for layer in model.layers]
-    note = None
+    notes = []
     if wanted in layer_names:
         layer_name = wanted
     else:
         layer_name = model.layers[-2].name
-        note = f"model {model.name} has no layer {wanted!r}; projecting {layer_name!r} instead"
+        notes.append(
+            f"model {model.name} has no layer {wanted!r}; projecting {layer_name!r} instead"
+        )
     (features,) = layer_outputs(model, [layer_name], x)
     features = features.reshape(len(features), -1)
     coords, ratio = pca_2d(features)
@@ -422,37 +449,65 @@ def _embeddings(
         if len(features) >= 4:
             projections["tsne"] = tsne_2d(features)
         else:
-            skipped = "t-SNE skipped: it needs at least 4 images"
-            note = f"{note}; {skipped}" if note else skipped
+            notes.append("t-SNE skipped: it needs at least 4 images")
     labels = np.asarray(arrays.labels)
     predicted = None if autoencoder else outputs.argmax(axis=1)
-    header = ["index", "path", "label"] + ([] if predicted is None else ["predicted"])
-    for method in projections:
-        header += [f"{method}_1", f"{method}_2"]
-    rows = []
-    for i in range(len(features)):
-        row: list[Any] = [i, arrays.paths[i], _name(names, labels[i])]
-        if predicted is not None:
-            row.append(_name(names, predicted[i]))
-        for method_coords in projections.values():
-            row += [float(method_coords[i, 0]), float(method_coords[i, 1])]
-        rows.append(row)
-    _write_csv(out / "embeddings.csv", header, rows)
+    _write_csv(
+        out / "embeddings.csv",
+        *_embedding_rows(arrays.paths, labels, predicted, outputs, names, projections),
+    )
     fig = plot_embeddings(
         projections, labels, predicted, names, layer_name, features.shape[1], ratio, autoencoder
     )
     save_png(fig, out / "embeddings.png")
+    shown = embeddings.sample_points(labels, predicted, embeddings.EMBEDDINGS_SHOWN)
+    embeddings.write_thumbnails(out, arrays.images, shown, len(labels))
+    try:  # the projector is an extra: its failure must not cost the plots above
+        projector = embeddings.write_projector(
+            out / "tensorboard", features, arrays, labels, predicted, names, layer_name
+        )
+    except Exception as exc:
+        log.warning("report: the TensorBoard projector files failed", exc_info=True)
+        notes.append(f"TensorBoard projector files not written: {type(exc).__name__}: {exc}")
+        projector = None
     result: dict[str, Any] = {
         "embedding": {
             "layer": layer_name,
             "dimensions": int(features.shape[1]),
             "methods": list(projections),
             "pca_explained_variance_ratio": ratio.tolist(),
-        }
+            "shown": len(shown),
+        },
+        "projector": projector,
     }
-    if note:
-        result["note"] = note
+    if notes:
+        result["note"] = "; ".join(notes)
     return result
+
+
+def _embedding_rows(
+    paths: Sequence[str],
+    labels: np.ndarray,
+    predicted: np.ndarray | None,
+    outputs: np.ndarray,
+    names: list[str],
+    projections: Mapping[str, np.ndarray],
+) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of ``embeddings.csv``: one per image, the page's plot reads them."""
+    header = ["index", "path", "label"]
+    if predicted is not None:
+        header += ["predicted", "probability"]
+    for method in projections:
+        header += [f"{method}_1", f"{method}_2"]
+    rows = []
+    for i in range(len(labels)):
+        row: list[Any] = [i, paths[i], class_name(names, labels[i])]
+        if predicted is not None:
+            row += [class_name(names, predicted[i]), float(outputs[i, predicted[i]])]
+        for method_coords in projections.values():
+            row += [float(method_coords[i, 0]), float(method_coords[i, 1])]
+        rows.append(row)
+    return header, rows
 
 
 def _reconstructions(
@@ -467,7 +522,7 @@ def _reconstructions(
         [
             int(i),
             arrays.paths[i],
-            _name(names, arrays.labels[i]),
+            class_name(names, arrays.labels[i]),
             float(errors[i]),
             float(squared[i]),
         ]
@@ -481,7 +536,11 @@ def _reconstructions(
 def _tensorboard(
     out: Path, model: KerasModel, history: Mapping[str, Sequence[float]], x: np.ndarray
 ) -> dict[str, Any]:
-    """Write TensorBoard logs: epoch scalars (train/ and validation/) and the model graph."""
+    """Write TensorBoard logs: epoch scalars (train/ and validation/) and the model graph.
+
+    The projector files in the same folder are written by :func:`_embeddings`, which has the
+    embedding layer's outputs; the summary says whether they are there.
+    """
     import tensorflow as tf
 
     writers = {
@@ -507,7 +566,10 @@ def _tensorboard(
     for writer in writers.values():
         writer.flush()
         writer.close()
-    return {"tensorboard": {"scalars": sorted(history), "graph": graph_written}}
+    projector = (out / embeddings.PROJECTOR_CONFIG).is_file()
+    return {
+        "tensorboard": {"scalars": sorted(history), "graph": graph_written, "projector": projector}
+    }
 
 
 def _check_outputs(
@@ -527,12 +589,6 @@ def _check_outputs(
         )
 
 
-def _name(names: Sequence[str], index: Any) -> str:
-    """The class name of a label index, or the index itself when the names do not cover it."""
-    k = int(index)
-    return names[k] if 0 <= k < len(names) else str(k)
-
-
 def _artifact_names(out: Path) -> list[str]:
     names = []
     for path in sorted(out.iterdir()):
@@ -545,18 +601,3 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def _jsonable(value: Any) -> Any:
-    """Turn numpy values into plain Python and non-finite floats into None (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

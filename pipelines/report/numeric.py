@@ -8,6 +8,7 @@ files or touches Keras or MLflow; scikit-learn is imported inside :func:`tsne_2d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -192,3 +193,24 @@ def pick_samples(labels: np.ndarray, count: int) -> np.ndarray:
         if i not in picked:
             picked.append(i)
     return np.array(sorted(picked), dtype=np.int64)
+
+
+def class_name(names: Sequence[str], index: Any) -> str:
+    """The class name of a label index, or the index itself when the names do not cover it."""
+    k = int(index)
+    return names[k] if 0 <= k < len(names) else str(k)
+
+
+def jsonable(value: Any) -> Any:
+    """Turn numpy values into plain Python and non-finite floats into None (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

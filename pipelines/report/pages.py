@@ -3,15 +3,18 @@
 In: what :mod:`pipelines.report.render` fetched from MLflow (the run objects, the run's
 downloaded ``report/`` files by name, the dataset manifest, per-epoch metric histories, the
 registered model version). Out: the page as a string: images embedded as base64 data URIs,
-CSS inline, no JavaScript and no external references, so it opens offline from the file
-system. Curves missing from the artifacts are drawn with :mod:`pipelines.report.plots`.
-Nothing here talks to MLflow or writes the page.
+CSS inline and no external references, so it opens offline from the file system. The one
+script, the run page's interactive embedding plot (``templates/embeddings.js.j2``), is inline
+and reads its data from an inline JSON block; it fetches nothing. Curves missing from the
+artifacts are drawn with :mod:`pipelines.report.plots`. Nothing here talks to MLflow or
+writes the page.
 
 The markup lives in Jinja2 templates shipped in the package (``templates/*.html.j2``, with
 ``templates/report.css`` included into each page's ``<style>``); this module turns the run
 into their context: plain text, numbers formatted for display, tables as cells, images as
 data URIs. Autoescape is on for every template and nothing is marked safe, so whatever comes
-from a run (names, params, tags, labels, paths, notes) is escaped where it is written.
+from a run (names, params, tags, labels, paths, notes) is escaped where it is written; the
+plot's JSON goes through Jinja2's ``tojson``, which escapes ``<``, ``>``, ``&`` and ``'``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.report.plots import plot_curves, save_png
+from pipelines.report.plots import class_colours_hex, plot_curves, save_png
 
 if TYPE_CHECKING:
     import jinja2
@@ -83,7 +86,8 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _render(template: str, title: str, context: _Context) -> str:
+def render_page(template: str, title: str, context: _Context) -> str:
+    """One of the package's Jinja2 templates rendered as a whole page, stamped with the time."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return _environment().get_template(template).render(title=title, generated=stamp, **context)
 
@@ -108,14 +112,15 @@ def _img(path: Path, alt: str) -> _Image:
     return _Image(f"data:image/png;base64,{data}", alt)
 
 
-def _figure_img(fig: Figure, alt: str) -> _Image:
+def figure_img(fig: Figure, alt: str) -> _Image:
+    """A matplotlib figure as an image embedded in a page (a PNG data URI)."""
     with tempfile.TemporaryDirectory(prefix="dlpipe-report-") as tmp:
         path = Path(tmp) / "figure.png"
         save_png(fig, path)
         return _img(path, alt)
 
 
-def _table(
+def html_table(
     headers: Sequence[Any], rows: Sequence[Sequence[Any]], classes: Sequence[Sequence[str]] = ()
 ) -> _Table:
     """Format the cells: numbers right-aligned (``num``), plus any extra class per cell."""
@@ -212,20 +217,25 @@ def run_page(
         "section_errors": list(summary.get("errors", {}).items()),
         "cards": [(key, _fmt(data.metrics[key])) for key in headline if key in data.metrics],
         "curves": _curves_section(files, histories, notes),
+        "layer_stats": _layer_stats_section(files, summary, notes),
         "confusion": _confusion_section(files),
         "misclassified": _misclassified_section(files, notes),
         "reconstructions": _reconstructions_section(files),
         "filters": _filters_section(files, notes),
+        "filters_topk": _filters_topk_section(files, notes),
+        "attribution": _attribution_section(files, notes),
         "activations": _activations_section(files),
         "embeddings": _embeddings_section(files, summary, notes),
-        "tensorboard": "tensorboard/" in files,
-        "metrics": _table(["metric", "last value"], sorted(data.metrics.items())),
-        "params": _table(["param", "value"], sorted(data.params.items())),
+        "tensorboard": {"projector": bool(summary.get("projector"))}
+        if "tensorboard/" in files
+        else None,
+        "metrics": html_table(["metric", "last value"], sorted(data.metrics.items())),
+        "params": html_table(["param", "value"], sorted(data.params.items())),
         "manifest": _manifest_section(manifest),
-        "tags": {"summary": f"{len(tags)} tags", "table": _table(["tag", "value"], tags)},
+        "tags": {"summary": f"{len(tags)} tags", "table": html_table(["tag", "value"], tags)},
         "tracking_uri": tracking_uri,
     }
-    return _render("run.html.j2", f"Run report {info.run_name or info.run_id}", context)
+    return render_page("run.html.j2", f"Run report {info.run_name or info.run_id}", context)
 
 
 def _curves_section(
@@ -238,7 +248,7 @@ def _curves_section(
     elif histories:
         epochs = max(len(v) for v in histories.values())
         fig = plot_curves([("", histories)], title=f"Learning curves ({epochs} epochs)")
-        section["image"] = _figure_img(fig, "learning curves from the metric history")
+        section["image"] = figure_img(fig, "learning curves from the metric history")
     else:
         section["note"] = notes.get("learning_curves", "no per-epoch metrics were logged")
         return section
@@ -249,7 +259,7 @@ def _curves_section(
             [e + 1, *(histories[k][e] if e < len(histories[k]) else None for k in keys)]
             for e in range(epochs)
         ]
-        section["table"] = _table(["epoch", *keys], rows)
+        section["table"] = html_table(["epoch", *keys], rows)
     return section
 
 
@@ -271,7 +281,7 @@ def _confusion_section(files: Mapping[str, Path]) -> _Context | None:
             "accuracy": f"{report['accuracy']:.2%}",
             "correct": f"{report['correct']:,}",
             "total": f"{report['total']:,}",
-            "table": _table(["class", "precision", "recall", "F1", "support"], rows),
+            "table": html_table(["class", "precision", "recall", "F1", "support"], rows),
         }
     return {"image": _img(files["confusion_matrix.png"], "confusion matrix"), "scores": scores}
 
@@ -288,7 +298,7 @@ def _misclassified_section(files: Mapping[str, Path], notes: Mapping[str, str]) 
     if "misclassified.csv" in files:
         header, rows = _read_csv(files["misclassified.csv"])
         if rows:
-            section.update(summary=f"{len(rows)} rows", table=_table(header, rows))
+            section.update(summary=f"{len(rows)} rows", table=html_table(header, rows))
     return section
 
 
@@ -297,7 +307,7 @@ def _reconstructions_section(files: Mapping[str, Path]) -> _Context | None:
         return None
     table = None
     if "reconstructions.csv" in files:
-        table = _table(*_read_csv(files["reconstructions.csv"]))
+        table = html_table(*_read_csv(files["reconstructions.csv"]))
     return {
         "image": _img(files["reconstructions.png"], "originals and reconstructions"),
         "table": table,
@@ -319,9 +329,101 @@ def _filters_section(files: Mapping[str, Path], notes: Mapping[str, str]) -> _Co
         section.update(
             image=_img(files["filters_layer1.png"], "first-layer filters"),
             summary=f"{data['layer']}: kernel {tuple(data['kernel_shape'])}",
-            table=_table(["filter", "min", "max", "mean", "L2 norm"], rows),
+            table=html_table(["filter", "min", "max", "mean", "L2 norm"], rows),
         )
     return section
+
+
+def _layer_stats_section(
+    files: Mapping[str, Path], summary: Mapping[str, Any], notes: Mapping[str, str]
+) -> _Context | None:
+    """Per-layer norms, update ratio and activations per epoch; vanishing/exploding warnings."""
+    stats = summary.get("layer_stats")
+    if stats is None:
+        return None
+    section: _Context = {
+        "image": _img(files["layer_stats.png"], "per-layer statistics per epoch")
+        if "layer_stats.png" in files
+        else None,
+        "warnings": [warning["message"] for warning in stats.get("warnings", [])],
+        "layers": len(stats.get("layers", [])),
+        "epochs": stats.get("epochs", 0),
+        "histograms": bool(stats.get("histograms")),
+        "table": None,
+        "note": notes.get("layer_stats"),
+    }
+    if "layer_stats.csv" in files:
+        section["table"] = html_table(*_read_csv(files["layer_stats.csv"]))
+    return section
+
+
+def _filters_topk_section(files: Mapping[str, Path], notes: Mapping[str, str]) -> _Context | None:
+    """Per conv layer, the top-k images of each filter cropped to its receptive field."""
+    if "filters_topk.json" not in files:
+        return None
+    data = json.loads(files["filters_topk.json"].read_text())
+    layers = []
+    for layer in data["layers"]:
+        name = f"filters_topk_{layer['name']}.png"
+        field = layer["receptive_field"]
+        layers.append(
+            {
+                "name": layer["name"],
+                "summary": (
+                    f"{layer['filters']} filters ({layer['drawn']} drawn), receptive field "
+                    f"{field['size'][0]}x{field['size'][1]} px, stride "
+                    f"{field['stride'][0]}x{field['stride'][1]}"
+                ),
+                "image": _img(files[name], f"top images of {layer['name']}")
+                if name in files
+                else None,
+            }
+        )
+    return {
+        "k": data["k"],
+        "images": data["images"],
+        "layers": layers,
+        "note": notes.get("filters_topk"),
+    }
+
+
+def _attribution_section(files: Mapping[str, Path], notes: Mapping[str, str]) -> _Context | None:
+    """Saliency and Grad-CAM of the most confident mistakes and as many correct images."""
+    if "attribution.json" not in files:
+        return None
+    data = json.loads(files["attribution.json"].read_text())
+    rows = [
+        [
+            entry["index"],
+            entry["true"],
+            entry["predicted"],
+            entry["probability"],
+            "yes" if entry["correct"] else "no",
+            tuple(entry["saliency"]["peak"]),
+            tuple(entry["grad_cam"]["peak"]) if entry["grad_cam"] else "-",
+        ]
+        for entry in data["images"]
+    ]
+    header = [
+        "index",
+        "true",
+        "predicted",
+        "probability",
+        "correct",
+        "saliency peak",
+        "Grad-CAM peak",
+    ]
+    return {
+        "image": _img(files["attribution.png"], "saliency and Grad-CAM")
+        if "attribution.png" in files
+        else None,
+        "layer": data.get("grad_cam_layer"),
+        "score": data.get("score"),
+        "mistakes": data["mistakes"],
+        "correct": data["correct"],
+        "table": html_table(header, rows) if rows else None,
+        "note": data.get("note") or notes.get("attribution"),
+    }
 
 
 def _activations_section(files: Mapping[str, Path]) -> _Context | None:
@@ -345,7 +447,7 @@ def _activations_section(files: Mapping[str, Path]) -> _Context | None:
         ]
         section.update(
             samples=", ".join(f"#{s['index']} ({s['label']})" for s in data["samples"]),
-            table=_table(
+            table=html_table(
                 ["layer", "type", "output shape", "min activation", "max activation"], rows
             ),
         )
@@ -361,6 +463,7 @@ def _embeddings_section(
         "image": _img(files["embeddings.png"], "2-D projection of the embeddings"),
         "projection": None,
         "note": notes.get("embeddings"),
+        "explorer": _embeddings_explorer(files, summary),
     }
     emb = summary.get("embedding")
     if emb:
@@ -370,8 +473,101 @@ def _embeddings_section(
             "dimensions": emb["dimensions"],
             "methods": ", ".join(emb["methods"]),
             "explained": [f"{ratio[0]:.1%}", f"{ratio[1]:.1%}"],
+            "autoencoder": bool(summary.get("autoencoder")),
         }
     return section
+
+
+#: Display names of the projections in ``embeddings.csv`` (``<key>_1``, ``<key>_2``).
+_PROJECTIONS = {"pca": "PCA", "tsne": "t-SNE"}
+
+
+def _embeddings_explorer(files: Mapping[str, Path], summary: Mapping[str, Any]) -> _Context | None:
+    """The interactive plot's context: the sampled rows of ``embeddings.csv`` and thumbnails.
+
+    The points are the rows named by ``embeddings_sprite.json``'s ``indices``, in that order
+    (the order of the thumbnails in ``embeddings_sprite.png``); None when a file is missing
+    (a run logged before the plot existed), and the page keeps the static figure only.
+    """
+    needed = ("embeddings.csv", "embeddings_sprite.png", "embeddings_sprite.json")
+    if not all(name in files for name in needed):
+        return None
+    meta = json.loads(files["embeddings_sprite.json"].read_text())
+    with files["embeddings.csv"].open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or [])
+        by_index = {int(row["index"]): row for row in reader}
+    rows = [by_index[i] for i in meta["indices"]]
+    names = [str(n) for n in summary.get("label_names") or []]
+    for row in by_index.values():  # a label outside the manifest's names (see numeric.class_name)
+        for key in ("label", "predicted"):
+            if key in row and row[key] not in names:
+                names.append(row[key])
+    classes = {name: k for k, name in enumerate(names)}
+    classifier = "predicted" in header
+    methods = [m for m in _PROJECTIONS if f"{m}_1" in header]
+    colours = class_colours_hex(len(names))
+    data = {
+        "classes": names,
+        "colours": colours,
+        "classifier": classifier,
+        "methods": [_axis_labels(m, summary) for m in methods],
+        "index": [int(row["index"]) for row in rows],
+        "path": [row["path"] for row in rows],
+        "true": [classes[row["label"]] for row in rows],
+        "predicted": [classes[row["predicted"]] for row in rows] if classifier else [],
+        "probability": [_float(row.get("probability")) for row in rows] if classifier else [],
+        "coords": {
+            m: [[float(row[f"{m}_1"]), float(row[f"{m}_2"])] for row in rows] for m in methods
+        },
+        "sprite": {
+            "src": _img(files["embeddings_sprite.png"], "thumbnails").src,
+            "tile": meta["tile"],
+            "columns": meta["columns"],
+        },
+    }
+    return {
+        "data": data,
+        "methods": data["methods"],
+        "classifier": classifier,
+        "legend": list(zip(names, colours, strict=True)),
+        "legend_title": "true class" if classifier else "dataset label",
+        "caption": _sample_caption(by_index, rows, classifier),
+    }
+
+
+def _axis_labels(method: str, summary: Mapping[str, Any]) -> dict[str, str]:
+    if method == "pca":
+        ratio = (summary.get("embedding") or {}).get("pca_explained_variance_ratio", [0, 0])
+        x, y = (f"PC {k + 1} ({ratio[k]:.0%} of variance)" for k in range(2))
+    else:
+        x, y = f"{_PROJECTIONS[method]} 1", f"{_PROJECTIONS[method]} 2"
+    return {"key": method, "name": _PROJECTIONS[method], "x": x, "y": y}
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _sample_caption(
+    by_index: Mapping[int, Mapping[str, str]], rows: Sequence[Mapping[str, str]], classifier: bool
+) -> str:
+    """Which points the plot shows: all of them, or how many of how many and which."""
+    total, shown = len(by_index), len(rows)
+    if shown == total:
+        return f"All {total:,} images of the evaluation split are shown."
+    text = f"Showing {shown:,} of {total:,} images"
+    if not classifier:
+        return f"{text} (a fixed random sample)."
+    wrong = sum(row["label"] != row["predicted"] for row in by_index.values())
+    wrong_shown = sum(row["label"] != row["predicted"] for row in rows)
+    if wrong_shown == wrong:
+        return f"{text}: all {wrong:,} misclassified ones and a fixed random sample of the rest."
+    return f"{text}: {wrong_shown:,} of the {wrong:,} misclassified ones, a fixed random sample."
 
 
 def _manifest_section(manifest: Mapping[str, Any] | None) -> _Context | None:
@@ -383,7 +579,7 @@ def _manifest_section(manifest: Mapping[str, Any] | None) -> _Context | None:
         if isinstance(text, str) and len(text) > 160:
             text = text[:157] + "..."
         rows.append([key, text])
-    return {"table": _table(["field", "value"], rows), "text": json.dumps(manifest, indent=2)}
+    return {"table": html_table(["field", "value"], rows), "text": json.dumps(manifest, indent=2)}
 
 
 def comparison_page(
@@ -411,7 +607,7 @@ def comparison_page(
     curves = None
     if any(histories):
         fig = plot_curves(list(zip(labels, histories, strict=True)), title="Learning curves")
-        curves = _figure_img(fig, "overlaid learning curves")
+        curves = figure_img(fig, "overlaid learning curves")
 
     rows: list[list[Any]] = [["status", *(run.info.status for run in runs)]]
     rows += [[key, *(run.data.params.get(key, "-") for run in runs)] for key in differing]
@@ -435,11 +631,11 @@ def comparison_page(
         "run_ids": [run.info.run_id for run in runs],
         "curves": curves,
         "identical_params": not differing,
-        "table": _table(["", *labels], rows, classes),
+        "table": html_table(["", *labels], rows, classes),
         "per_run": per_run,
         "tracking_uri": tracking_uri,
     }
-    return _render("comparison.html.j2", f"Comparison of {len(runs)} runs", context)
+    return render_page("comparison.html.j2", f"Comparison of {len(runs)} runs", context)
 
 
 def _best_marks(key: str, values: Sequence[float | None]) -> list[str]:

@@ -11,6 +11,7 @@ matplotlib is imported inside the functions that need it.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,11 +24,16 @@ if TYPE_CHECKING:
 #: Resolution of the PNGs.
 DPI = 100
 #: Green for right, red for wrong.
-_GOOD = "#1a7f37"
-_BAD = "#cf222e"
+GOOD = "#1a7f37"
+BAD = "#cf222e"
+#: Font size of figure titles (matplotlib's ``large`` at the default 10 pt).
+_TITLE_SIZE = 12.0
+#: Width of an average character of DejaVu Sans in ems, rounded up: wrapping uses it to keep
+#: titles inside their figure (tests/unit/test_plot_text_fits.py measures the real extents).
+_CHAR_EM = 0.62
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A figure on the Agg canvas, independent of pyplot and of the session's backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -37,13 +43,32 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """Break ``text`` into lines that fit ``width_in`` inches at ``fontsize`` points."""
+    chars = max(8, int(width_in * 72 / (fontsize * _CHAR_EM)))
+    return "\n".join(
+        "\n".join(textwrap.wrap(line, chars, break_on_hyphens=False)) or line
+        for line in text.splitlines()
+    )
+
+
+def shorten(text: str, chars: int) -> str:
+    """``text`` cut to ``chars`` characters with an ellipsis (tile titles of long names)."""
+    return text if len(text) <= chars else text[: chars - 1] + "\u2026"
+
+
+def suptitle(fig: Figure, text: str, fontsize: float = _TITLE_SIZE) -> None:
+    """A figure title wrapped to the figure's width, so a narrow figure does not clip it."""
+    fig.suptitle(_wrap(text, fig.get_figwidth() * 0.95, fontsize), fontsize=fontsize)
+
+
 def save_png(fig: Figure, path: Path, dpi: int = DPI) -> None:
     """Write ``fig`` as a PNG on a white background, then clear it to free its memory."""
     fig.savefig(path, format="png", dpi=dpi, facecolor="white")
     fig.clear()
 
 
-def _show_image(ax: Any, image: np.ndarray, **kwargs: Any) -> None:
+def show_image(ax: Any, image: np.ndarray, **kwargs: Any) -> None:
     """Draw one uint8 HxWxC image (grey or RGB) without axes."""
     if image.ndim == 3 and image.shape[2] == 1:
         ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255, **kwargs)
@@ -69,7 +94,7 @@ def plot_curves(runs: Sequence[tuple[str, Mapping[str, Sequence[float]]]], title
     from matplotlib.ticker import MaxNLocator
 
     panels = _curve_panels([key for _, series in runs for key in series])
-    fig = _figure(min(5.0 * len(panels), 15.0), 4.2 if len(runs) == 1 else 5.2)
+    fig = new_figure(min(5.0 * len(panels), 15.0), 4.2 if len(runs) == 1 else 5.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for ax, base in zip(axes, panels, strict=True):
@@ -111,7 +136,7 @@ def plot_curves(runs: Sequence[tuple[str, Mapping[str, Sequence[float]]]], title
         fig.legend(
             handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8
         )
-    fig.suptitle(title)
+    suptitle(fig, title)
     return fig
 
 
@@ -119,7 +144,7 @@ def plot_confusion(cm: np.ndarray, names: list[str], accuracy: float) -> Figure:
     """Counts per cell; the diagonal in greens, errors in reds, shaded by share of the row."""
     k = len(names)
     side = max(4.5, 0.55 * k + 3.0)
-    fig = _figure(side + 1.6, side)
+    fig = new_figure(side + 1.6, side)
     ax = fig.add_subplot()
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
@@ -166,26 +191,34 @@ def plot_misclassified(
 
     """
     if not rows:
-        fig = _figure(6, 1.5)
+        fig = new_figure(6, 1.5)
         message = f"No misclassified images ({total} of {total} correct)"
-        fig.text(0.5, 0.5, message, ha="center", va="center", color=_GOOD, fontsize=13)
+        fig.text(0.5, 0.5, message, ha="center", va="center", color=GOOD, fontsize=13)
         return fig
     cols = min(8, len(rows))
     nrows = math.ceil(len(rows) / cols)
-    fig = _figure(1.6 * cols, 1.9 * nrows + 0.5)
+    # at least 5 inches wide: a grid of one or two images still has room for its title
+    fig = new_figure(max(5.0, 1.6 * cols), 2.05 * nrows + 0.9)
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (_, index, _, true, predicted, probability, _) in zip(axes.ravel(), rows, strict=False):
         ax.axis("on")
-        _show_image(ax, images[index])
-        ax.set_title(f"true {true}\npred {predicted} ({probability:.2f})", fontsize=8, color=_BAD)
+        show_image(ax, images[index])
+        # names cut to what a 1.6-inch tile holds at 8 pt; the table below has them whole
+        ax.set_title(
+            f"true {shorten(str(true), 17)}\npred {shorten(str(predicted), 17)}\n"
+            f"probability {probability:.2f}",
+            fontsize=8,
+            color=BAD,
+        )
         for spine in ax.spines.values():
-            spine.set_edgecolor(_BAD)
+            spine.set_edgecolor(BAD)
             spine.set_linewidth(2)
-    fig.suptitle(
+    suptitle(
+        fig,
         f"Most confidently misclassified: {len(rows)} of {errors} errors in {total} images "
-        "(predicted probability)"
+        "(predicted probability)",
     )
     return fig
 
@@ -195,7 +228,7 @@ def plot_tiles(tiles: np.ndarray, title: str) -> Figure:
     n = len(tiles)
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
-    fig = _figure(max(4.0, 0.9 * cols + 0.5), 0.9 * rows + 0.8)
+    fig = new_figure(max(4.0, 0.9 * cols + 0.5), 0.9 * rows + 0.8)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -207,7 +240,7 @@ def plot_tiles(tiles: np.ndarray, title: str) -> Figure:
         else:
             ax.imshow(scaled.mean(axis=-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(str(i), fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    suptitle(fig, title, fontsize=10)
     return fig
 
 
@@ -237,15 +270,15 @@ def plot_activations(
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     cols = len(samples)
     rows = len(layers_info) + 1
-    fig = _figure(2.6 + 1.7 * cols, 1.75 * rows)
+    fig = new_figure(2.6 + 1.7 * cols, 1.75 * rows)
     grid = fig.add_gridspec(rows, cols + 1, width_ratios=[1.5] + [1.0] * cols)
     label = fig.add_subplot(grid[0, 0])
     label.axis("off")
     label.text(1.0, 0.5, "input", ha="right", va="center", fontsize=10, weight="bold")
     for j, (image, info) in enumerate(zip(images, samples, strict=True)):
         ax = fig.add_subplot(grid[0, j + 1])
-        _show_image(ax, image)
-        ax.set_title(f"#{info['index']} label {info['label']}", fontsize=8)
+        show_image(ax, image)
+        ax.set_title(f"#{info['index']}\nlabel {shorten(str(info['label']), 18)}", fontsize=8)
     for r, (info, values) in enumerate(zip(layers_info, maps, strict=True), start=1):
         label = fig.add_subplot(grid[r, 0])
         label.axis("off")
@@ -265,8 +298,10 @@ def plot_activations(
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel(f"{low:.2g} .. {high:.2g}", fontsize=6)
-    fig.suptitle(
-        "Activation maps per layer (channels tiled; each map scaled to its min..max)", fontsize=10
+    suptitle(
+        fig,
+        "Activation maps per layer (channels tiled; each map scaled to its min..max)",
+        fontsize=10,
     )
     return fig
 
@@ -280,6 +315,13 @@ def _class_colours(k: int) -> list[Any]:
     if k <= 20:
         return [matplotlib.colormaps["tab20"](i) for i in range(k)]
     return [matplotlib.colormaps["nipy_spectral"](i / max(1, k - 1)) for i in range(k)]
+
+
+def class_colours_hex(k: int) -> list[str]:
+    """The class colours of :func:`plot_embeddings` as ``#rrggbb``, for the page's plot."""
+    from matplotlib.colors import to_hex
+
+    return [to_hex(colour) for colour in _class_colours(k)]
 
 
 def plot_embeddings(
@@ -310,7 +352,7 @@ def plot_embeddings(
     """
     from matplotlib.lines import Line2D
 
-    fig = _figure(6.0 * len(projections) + 1.8, 5.6)
+    fig = new_figure(6.0 * len(projections) + 1.8, 5.6)
     axes = fig.subplots(1, len(projections), squeeze=False)[0]
     colours = _class_colours(len(names))
     wrong = np.zeros(len(labels), bool) if predicted is None else predicted != labels
@@ -339,7 +381,7 @@ def plot_embeddings(
             handles.append(Line2D([], [], marker="x", ls="", color="black", label="misclassified"))
         fig.legend(handles=handles, loc="outside right center", fontsize=8, title="true class")
     what = "dataset label (not used for training)" if autoencoder else "true class"
-    fig.suptitle(f"Embeddings of the evaluation split ({len(labels)} images), coloured by {what}")
+    suptitle(fig, f"Embeddings of the evaluation split ({len(labels)} images), coloured by {what}")
     return fig
 
 
@@ -359,16 +401,16 @@ def plot_reconstructions(
 
     """
     cols = max(1, len(shown))
-    fig = _figure(1.5 * cols + 1.2, 3.6)
+    fig = new_figure(max(4.0, 1.5 * cols + 1.2), 3.9)
     axes = fig.subplots(2, cols, squeeze=False)
     for j, i in enumerate(shown):
         original = (x[i] * 255).round().astype(np.uint8)
         rebuilt = (np.clip(outputs[i], 0, 1) * 255).round().astype(np.uint8)
-        _show_image(axes[0, j], original)
-        _show_image(axes[1, j], rebuilt)
+        show_image(axes[0, j], original)
+        show_image(axes[1, j], rebuilt)
         axes[0, j].set_title(f"#{i}", fontsize=8)
         axes[1, j].set_title(f"MAE {errors[i]:.3f}", fontsize=8)
     axes[0, 0].set_ylabel("original")
     axes[1, 0].set_ylabel("reconstruction")
-    fig.suptitle(f"Originals and reconstructions (mean absolute error {errors.mean():.4f})")
+    suptitle(fig, f"Originals and reconstructions (mean absolute error {errors.mean():.4f})")
     return fig

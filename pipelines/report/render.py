@@ -83,7 +83,7 @@ def render_run_report(
             histories=_epoch_histories(client, run),
         )
     out = Path(out_dir) if out_dir is not None else default_out_dir()
-    path = _write_atomic(out / f"run-{run_id}.html", page)
+    path = write_atomic(out / f"run-{run_id}.html", page)
     if log_to_run:
         with tempfile.TemporaryDirectory(prefix="dlpipe-report-") as tmp:
             copy = Path(tmp) / REPORT_HTML
@@ -131,7 +131,7 @@ def render_comparison(
     name = "-".join(run_id[:8] for run_id in ids[:4])
     if len(ids) > 4:
         name += f"-and-{len(ids) - 4}-more"
-    path = _write_atomic(
+    path = write_atomic(
         (Path(out_dir) if out_dir is not None else default_out_dir()) / f"compare-{name}.html", page
     )
     log.info("report: wrote %s", path)
@@ -256,7 +256,8 @@ def _model_version(client: Any, run: Any) -> str | None:
     return ", ".join(f"{v.name} version {v.version}" for v in versions) or None
 
 
-def _write_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +35,13 @@ from pipelines.report import (
     write_training_report,
 )
 from pipelines.train.feed import SplitArrays
+from tests.integration.chromium import needs_chromium, screenshot
 from tests.integration.conftest import Store
 
 pytestmark = pytest.mark.slow
 
 LABELS = ["horizontal", "vertical", "diagonal"]
 SIZE = 16
-CHROMIUM = Path("/usr/bin/chromium")
 CLASSIFIER_ARTIFACTS = {
     "learning_curves.png",
     "learning_curves.csv",
@@ -57,6 +56,8 @@ CLASSIFIER_ARTIFACTS = {
     "activations.json",
     "embeddings.png",
     "embeddings.csv",
+    "embeddings_sprite.png",
+    "embeddings_sprite.json",
     "summary.json",
 }
 MANIFEST = {
@@ -341,6 +342,16 @@ def test_tensorboard_logs_hold_scalars_and_the_graph(classifier: Logged) -> None
     assert {"epoch_loss", "epoch_accuracy", "epoch_lr"} <= tags["train"]
     assert {"epoch_loss", "epoch_accuracy"} <= tags["validation"]
     assert graphs >= 1
+    # the projector files travel with the logs (tests/integration/test_embeddings_page.py
+    # checks their contents and that TensorBoard loads them)
+    logdir = classifier.files / "tensorboard"
+    assert (logdir / "projector_config.pbtxt").is_file()
+    assert {p.name for p in (logdir / "projector").iterdir()} == {
+        "vectors.tsv",
+        "metadata.tsv",
+        "sprite.png",
+    }
+    assert classifier.summary["tensorboard"]["projector"] is True
 
 
 def test_autoencoder_report_has_reconstructions_and_no_confusion(autoencoder: Logged) -> None:
@@ -359,6 +370,9 @@ def test_autoencoder_report_has_reconstructions_and_no_confusion(autoencoder: Lo
     curves = _csv(autoencoder.files / "learning_curves.csv")
     assert "val_reconstruction_error" in curves[0]
     assert len(_csv(autoencoder.files / "embeddings.csv")) == len(x)
+    metadata = (autoencoder.files / "tensorboard" / "projector" / "metadata.tsv").read_text()
+    assert metadata.splitlines()[0].split("\t") == ["index", "true", "path"]
+    assert len(metadata.splitlines()) == len(x) + 1
 
 
 def test_mlp_shows_dense_weights_and_says_it_has_no_convolutions(tmp_path: Path) -> None:
@@ -393,12 +407,19 @@ _EXTERNAL = re.compile(
     r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//"""
 )
 _IMG_SRC = re.compile(r"<img\b[^>]*\bsrc=\"([^\"]*)\"")
+_SCRIPT_TAG = re.compile(r"<script\b([^>]*)>", re.IGNORECASE)
+#: Ways a script could reach the network; the page's one script uses none of them.
+_NETWORK_JS = ("fetch(", "XMLHttpRequest", "WebSocket", "EventSource", "sendBeacon", "import(")
 
 
-def _assert_self_contained(page: str, min_images: int) -> None:
+def _assert_self_contained(page: str, min_images: int, scripts: int = 0) -> None:
+    """No external reference; only inline scripts (the embedding plot's) that fetch nothing."""
     assert "http://" not in page and "https://" not in page
     assert not _EXTERNAL.search(page)
-    assert "<script" not in page.lower()
+    tags = _SCRIPT_TAG.findall(page)
+    # the embedding plot: its JSON data block and its inline code, nothing else
+    assert sorted(tags) == sorted([' type="application/json" id="emb-data"', ""] * scripts), tags
+    assert not any(call in page for call in _NETWORK_JS)
     sources = _IMG_SRC.findall(page)
     assert len(sources) >= min_images
     for source in sources:
@@ -413,7 +434,7 @@ def test_run_report_is_one_self_contained_page(
     path = render_run_report(classifier.run_id, tracking_uri=store.uri, out_dir=tmp_path)
     assert path == (tmp_path / f"run-{classifier.run_id}.html").resolve()
     page = path.read_text()
-    _assert_self_contained(page, min_images=6)
+    _assert_self_contained(page, min_images=6, scripts=1)
     for text in (
         "Learning curves",
         "Confusion matrix",
@@ -440,8 +461,11 @@ def test_autoencoder_page_shows_reconstructions(
         autoencoder.run_id, tracking_uri=store.uri, out_dir=tmp_path, log_to_run=False
     )
     page = path.read_text()
-    _assert_self_contained(page, min_images=5)
+    _assert_self_contained(page, min_images=5, scripts=1)
     assert "Reconstructions" in page and "Confusion matrix" not in page
+    data = json.loads(re.search(r'id="emb-data">(.*?)</script>', page, re.S).group(1))
+    assert data["classifier"] is False and data["predicted"] == []
+    assert len(data["index"]) == len(autoencoder.arrays)
 
 
 def test_a_failed_run_without_report_still_renders(store: Store, tmp_path: Path) -> None:
@@ -481,37 +505,7 @@ def test_comparison_puts_sigmoid_and_relu_side_by_side(
     assert "train.model" not in page  # identical params are not listed
 
 
-def _screenshot(html: Path, workdir: Path) -> tuple[Path, list[str]]:
-    """Open ``html`` in headless Chromium; return the screenshot and console messages."""
-    shot = workdir / "shot.png"
-    command = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={workdir / 'profile'}",
-        "--enable-logging=stderr",
-        "--v=0",
-        f"--screenshot={shot}",
-        "--window-size=1280,2000",
-        html.as_uri(),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    # Chromium 156 logs page console messages as `...:INFO:CONSOLE:1] "msg", source: ...`
-    # (older ones as `INFO:CONSOLE(1)]`), uncaught exceptions included.
-    lines = (done.stdout + done.stderr).splitlines()
-    return shot, [line for line in lines if re.search(r":CONSOLE[:(]", line)]
-
-
-@pytest.mark.skipif(
-    not CHROMIUM.is_file(),
-    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
-)
+@needs_chromium
 @pytest.mark.parametrize("page", ["run", "comparison"])
 def test_pages_render_in_headless_chromium_without_console_errors(
     page: str, store: Store, classifier: Logged, sigmoid_run: Logged, tmp_path: Path
@@ -524,7 +518,7 @@ def test_pages_render_in_headless_chromium_without_console_errors(
         html = render_comparison(
             [classifier.run_id, sigmoid_run.run_id], tracking_uri=store.uri, out_dir=tmp_path
         )
-    shot, console = _screenshot(html, tmp_path)
+    shot, console = screenshot(html, tmp_path)
     assert console == []
     assert shot.is_file() and shot.stat().st_size > 20_000
     with Image.open(shot) as image:
