@@ -130,6 +130,22 @@ def _report(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     return {"report": str(path), "run_id": args.run_id}
 
 
+def _explain(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from pipelines.explain import explain_image, summary
+
+    where = config.locations
+    result = explain_image(
+        args.image,
+        args.model
+        or config.score.model
+        or f"models:/{config.mlflow.model_name}@{config.mlflow.champion_alias}",
+        out_dir=Path(args.out) if args.out else where.reports,
+        tracking_uri=where.tracking_uri,
+        registry_uri=where.registry_uri,
+    )
+    return {**result.to_dict(), HUMAN: summary(result)}
+
+
 def _bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines.bench import format_table, run_benchmarks
 
@@ -199,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_score,
         _add_serve,
         _add_report,
+        _add_explain,
         _add_bench,
         _add_doctor,
         _add_run,
@@ -326,6 +343,24 @@ def _add_report(add: _Add) -> None:
     )
     report.add_argument(
         "--no-log", action="store_true", help="do not log the page to the run as an artifact"
+    )
+
+
+def _add_explain(add: _Add) -> None:
+    explain = add(
+        "explain",
+        _explain,
+        "explain one image's prediction as one offline HTML page: every class's probability, "
+        "saliency and Grad-CAM of the predicted class, activation maps per layer",
+    )
+    explain.add_argument("image", metavar="IMAGE", help="image file, as scoring would read it")
+    explain.add_argument(
+        "--model",
+        metavar="URI",
+        help="model URI (default: score.model, else models:/<model_name>@champion)",
+    )
+    explain.add_argument(
+        "--out", metavar="DIR", help="directory for the HTML page (default: <work_dir>/reports)"
     )
 
 
