@@ -229,7 +229,11 @@ def run_page(
         "tensorboard": {"projector": bool(summary.get("projector"))}
         if "tensorboard/" in files
         else None,
-        "metrics": html_table(["metric", "last value"], sorted(data.metrics.items())),
+        # The per-layer metrics (layer/<layer>/<stat>) have their own section.
+        "metrics": html_table(
+            ["metric", "last value"],
+            sorted((k, v) for k, v in data.metrics.items() if not k.startswith("layer/")),
+        ),
         "params": html_table(["param", "value"], sorted(data.params.items())),
         "manifest": _manifest_section(manifest),
         "tags": {"summary": f"{len(tags)} tags", "table": html_table(["tag", "value"], tags)},
@@ -399,8 +403,8 @@ def _attribution_section(files: Mapping[str, Path], notes: Mapping[str, str]) ->
             entry["predicted"],
             entry["probability"],
             "yes" if entry["correct"] else "no",
-            tuple(entry["saliency"]["peak"]),
-            tuple(entry["grad_cam"]["peak"]) if entry["grad_cam"] else "-",
+            _peak(entry["saliency"]),
+            _peak(entry["grad_cam"]),
         ]
         for entry in data["images"]
     ]
@@ -424,6 +428,12 @@ def _attribution_section(files: Mapping[str, Path], notes: Mapping[str, str]) ->
         "table": html_table(header, rows) if rows else None,
         "note": data.get("note") or notes.get("attribution"),
     }
+
+
+def _peak(summary: Mapping[str, Any] | None) -> str:
+    """A map's peak as ``(row, col)``; ``-`` for no map or a map that is zero everywhere."""
+    peak = (summary or {}).get("peak")
+    return f"({peak[0]}, {peak[1]})" if peak else "-"
 
 
 def _activations_section(files: Mapping[str, Path]) -> _Context | None:

@@ -34,7 +34,9 @@ from pipelines.report import (
     render_run_report,
     write_training_report,
 )
+from pipelines.report.layers import LayerRecords
 from pipelines.train.feed import SplitArrays
+from pipelines.train.layer_stats import layer_stats_callback
 from tests.integration.chromium import needs_chromium, screenshot
 from tests.integration.conftest import Store
 
@@ -116,13 +118,29 @@ def _train(
     autoencoder: bool = False,
     report: bool = True,
     tsne: bool = False,
+    vanish_below: float = 1.0e-7,
 ) -> Logged:
-    """Fit ``cfg``'s model briefly and log a run as the training driver does."""
+    """Fit ``cfg``'s model briefly and log a run as the training driver does.
+
+    Rank 0's per-layer statistics are recorded with the training callback on the first val
+    images; ``vanish_below`` is the report's threshold for a vanishing gradient.
+    """
     train, val, test = make_split(300, 1), make_split(45, 2), make_split(60, 3, flip=0.1)
     model = build_model(cfg, (SIZE, SIZE, 1), len(LABELS))
     x, xv = normalise(train.images), normalise(val.images)
     y, yv = (x, xv) if autoencoder else (train.labels, val.labels)
-    fit = model.fit(x, y, validation_data=(xv, yv), epochs=cfg.epochs, batch_size=16, verbose=0)
+    stats: dict[str, list[float]] = {}
+    histograms: dict[str, list] = {}
+    recorder = layer_stats_callback(keras(), (xv[:32], yv[:32]), stats, histograms)
+    fit = model.fit(
+        x,
+        y,
+        validation_data=(xv, yv),
+        epochs=cfg.epochs,
+        batch_size=16,
+        verbose=0,
+        callbacks=[recorder],
+    )
     history = {key: [float(v) for v in values] for key, values in fit.history.items()}
     history["lr"] = [cfg.learning_rate] * cfg.epochs
     xt = normalise(test.images)
@@ -159,6 +177,7 @@ def _train(
                 autoencoder=autoencoder,
                 tsne=tsne,
                 samples=3,
+                layers=LayerRecords(stats, histograms, vanish_below, explode_above=1000.0),
             )
     files = store.root / "downloads" / run.info.run_id
     if report:
@@ -441,6 +460,9 @@ def test_run_report_is_one_self_contained_page(
         "Most confident mistakes",
         "First-layer filters",
         "Activations per layer",
+        "How every layer trains",
+        "Why this label: saliency and Grad-CAM",
+        "What each filter responds to",
         "Embeddings",
         "TensorBoard",
         "bars-classifier version 7",
@@ -452,6 +474,27 @@ def test_run_report_is_one_self_contained_page(
         assert text in page, text
     logged = {a.path for a in MlflowClient().list_artifacts(classifier.run_id, "report")}
     assert "report/report.html" in logged
+    assert "Warning:" not in page  # LeNet-5 with ReLU trains every layer
+    assert not any(name.startswith("layer/") for name in _final_metrics(page))
+
+
+def _final_metrics(page: str) -> list[str]:
+    """The metric names in the page's final-metrics table."""
+    section = page.split('id="metrics"', 1)[1].split("</section>", 1)[0]
+    return re.findall(r"<tr><td>([^<]+)</td>", section)
+
+
+def test_a_vanishing_gradient_is_a_visible_warning_on_the_page(
+    store: Store, tmp_path: Path
+) -> None:
+    cfg = TrainConfig(model="lenet5", activation="sigmoid", epochs=2, learning_rate=0.001, seed=3)
+    logged = _train(store, cfg, vanish_below=999.0)  # every real gradient norm is below it
+    assert logged.summary["errors"] == {}  # an untrained sigmoid net's flat maps draw too
+    warnings = logged.summary["layer_stats"]["warnings"]
+    assert {w["layer"] for w in warnings} == set(logged.summary["layer_stats"]["layers"])
+    page = render_run_report(logged.run_id, tracking_uri=store.uri, out_dir=tmp_path).read_text()
+    for warning in warnings:
+        assert f"Warning: {warning['message']}" in page
 
 
 def test_autoencoder_page_shows_reconstructions(
