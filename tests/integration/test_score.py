@@ -138,7 +138,7 @@ def test_missing_model_or_alias_is_a_one_line_error(spark, trained, incoming, tm
     code = main(
         [
             "score", "--source", str(incoming), "--output", str(tmp_path / "t"),
-            "--set", f"mlflow.tracking_uri={config.tracking_uri}",
+            "--set", f"mlflow.tracking_uri={config.locations.tracking_uri}",
             "--model", "models:/digits-classifier@nope",
         ]
     )  # fmt: skip
@@ -157,7 +157,7 @@ def test_a_folder_without_images_is_a_one_line_error(spark, trained, tmp_path, c
     code = main(
         [
             "score", "--source", str(folder), "--output", str(tmp_path / "t"),
-            "--set", f"mlflow.tracking_uri={config.tracking_uri}",
+            "--set", f"mlflow.tracking_uri={config.locations.tracking_uri}",
         ]
     )  # fmt: skip
     assert code != 0 and "no image files" in capsys.readouterr().err.strip().splitlines()[-1]
