@@ -17,6 +17,9 @@ train      Horovod 1 rank, s/step; 2 ranks,        plain Keras fit (<= 1.05)
            images/s
 score      Spark batch scoring, images/s           pyfunc predict on decoded arrays
                                                    (>= 0.7); on file bytes
+scale      ingest, score, train, listing at        the same stage at the reference size
+           growing sizes, ms/image; peak RSS and   (<= 1.1 above it); not part of
+           CPU per process kind                    ``all``
 =========  ======================================  =====================================
 
 Each benchmark generates its data once (cached under ``<work_dir>/bench/``), warms up
@@ -43,6 +46,7 @@ from pipelines.bench.ingest import bench_ingest
 from pipelines.bench.machine import machine_facts
 from pipelines.bench.output import CSV_COLUMNS, append_csv, format_table
 from pipelines.bench.reader import bench_reader
+from pipelines.bench.scale import bench_scale, format_scale_table
 from pipelines.bench.score import bench_score
 from pipelines.bench.stats import Measurement
 from pipelines.bench.train import bench_train
@@ -57,8 +61,10 @@ __all__ = [
     "bench_feed",
     "bench_ingest",
     "bench_reader",
+    "bench_scale",
     "bench_score",
     "bench_train",
+    "format_scale_table",
     "format_table",
     "generate_jpegs",
     "machine_facts",
@@ -78,6 +84,9 @@ BENCHMARKS: dict[str, Callable[..., list[Measurement]]] = {
     "score": bench_score,
 }
 
+#: Benchmarks run only by name, never by ``all`` (long: they measure growth with size).
+ON_REQUEST: dict[str, Callable[..., list[Measurement]]] = {"scale": bench_scale}
+
 
 def run_benchmarks(
     config: Config,
@@ -86,28 +95,34 @@ def run_benchmarks(
     images: int | None = None,
     repeats: int = 3,
     csv_path: str | os.PathLike | None = None,
+    max_size: bool = False,
 ) -> dict[str, Any]:
     """Run one benchmark or all registered ones; optionally append the results to a CSV.
 
     Args:
         config: Configuration of the Spark session and the stages measured.
-        which: A name in :data:`BENCHMARKS`, or ``all``.
+        which: A name in :data:`BENCHMARKS` or :data:`ON_REQUEST`, or ``all`` (the former).
         images: Data size (images) for each benchmark; None uses each one's default.
         repeats: Measured runs of each figure (the median is reported).
         csv_path: File to append one row per measurement to (header written when new).
+        max_size: ``scale`` only: add its largest point.
 
     Returns:
         ``{"machine": machine_facts(), "results": [Measurement as dict, ...]}``.
 
     Raises:
-        UserError: ``which`` is not a registered benchmark.
+        UserError: ``which`` is not a registered benchmark, or ``max_size`` without
+            ``scale``.
     """
+    registry = {**BENCHMARKS, **ON_REQUEST}
+    if max_size and which not in ON_REQUEST:
+        raise UserError(f"--max applies to bench scale only, not {which!r}")
     if which == "all":
         names = list(BENCHMARKS)
-    elif which in BENCHMARKS:
+    elif which in registry:
         names = [which]
     else:
-        available = ", ".join([*BENCHMARKS, "all"])
+        available = ", ".join([*BENCHMARKS, "all", *ON_REQUEST])
         raise UserError(f"unknown benchmark {which!r}; available: {available}")
     machine = machine_facts()
     results: list[Measurement] = []
@@ -115,8 +130,10 @@ def run_benchmarks(
         kwargs: dict[str, Any] = {"repeats": repeats}
         if images is not None:
             kwargs["images"] = images
+        if name in ON_REQUEST:
+            kwargs["max_size"] = max_size
         log.info("bench: running %s", name)
-        results.extend(BENCHMARKS[name](config, **kwargs))
+        results.extend(registry[name](config, **kwargs))
     report = {"machine": machine, "results": [asdict(m) for m in results]}
     if csv_path is not None:
         append_csv(report, csv_path)

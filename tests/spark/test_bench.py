@@ -161,9 +161,16 @@ def test_reader_reads_every_training_row_with_both_readers(config):
 
 @pytest.mark.slow
 def test_train_times_one_and_two_horovod_ranks_against_plain_keras(config, spark):
-    step, scaling = bench_train(config, images=IMAGES, repeats=1)
+    step, scaling, layer_stats = bench_train(config, images=IMAGES, repeats=1)
     _check_pairing(step, "train", "s/step")
     _check_pairing(scaling, "train", "images/s")
+    _check_pairing(layer_stats, "train", "s/epoch")
+    assert (layer_stats.measured, layer_stats.baseline) == (
+        "fit epoch with layer stats",
+        "fit epoch without",
+    )
+    assert layer_stats.target == "<= 1.05"
+    assert 0 < layer_stats.details["callback_seconds_median"] < layer_stats.value
     assert (step.measured, step.baseline) == ("horovod 1 rank step", "plain keras fit step")
     assert (scaling.measured, scaling.baseline) == ("horovod 2 ranks", "plain keras fit")
     assert step.target == "<= 1.05" and scaling.target == ""
@@ -273,11 +280,13 @@ def test_every_stage_of_the_issue_is_registered_and_all_runs_them_in_pipeline_or
 
 
 def test_unknown_benchmark_is_a_user_error_listing_the_registered_ones(config, monkeypatch):
-    available = "ingest, feed, reader, train, score, all"
+    available = "ingest, feed, reader, train, score, all, scale"
     with pytest.raises(UserError, match=f"^unknown benchmark 'nope'; available: {available}$"):
         run_benchmarks(config, "nope")
     monkeypatch.setattr("pipelines.bench.BENCHMARKS", {"ingest": BENCHMARKS["ingest"]})
-    with pytest.raises(UserError, match="^unknown benchmark 'feed'; available: ingest, all$"):
+    with pytest.raises(
+        UserError, match="^unknown benchmark 'feed'; available: ingest, all, scale$"
+    ):
         run_benchmarks(config, "feed")
 
 
