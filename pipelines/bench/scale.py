@@ -257,7 +257,7 @@ def _score_points(
     config: Config, sizes: tuple[int, ...], reference: int, repeats: int
 ) -> list[Measurement]:
     """Score at every size with one logged model, after two untimed scorings."""
-    from pipelines.bench.score import _log_model
+    from pipelines.bench.score import scoring_store
     from pipelines.score import score
     from pipelines.spark import get_spark
 
@@ -266,36 +266,28 @@ def _score_points(
         "source": f"{DATASET_SOURCE_SIZE}x{DATASET_SOURCE_SIZE} JPEG q90",
         "model": f"mnist_cnn on {DATASET_IMAGE_SIZE}x{DATASET_IMAGE_SIZE}x{DATASET_CHANNELS}",
     }
-    with scratch(config) as work:
-        tracking_uri = sqlite_store(work)  # the bench's own store; the caller's is restored
-        with tracking.pointed_at(tracking_uri):
-            model_uri = _log_model(tracking_uri, work / "artifacts")
-            cfg = replace(
-                config,
-                mlflow=replace(config.mlflow, tracking_uri=tracking_uri),
-                score=replace(config.score, model=model_uri, table=None),
-            )
+    with scoring_store(config) as (work, cfg):
 
-            def once(size: int, source: Path, table: Path) -> int:
-                result = score(spark, cfg, str(source), table=str(table), batch_id="bench")
-                if result.rows != size or result.errors:
-                    raise RuntimeError(
-                        f"bench scale: scoring gave {result.rows} rows "
-                        f"({result.errors} errors) for {size} images"
-                    )
-                return _du(table)
+        def once(size: int, source: Path, table: Path) -> int:
+            result = score(spark, cfg, str(source), table=str(table), batch_id="bench")
+            if result.rows != size or result.errors:
+                raise RuntimeError(
+                    f"bench scale: scoring gave {result.rows} rows "
+                    f"({result.errors} errors) for {size} images"
+                )
+            return _du(table)
 
-            warm = cached_jpegs(config, min(sizes), DATASET_SOURCE_SIZE)
-            log.info("bench scale: warming up score on %s", warm)
-            # Twice: the first job's workers load the model; the second shows them reused.
-            for i in range(2):
-                once(min(sizes), warm, work / f"warm-{i}")
+        warm = cached_jpegs(config, min(sizes), DATASET_SOURCE_SIZE)
+        log.info("bench scale: warming up score on %s", warm)
+        # Twice: the first job's workers load the model; the second shows them reused.
+        for i in range(2):
+            once(min(sizes), warm, work / f"warm-{i}")
 
-            def run(size: int) -> _Point:
-                source = cached_jpegs(config, size, DATASET_SOURCE_SIZE)
-                return _sampled(size, repeats, lambda out: once(size, source, out), work, extra)
+        def run(size: int) -> _Point:
+            source = cached_jpegs(config, size, DATASET_SOURCE_SIZE)
+            return _sampled(size, repeats, lambda out: once(size, source, out), work, extra)
 
-            return _points("score", sizes, reference, run)
+        return _points("score", sizes, reference, run)
 
 
 def _sampled(

@@ -8,10 +8,12 @@ records: Spark scoring images/s over in-process ``predict`` on already decoded a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,51 +97,42 @@ def bench_score(
     warm_source = cached_jpegs(config, max(8, min(500, images // 10)), DATASET_SOURCE_SIZE)
     files = sorted(source.rglob("*.jpg"))
     spark = get_spark(config.spark)
-    with scratch(config) as work:
-        # The bench's own store; the caller's MLflow set-up is restored afterwards.
-        tracking_uri = sqlite_store(work)
-        with tracking.pointed_at(tracking_uri):
-            model_uri = _log_model(tracking_uri, work / "artifacts")
-            cfg = replace(
-                config,
-                mlflow=replace(config.mlflow, tracking_uri=tracking_uri),
-                score=replace(config.score, model=model_uri, table=None),
+    with scoring_store(config) as (work, cfg):
+        model = mlflow.pyfunc.load_model(cfg.score.model)
+        side, channels = DATASET_IMAGE_SIZE, DATASET_CHANNELS
+        arrays = [decode_image(p.read_bytes(), side, channels) for p in files]
+
+        def run_spark(src: Path, expected: int) -> float:
+            table = work / f"table-{uuid.uuid4().hex[:8]}"
+            seconds, result = timed(
+                lambda: score(spark, cfg, str(src), table=str(table), batch_id="bench")
             )
-            model = mlflow.pyfunc.load_model(model_uri)
-            side, channels = DATASET_IMAGE_SIZE, DATASET_CHANNELS
-            arrays = [decode_image(p.read_bytes(), side, channels) for p in files]
+            _check("spark batch scoring", expected, result.rows, result.errors)
+            shutil.rmtree(table, ignore_errors=True)
+            return expected / seconds
 
-            def run_spark(src: Path, expected: int) -> float:
-                table = work / f"table-{uuid.uuid4().hex[:8]}"
-                seconds, result = timed(
-                    lambda: score(spark, cfg, str(src), table=str(table), batch_id="bench")
-                )
-                _check("spark batch scoring", expected, result.rows, result.errors)
-                shutil.rmtree(table, ignore_errors=True)
-                return expected / seconds
+        def predict(make_input: Any) -> float:
+            def run() -> int:
+                output = model.predict(pd.DataFrame({"image": make_input()}))
+                _check("pyfunc predict", len(files), len(output), output["error"].count())
+                return len(output)
 
-            def predict(make_input: Any) -> float:
-                def run() -> int:
-                    output = model.predict(pd.DataFrame({"image": make_input()}))
-                    _check("pyfunc predict", len(files), len(output), output["error"].count())
-                    return len(output)
+            seconds, done = timed(run)
+            return done / seconds
 
-                seconds, done = timed(run)
-                return done / seconds
-
-            runs = {
-                "spark": functools.partial(run_spark, source, images),
-                "arrays": functools.partial(predict, lambda: arrays),
-                "bytes": functools.partial(predict, lambda: [p.read_bytes() for p in files]),
-            }
-            log.info("bench score: warming up on %s", warm_source)
-            warm_images = sum(1 for _ in warm_source.rglob("*.jpg"))
-            # Twice: the first job's workers load the model; the second shows them reused.
-            for _ in range(2):
-                run_spark(warm_source, warm_images)
-            runs["arrays"]()
-            runs["bytes"]()
-            rates = interleaved("score", runs, repeats)
+        runs = {
+            "spark": functools.partial(run_spark, source, images),
+            "arrays": functools.partial(predict, lambda: arrays),
+            "bytes": functools.partial(predict, lambda: [p.read_bytes() for p in files]),
+        }
+        log.info("bench score: warming up on %s", warm_source)
+        warm_images = sum(1 for _ in warm_source.rglob("*.jpg"))
+        # Twice: the first job's workers load the model; the second shows them reused.
+        for _ in range(2):
+            run_spark(warm_source, warm_images)
+        runs["arrays"]()
+        runs["bytes"]()
+        rates = interleaved("score", runs, repeats)
 
     details = {
         "images": images,
@@ -173,6 +166,27 @@ def bench_score(
             details=details,
         ),
     ]
+
+
+@contextlib.contextmanager
+def scoring_store(config: Config) -> Iterator[tuple[Path, Config]]:
+    """A scratch folder with its own MLflow store holding the benchmark's logged model.
+
+    Yields the folder and ``config`` pointed at that store and model (``score.model``), with
+    MLflow's fluent API pointed there too; the caller's MLflow set-up is restored after.
+    """
+    with scratch(config) as work:
+        tracking_uri = sqlite_store(work)
+        with tracking.pointed_at(tracking_uri):
+            model_uri = _log_model(tracking_uri, work / "artifacts")
+            yield (
+                work,
+                replace(
+                    config,
+                    mlflow=replace(config.mlflow, tracking_uri=tracking_uri),
+                    score=replace(config.score, model=model_uri, table=None),
+                ),
+            )
 
 
 def _log_model(tracking_uri: str, artifacts: Path) -> str:

@@ -40,6 +40,7 @@ from pipelines.report.filters import (
 )
 from pipelines.report.numeric import most_confident_errors
 from pipelines.report.probe import layer_outputs
+from tests.unit.test_plot_text_fits import assert_text_fits
 
 pytestmark = pytest.mark.slow
 
@@ -337,34 +338,6 @@ def test_attribution_without_convolution_is_saliency_only(mlp: Trained, tmp_path
 LONG = "a class name far too long for any panel title"
 
 
-def _assert_texts_fit(fig: object, tolerance: float = 1.0) -> None:
-    """Every visible text lies inside its (sub)figure: a clipped or overflowing title fails."""
-    from matplotlib.text import Text
-
-    fig.canvas.draw()  # runs the constrained layout, as savefig does
-    renderer = fig.canvas.get_renderer()
-    outside = []
-
-    def check(part: object) -> None:
-        box = part.bbox
-        for text in part.findobj(Text):
-            if not text.get_visible() or not text.get_text().strip():
-                continue
-            extent = text.get_window_extent(renderer)
-            if (
-                extent.x0 < box.x0 - tolerance
-                or extent.y0 < box.y0 - tolerance
-                or extent.x1 > box.x1 + tolerance
-                or extent.y1 > box.y1 + tolerance
-            ):
-                outside.append(f"{text.get_text()!r} {extent.bounds} outside {box.bounds}")
-        for sub in part.subfigs:
-            check(sub)
-
-    check(fig)
-    assert not outside, "\n".join(outside)
-
-
 def _entries(count: int, correct: bool, name: str) -> list[dict]:
     summary = {"peak": [3, 4], "max": 1.0, "mean": 0.1}
     return [
@@ -469,4 +442,4 @@ def _layer_maps_figure() -> object:
     ],
 )
 def test_every_text_fits_its_panel(draw) -> None:
-    _assert_texts_fit(draw())
+    assert_text_fits(draw())

@@ -202,7 +202,7 @@ def _undrawn_tick_labels(fig: object) -> set[int]:
 
 
 def assert_text_fits(fig: object, tolerance: float = 1.0) -> None:
-    """Fail when a visible, non-empty text of ``fig`` reaches outside the figure.
+    """Fail when a visible, non-empty text reaches outside its figure or subfigure.
 
     Args:
         fig: A :class:`matplotlib.figure.Figure` on its own canvas.
@@ -213,20 +213,24 @@ def assert_text_fits(fig: object, tolerance: float = 1.0) -> None:
 
     fig.canvas.draw()  # runs the constrained layout, as savefig does
     renderer = fig.canvas.get_renderer()
-    box = fig.bbox
-    hidden = _undrawn_tick_labels(fig)
+    parts = [fig]
+    for part in parts:  # grows: every subfigure, at any depth
+        parts.extend(part.subfigs)
+    hidden = set().union(*(_undrawn_tick_labels(part) for part in parts))
     outside = []
-    for text in fig.findobj(Text):
-        if id(text) in hidden or not text.get_visible() or not text.get_text().strip():
-            continue
-        extent = text.get_window_extent(renderer)
-        if (
-            extent.x0 < box.x0 - tolerance
-            or extent.y0 < box.y0 - tolerance
-            or extent.x1 > box.x1 + tolerance
-            or extent.y1 > box.y1 + tolerance
-        ):
-            outside.append(f"{text.get_text()!r} at {extent.bounds} outside {box.bounds}")
+    for part in parts:
+        box = part.bbox
+        for text in part.findobj(Text):
+            if id(text) in hidden or not text.get_visible() or not text.get_text().strip():
+                continue
+            extent = text.get_window_extent(renderer)
+            if (
+                extent.x0 < box.x0 - tolerance
+                or extent.y0 < box.y0 - tolerance
+                or extent.x1 > box.x1 + tolerance
+                or extent.y1 > box.y1 + tolerance
+            ):
+                outside.append(f"{text.get_text()!r} at {extent.bounds} outside {box.bounds}")
     assert not outside, "\n".join(outside)
 
 
