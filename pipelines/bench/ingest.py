@@ -22,6 +22,7 @@ import numpy as np
 
 from pipelines import schema
 from pipelines.bench.data import bench_dir, cached_jpegs, folder_ingest_config, scratch
+from pipelines.bench.processes import ProcessSampler
 from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes, tree_cpu_seconds
 from pipelines.config import Config
@@ -113,6 +114,9 @@ def bench_ingest(
                     raise RuntimeError(f"bench ingest: {name} wrote {done} of {images} images")
                 shutil.rmtree(out, ignore_errors=True)
                 log.info("bench ingest: %s run %d: %.2fs", name, i + 1, seconds[name][-1])
+        # One more Spark ingest, untimed, under the process sampler: where its CPU goes.
+        with ProcessSampler() as sampler:
+            run_spark(source, work / "sampled")
 
     rates = {name: [images / s for s in runs_s] for name, runs_s in seconds.items()}
     details = {
@@ -128,6 +132,8 @@ def bench_ingest(
         # CPU seconds of this process and its children (the local JVM and Python workers):
         # unlike wall time, barely moved by other load on the machine.
         "cpu_seconds": {name: round(statistics.median(c), 3) for name, c in cpu.items()},
+        # Per kind of process (driver, JVM, Python workers) for that one more Spark ingest.
+        "processes": sampler.usage.describe() if sampler.usage else {},
     }
     against_plain = pair(
         "ingest",

@@ -83,6 +83,8 @@ def test_every_measurement_pairs_a_value_with_a_positive_baseline(measurements):
         assert m.details["images"] == IMAGES
         assert all(len(s) == 1 for s in m.details["seconds"].values())
         assert set(m.details["cpu_seconds"]) == {"spark", "plain", "same"}
+        for kind in ("driver", "jvm", "python_worker"):
+            assert m.details["processes"][kind]["cpu_seconds"] > 0
     target, info = measurements
     assert target.target == ">= 1.6" and target.met == (target.ratio >= 1.6)
     assert info.target == "" and info.met is None
@@ -204,6 +206,14 @@ def test_score_compares_spark_scoring_with_in_process_predict(config):
     assert against_arrays.target == ">= 0.7"
     assert against_bytes.baseline == "pyfunc predict, file bytes" and against_bytes.met is None
     assert against_arrays.value == against_bytes.value  # the same Spark runs
+    slots = against_bytes.details["task_slots"]
+    assert against_bytes.details["parallel_efficiency"] == pytest.approx(
+        against_bytes.ratio / slots, abs=1e-3
+    )
+    # Where one more (untimed) scoring job's CPU went, per kind of process.
+    processes = against_bytes.details["processes"]
+    for kind in ("driver", "jvm", "python_worker"):
+        assert processes[kind]["cpu_seconds"] > 0 and processes[kind]["peak_rss_mib"] > 0
     # The temporary MLflow store and the tables are gone; the caller's store is back.
     assert not list(config.locations.bench.glob("tmp-*"))
     assert mlflow.get_tracking_uri() == before
