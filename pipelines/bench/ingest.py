@@ -14,7 +14,6 @@ import statistics
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 from pipelines import schema
 from pipelines.bench.data import bench_dir, cached_jpegs, folder_ingest_config, scratch
 from pipelines.bench.processes import ProcessSampler
-from pipelines.bench.stats import Measurement, pair
+from pipelines.bench.stats import Measurement, pair, with_parallel_efficiency
 from pipelines.bench.timing import check_sizes, tree_cpu_seconds
 from pipelines.config import Config
 
@@ -154,11 +153,7 @@ def bench_ingest(
         unit="images/s",
         details=details,
     )
-    efficiency = round(against_same.ratio / slots, 3)
-    against_same = replace(
-        against_same, details={**against_same.details, "parallel_efficiency": efficiency}
-    )
-    return [against_plain, against_same]
+    return [against_plain, with_parallel_efficiency(against_same, slots)]
 
 
 def _plain_pil(path: Path) -> np.ndarray:

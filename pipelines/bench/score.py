@@ -31,7 +31,7 @@ from pipelines.bench.data import (
 )
 from pipelines.bench.feed import bench_model_config
 from pipelines.bench.processes import ProcessSampler
-from pipelines.bench.stats import Measurement, pair
+from pipelines.bench.stats import Measurement, pair, with_parallel_efficiency
 from pipelines.bench.timing import check_sizes, interleaved, timed
 from pipelines.config import Config
 from pipelines.locations import sqlite_store
@@ -161,8 +161,6 @@ def bench_score(
         unit="images/s",
         details=details,
     )
-    # The same work (read, decode, predict) in one process: the ratio per task slot.
-    efficiency = round(against_bytes.ratio / details["task_slots"], 3)
     return [
         pair(
             "score",
@@ -174,9 +172,8 @@ def bench_score(
             target=f">= {SCORE_TARGET_RATIO}",
             details=details,
         ),
-        replace(
-            against_bytes, details={**against_bytes.details, "parallel_efficiency": efficiency}
-        ),
+        # The same work (read, decode, predict) in one process: the ratio per task slot.
+        with_parallel_efficiency(against_bytes, details["task_slots"]),
     ]
 
 

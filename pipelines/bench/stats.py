@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -93,6 +93,18 @@ def pair(
         met=meets(ratio, target),
         details={**(details or {}), "runs": runs},
     )
+
+
+def with_parallel_efficiency(against_one_process: Measurement, slots: int) -> Measurement:
+    """The measurement with its parallel efficiency: its ratio per task slot, in the details.
+
+    Args:
+        against_one_process: A stage against the same stage function in one process.
+        slots: The task slots the stage ran on.
+    """
+    efficiency = round(against_one_process.ratio / slots, 3)
+    details = {**against_one_process.details, "parallel_efficiency": efficiency}
+    return replace(against_one_process, details=details)
 
 
 def meets(ratio: float, target: str) -> bool | None:
