@@ -371,3 +371,14 @@ def test_cifar10_source_to_rgb(spark, tmp_path):
     assert result.ingested == 40 and result.image_shape == [32, 32, 3]
     assert result.label_names == names
     assert result.classes["airplane"] == 4
+
+
+def test_decoding_tasks_fill_whole_waves_of_the_task_slots(spark):
+    # 3 equal tasks on 2 slots leave one slot idle through the second wave.
+    from pipelines.ingest import _task_count
+
+    config = IngestConfig(rows_per_row_group=128)  # 8 full row groups a task: 1,024 rows
+    assert spark.sparkContext.defaultParallelism == 2
+    counts = {n: _task_count(spark, config, n) for n in (1, 500, 3000, 4095, 4096, 30000, 10**6)}
+    assert counts == {1: 1, 500: 2, 3000: 2, 4095: 2, 4096: 4, 30000: 4, 10**6: 4}
+    assert _task_count(spark, replace(config, partitions=3), 3000) == 3  # as configured
