@@ -21,6 +21,7 @@ import numpy as np
 
 from pipelines import schema
 from pipelines.bench.data import bench_dir, cached_jpegs, folder_ingest_config, scratch
+from pipelines.bench.jobs import JobMark, JobTimeline, median_timeline
 from pipelines.bench.processes import ProcessSampler
 from pipelines.bench.stats import Measurement, pair, with_parallel_efficiency
 from pipelines.bench.timing import check_sizes, tree_cpu_seconds
@@ -98,6 +99,7 @@ def bench_ingest(
     runs = {"spark": run_spark, "plain": run_plain, "same": run_same}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
+    timelines: list[JobTimeline] = []
     with scratch(config) as work:
         log.info("bench ingest: warming up on %s", warm_source)
         for name, run in runs.items():
@@ -105,10 +107,13 @@ def bench_ingest(
         for i in range(repeats):
             for name, run in runs.items():
                 out = work / f"{name}-{i}"
+                mark = JobMark(spark)
                 cpu_start, start = tree_cpu_seconds(), time.perf_counter()
                 done = run(source, out)
                 seconds[name].append(time.perf_counter() - start)
                 cpu[name].append(tree_cpu_seconds() - cpu_start)
+                if name == "spark" and (timeline := mark.timeline()):
+                    timelines.append(timeline)
                 if done != images:
                     raise RuntimeError(f"bench ingest: {name} wrote {done} of {images} images")
                 shutil.rmtree(out, ignore_errors=True)
@@ -133,6 +138,8 @@ def bench_ingest(
         "cpu_seconds": {name: round(statistics.median(c), 3) for name, c in cpu.items()},
         # Per kind of process (driver, JVM, Python workers) for that one more Spark ingest.
         "processes": sampler.usage.describe() if sampler.usage else {},
+        # Medians over the Spark runs: driver time before the first task and after the last.
+        "fixed_cost": median_timeline(timelines),
     }
     against_plain = pair(
         "ingest",

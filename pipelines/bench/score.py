@@ -30,6 +30,7 @@ from pipelines.bench.data import (
     scratch,
 )
 from pipelines.bench.feed import bench_model_config
+from pipelines.bench.jobs import JobMark, JobTimeline, median_timeline
 from pipelines.bench.processes import ProcessSampler
 from pipelines.bench.stats import Measurement, pair, with_parallel_efficiency
 from pipelines.bench.timing import check_sizes, interleaved, timed
@@ -103,11 +104,16 @@ def bench_score(
         side, channels = DATASET_IMAGE_SIZE, DATASET_CHANNELS
         arrays = [decode_image(p.read_bytes(), side, channels) for p in files]
 
+        timelines: list[JobTimeline] = []
+
         def run_spark(src: Path, expected: int) -> float:
             table = work / f"table-{uuid.uuid4().hex[:8]}"
+            mark = JobMark(spark)
             seconds, result = timed(
                 lambda: score(spark, cfg, str(src), table=str(table), batch_id="bench")
             )
+            if src == source and (timeline := mark.timeline()):
+                timelines.append(timeline)
             _check("spark batch scoring", expected, result.rows, result.errors)
             shutil.rmtree(table, ignore_errors=True)
             return expected / seconds
@@ -151,6 +157,9 @@ def bench_score(
         # CPU seconds and peak RSS per kind of process (driver, JVM, Python workers) of one
         # more scoring job, sampled every 0.1 s outside the timed runs.
         "processes": sampler.usage.describe() if sampler.usage else {},
+        # Medians over the timed scoring jobs: driver time before the first task and after
+        # the last stage (the table commit and the count read back).
+        "fixed_cost": median_timeline(timelines[:repeats]),
     }
     against_bytes = pair(
         "score",
