@@ -95,15 +95,32 @@ def pair(
     )
 
 
-def with_parallel_efficiency(against_one_process: Measurement, slots: int) -> Measurement:
+def with_parallel_efficiency(
+    against_one_process: Measurement,
+    slots: int,
+    *,
+    baseline_wall_s: float | None = None,
+    baseline_cpu_s: float | None = None,
+) -> Measurement:
     """The measurement with its parallel efficiency: its ratio per task slot, in the details.
+
+    Given the one-process baseline's wall and CPU seconds, also its ``parallel_ceiling``: the
+    best ratio on ``slots`` cores for a stage doing no more CPU work than the baseline, and
+    the measured ratio's ``share_of_ceiling``. A baseline that already keeps more than one
+    core busy (TensorFlow's own threads in ``predict``) leaves less than ``slots`` to gain.
 
     Args:
         against_one_process: A stage against the same stage function in one process.
         slots: The task slots the stage ran on.
+        baseline_wall_s: Median wall seconds of one baseline run.
+        baseline_cpu_s: Median CPU seconds of one baseline run (all its threads).
     """
-    efficiency = round(against_one_process.ratio / slots, 3)
-    details = {**against_one_process.details, "parallel_efficiency": efficiency}
+    ratio = against_one_process.ratio
+    details = {**against_one_process.details, "parallel_efficiency": round(ratio / slots, 3)}
+    if baseline_wall_s and baseline_cpu_s:
+        ceiling = min(float(slots), slots * baseline_wall_s / baseline_cpu_s)
+        details["parallel_ceiling"] = round(ceiling, 3)
+        details["share_of_ceiling"] = round(ratio / ceiling, 3)
     return replace(against_one_process, details=details)
 
 

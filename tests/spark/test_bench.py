@@ -91,6 +91,21 @@ def test_every_measurement_pairs_a_value_with_a_positive_baseline(measurements):
     assert info.details["parallel_efficiency"] == pytest.approx(
         info.ratio / info.details["task_slots"], abs=1e-3
     )
+    _check_ceiling_and_fixed_cost(info, jobs=1)
+
+
+def _check_ceiling_and_fixed_cost(m, jobs: int) -> None:
+    """The parallel ceiling is within the slots; the fixed cost adds up to the job's time."""
+    slots = m.details["task_slots"]
+    assert 0 < m.details["parallel_ceiling"] <= slots
+    assert m.details["share_of_ceiling"] == pytest.approx(
+        m.ratio / m.details["parallel_ceiling"], abs=2e-3
+    )
+    fixed = m.details["fixed_cost"]
+    assert fixed["jobs"] >= jobs and fixed["tasks"] >= slots
+    assert fixed["to_first_task_s"] > 0 and fixed["after_last_stage_s"] >= 0
+    parts = fixed["to_first_task_s"] + fixed["running_s"] + fixed["after_last_stage_s"]
+    assert parts == pytest.approx(fixed["seconds"], abs=0.01)
 
 
 def test_outputs_are_cleaned_up_and_the_data_is_cached(ingest_config, measurements):
@@ -210,6 +225,7 @@ def test_score_compares_spark_scoring_with_in_process_predict(config):
     assert against_bytes.details["parallel_efficiency"] == pytest.approx(
         against_bytes.ratio / slots, abs=1e-3
     )
+    _check_ceiling_and_fixed_cost(against_bytes, jobs=1)
     # Where one more (untimed) scoring job's CPU went, per kind of process.
     processes = against_bytes.details["processes"]
     for kind in ("driver", "jvm", "python_worker"):
