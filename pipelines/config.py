@@ -222,6 +222,9 @@ class TrainConfig:
         hidden_units: Width of dense hidden layers (``mlp``, dense ``autoencoder``).
         latent_dim: Bottleneck width of the ``autoencoder``.
         num_proc: Horovod ranks (one Spark task slot each).
+        threads_per_rank: TensorFlow compute threads per rank; 0 divides the host's cores
+            among the ranks on it (Spark executors sharing a host oversubscribe it if each
+            rank takes every core).
         warmup_epochs: Epochs of learning-rate warm-up from the single-rank rate.
         early_stopping_patience: Epochs without val improvement before stopping (0: off).
         seed: Random seed for weights and shuffling.
@@ -269,6 +272,7 @@ class TrainConfig:
     hidden_units: Annotated[StrictInt, Field(ge=1)] = 128
     latent_dim: Annotated[StrictInt, Field(ge=1)] = 32
     num_proc: Annotated[StrictInt, Field(ge=1)] = 2
+    threads_per_rank: Annotated[StrictInt, Field(ge=0)] = 0
     warmup_epochs: Annotated[StrictInt, Field(ge=0)] = 1
     early_stopping_patience: Annotated[StrictInt, Field(ge=0)] = 8
     seed: StrictInt = 42

@@ -45,6 +45,17 @@ MEASURED_EPOCHS = 2
 LAYER_STATS_TARGET_RATIO = 1.05
 #: Timed epochs per layer-stats launch: its epochs are short (a digits epoch), so more.
 LAYER_STATS_EPOCHS = 8
+#: Target: two ranks' images/s at least this share of twice one one-thread rank's (the
+#: honest ideal on 2 cores: each rank gets one core, so only the allreduce may cost).
+SCALING_TARGET_RATIO = 0.9
+#: Horovod's own knobs (``train.horovod``), each tried alone on two ranks: name -> setting.
+HOROVOD_KNOBS: dict[str, dict[str, Any]] = {
+    "fp16 compression": {"compression": "fp16"},
+    "fusion off": {"fusion_threshold_mb": 0},
+    "cycle time 5 ms": {"cycle_time_ms": 5.0},
+    "2 backward passes per step": {"backward_passes_per_step": 2},
+    "autotune": {"autotune": True},
+}
 #: Training rows one rank of the default digits run reads per epoch (the bundled digits'
 #: train split over the default ranks): the epoch length the layer-stats cost is set against.
 DIGITS_ROWS_PER_RANK = math.ceil(DEMO_IMAGES * SplitConfig().train / TrainConfig().num_proc)
@@ -79,9 +90,11 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         ``epoch_median`` (their median), ``step_seconds`` (that divided by the steps),
         ``images_per_second`` (of all ranks together: ``size * batch * steps / median epoch
         seconds``), ``layer_stats_seconds`` (the callback's own time in the timed epochs;
-        empty without it), ``weights_sha256`` and ``seconds`` (the whole rank, start-up
-        included).
+        empty without it), ``weights_sha256``, ``seconds`` (the whole rank, start-up
+        included) and ``intra_op_threads`` (TensorFlow's compute threads in the rank).
     """
+    import tensorflow as tf
+
     from pipelines.keras_api import keras
     from pipelines.train.launcher import distribution
     from pipelines.train.layer_stats import layer_stats_callback, probe_batch
@@ -119,11 +132,16 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         "images_per_second": dist.size * spec.train.batch_size * steps / epoch,
         "weights_sha256": digest,
         "seconds": round(time.perf_counter() - started, 2),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
     }
 
 
 def bench_train(
-    config: Config, *, images: int = DATASET_IMAGES, repeats: int = 3
+    config: Config,
+    *,
+    images: int = DATASET_IMAGES,
+    repeats: int = 3,
+    knobs: dict[str, dict[str, Any]] | None = None,
 ) -> list[Measurement]:
     """Horovod step time and throughput against plain Keras ``fit`` on the same feed.
 
@@ -137,7 +155,12 @@ def bench_train(
       ``horovod.spark.run`` on the session's executors (Gloo), with
       ``hvd.DistributedOptimizer`` and the broadcast and metric-averaging callbacks;
     - measured ``horovod 2 ranks`` (when the session has two task slots): the same with two
-      ranks, each reading half the row groups and running half the steps.
+      ranks, each reading half the row groups and running half the steps;
+    - baseline ``2 x one 1-thread rank``: twice the images/s of one Horovod rank limited
+      to one TensorFlow thread (``train.threads_per_rank=1``): what two ranks on two
+      cores would do with a free allreduce (target: two ranks at least 0.9 of it);
+    - per Horovod knob (``knobs``, default :data:`HOROVOD_KNOBS`): two ranks with that
+      ``train.horovod`` setting alone, against two ranks with none.
 
     What is timed is inside the ranks, so Spark job, Horovod and TensorFlow start-up are
     not: each launch runs ``WARMUP_EPOCHS`` untimed epochs (tracing, weight broadcast,
@@ -152,13 +175,16 @@ def bench_train(
             ``ingest.rows_per_row_group`` for the cached dataset.
         images: Number of generated source images.
         repeats: Rounds of launches.
+        knobs: Horovod settings to try on two ranks (name -> ``train.horovod`` fields).
 
     Then :func:`bench_layer_stats` (in this process, no Horovod).
 
     Returns:
-        One Horovod rank's step seconds over plain Keras (target ``<= 1.05``), with two
-        task slots two ranks' images/s over plain Keras (informative), and the layer-stats
-        epoch ratio of :func:`bench_layer_stats` (target ``<= 1.05``).
+        One Horovod rank's step seconds over plain Keras (target ``<= 1.05``); with two
+        task slots, two ranks' images/s over plain Keras (informative), over twice one
+        one-thread rank (target ``>= 0.9``), and with each knob over two ranks without
+        (informative); last the layer-stats epoch ratio of :func:`bench_layer_stats`
+        (target ``<= 1.05``).
 
     Raises:
         UserError: ``images`` or ``repeats`` is below 1, no training rows, or Horovod is
@@ -186,8 +212,14 @@ def bench_train(
         "plain": (LocalLauncher(), spec),
         "horovod_1": (HorovodSparkLauncher(spark, 1), horovod),
     }
+    one_thread = replace(horovod, train=replace(horovod.train, threads_per_rank=1))
+    knobs = HOROVOD_KNOBS if knobs is None else knobs
     if slots >= 2:
         launches["horovod_2"] = (HorovodSparkLauncher(spark, 2), horovod)
+        launches["horovod_1_thread"] = (HorovodSparkLauncher(spark, 1), one_thread)
+        for knob, setting in knobs.items():
+            train = replace(horovod.train, horovod=replace(horovod.train.horovod, **setting))
+            launches[knob] = (HorovodSparkLauncher(spark, 2), replace(horovod, train=train))
     else:
         log.warning("bench train: the session has %d task slot(s); skipping 2 ranks", slots)
     ranks: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in launches}
@@ -232,6 +264,10 @@ def bench_train(
         "step_seconds": {name: _rounded(figures(name, "step_seconds")) for name in ranks},
         "images_per_second": {name: _rounded(figures(name, "images_per_second")) for name in ranks},
         "launch_seconds": launch_seconds,
+        "intra_op_threads": {
+            name: sorted({r["intra_op_threads"] for results in ranks[name] for r in results})
+            for name in ranks
+        },
     }
     measurements = [
         pair(
@@ -257,6 +293,30 @@ def bench_train(
                 details=details,
             )
         )
+        measurements.append(
+            pair(
+                "train",
+                "horovod 2 ranks",
+                figures("horovod_2", "images_per_second"),
+                "2 x one 1-thread rank",
+                [2 * rate for rate in figures("horovod_1_thread", "images_per_second")],
+                unit="images/s",
+                target=f">= {SCALING_TARGET_RATIO}",
+                details=details,
+            )
+        )
+        measurements += [
+            pair(
+                "train",
+                f"horovod 2 ranks, {knob}",
+                figures(knob, "images_per_second"),
+                "horovod 2 ranks",
+                figures("horovod_2", "images_per_second"),
+                unit="images/s",
+                details={**details, "horovod": knobs[knob]},
+            )
+            for knob in knobs
+        ]
     measurements.append(bench_layer_stats(data, repeats=repeats))
     return measurements
 

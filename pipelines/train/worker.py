@@ -180,7 +180,7 @@ def prepared_rank(
         device, failure = pin_device(cfg.use_gpu, dist.local_rank), None
     except NoGpuError as exc:
         device, failure = CPU, str(exc)
-    limit_threads(dist.local_size)
+    limit_threads(dist.local_size, cfg.threads_per_rank)
     # Horovod: every rank learns whether one lacks its GPU, so they all stop together.
     failures = [f for f in dist.allgather(failure, "device_check") if f]
     if failures:
@@ -486,9 +486,14 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def limit_threads(ranks_on_this_host: int) -> None:
-    """Split the host's cores between the ranks on it instead of oversubscribing them."""
-    threads = cores_per_process(ranks_on_this_host)
+def limit_threads(ranks_on_this_host: int, threads: int = 0) -> None:
+    """Split the host's cores between the ranks on it instead of oversubscribing them.
+
+    Args:
+        ranks_on_this_host: Ranks sharing this host's cores.
+        threads: Compute threads to use instead (``train.threads_per_rank``); 0 splits.
+    """
+    threads = threads or cores_per_process(ranks_on_this_host)
     limit_tf_threads(threads, min(2, threads))
 
 

@@ -178,9 +178,24 @@ def test_reader_reads_every_training_row_with_both_readers(config):
 
 @pytest.mark.slow
 def test_train_times_one_and_two_horovod_ranks_against_plain_keras(config, spark):
-    step, scaling, layer_stats = bench_train(config, images=IMAGES, repeats=1)
+    knobs = {"fp16 compression": {"compression": "fp16"}}
+    step, scaling, ideal, knob, layer_stats = bench_train(
+        config, images=IMAGES, repeats=1, knobs=knobs
+    )
     _check_pairing(step, "train", "s/step")
-    _check_pairing(scaling, "train", "images/s")
+    for m in (scaling, ideal, knob):
+        _check_pairing(m, "train", "images/s")
+    assert (ideal.measured, ideal.baseline, ideal.target) == (
+        "horovod 2 ranks",
+        "2 x one 1-thread rank",
+        ">= 0.9",
+    )
+    assert ideal.value == scaling.value
+    one_thread = ideal.details["images_per_second"]["horovod_1_thread"]
+    assert ideal.baseline_value == pytest.approx(2 * one_thread[0], rel=1e-4)
+    assert knob.measured == "horovod 2 ranks, fp16 compression"
+    assert knob.baseline == "horovod 2 ranks"
+    assert knob.details["horovod"] == {"compression": "fp16"}
     _check_pairing(layer_stats, "train", "s/epoch")
     assert (layer_stats.measured, layer_stats.baseline) == (
         "fit epoch with layer stats",
@@ -206,6 +221,9 @@ def test_train_times_one_and_two_horovod_ranks_against_plain_keras(config, spark
         (step_s,) = details["step_seconds"][name]
         assert rate == pytest.approx(ranks * batch / step_s, rel=1e-3)
     assert len(details["launch_seconds"]["horovod_2"]) == 1
+    # The one-thread rank ran on one TensorFlow thread; on 2 cores, so did each of 2 ranks.
+    threads = details["intra_op_threads"]
+    assert threads["horovod_1_thread"] == threads["horovod_2"] == [1]
 
 
 @pytest.mark.slow
