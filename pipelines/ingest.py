@@ -229,28 +229,21 @@ def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
     """
     import pandas as pd
 
-    listing = list_tree(src)
+    # Empty and unreadable files are quarantined by the executors that read them.
+    listing = list_tree(src, sizes=False)
     # Names are display forms from here on (valid UTF-8 ones unchanged); only ``file``
     # keeps the raw bytes, to open the file by.
     label_names = sorted({display_path(rel.split("/")[0]) for rel in listing.images if "/" in rel})
     log.info(
-        "ingest: %d image files in %d classes, %d empty, %d unreadable, %d other files skipped",
+        "ingest: %d image files in %d classes, %d other files skipped",
         len(listing.images),
         len(label_names),
-        len(listing.empty),
-        len(listing.unreadable),
         listing.skipped,
     )
     root = str(src).rstrip("/")  # strings, not Path objects: faster on a large tree
     shown = display_path(root)
-    rejected = {f"{shown}/{display_path(rel)}": "empty file" for rel in listing.empty}
-    rejected.update(
-        {f"{shown}/{display_path(rel)}": why for rel, why in listing.unreadable.items()}
-    )
     outside = "not inside a class folder (expected <source>/<class>/...)"
-    rejected.update(
-        {f"{shown}/{display_path(rel)}": outside for rel in listing.images if "/" not in rel}
-    )
+    rejected = {f"{shown}/{display_path(rel)}": outside for rel in listing.images if "/" not in rel}
     rels = [rel for rel in listing.images if "/" in rel]
     shown_rels = [display_path(rel) for rel in rels]
     names = [rel.split("/")[0] for rel in shown_rels]

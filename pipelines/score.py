@@ -182,8 +182,8 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
 
     A table source gives ``(path, content, read_error)`` rows, ``read_error`` set where the
     bytes are null. A folder gives ``(path, file, read_error)`` rows from the driver's
-    listing, ``read_error`` set for a file that cannot even be examined (a broken link); the
-    executors read the others by ``file``, the raw bytes of the path. ``path`` is its
+    listing, ``read_error`` null: the executors read each file by ``file``, the raw bytes
+    of the path, and record why one cannot be read or decoded. ``path`` is its
     display form (:func:`~pipelines.listing.display_path`): a name that is not valid UTF-8
     cannot cross Spark as a string, and is scored all the same.
 
@@ -218,23 +218,20 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
 
     import pandas as pd
 
-    listing = list_tree(src)
-    readable = listing.images + listing.empty  # an empty file gets its error when decoded
-    if not readable and not listing.unreadable:
+    # An empty or unreadable file gets its error from the executor that reads it.
+    listing = list_tree(src, sizes=False)
+    if not listing.images:
         raise SourceError(f"no image files in {src} ({listing.skipped} other files skipped)")
     root = str(src)
-    files = [f"{root}/{rel}" for rel in [*readable, *listing.unreadable]]
+    files = [f"{root}/{rel}" for rel in listing.images]
     paths = pd.DataFrame(
         {
             "path": [display_path(file) for file in files],
             "file": [os.fsencode(file) for file in files],
-            "read_error": [None] * len(readable) + list(listing.unreadable.values()),
+            "read_error": [None] * len(files),
         }
     )
-    log.info(
-        "score: %d image files (%d empty, %d unreadable), %d other files skipped",
-        len(paths), len(listing.empty), len(listing.unreadable), listing.skipped,
-    )  # fmt: skip
+    log.info("score: %d image files, %d other files skipped", len(paths), listing.skipped)
     tasks = _task_count(spark, len(paths))
     frame = driver_table(spark, paths, "path string, file binary, read_error string", tasks)
     return frame, listing.skipped

@@ -93,7 +93,8 @@ def bench_scale(
       epochs on the bundled digits ingested as they are and with every file repeated 4
       times (extra files in the same class folders); per-image cost over the dataset's
       images; run once per point (a launch is long); output: the training folder's bytes;
-    - ``list``: :func:`pipelines.listing.list_tree` on each ingest source tree: seconds
+    - ``list``: :func:`pipelines.listing.list_tree` on each ingest source tree, as ingest
+      and scoring call it (names only, no ``stat``): seconds
       (median of ``repeats``) and peak Python memory (tracemalloc), per million files.
 
     Every point runs inside a :class:`~pipelines.bench.processes.ProcessSampler`: peak RSS
@@ -460,15 +461,16 @@ def _list_cost(source: Path, repeats: int) -> tuple[list[float], float]:
 
     from pipelines.listing import list_tree
 
-    files = len(list_tree(source).images)  # also warms the directory cache
+    # As ingest and scoring list: by name, no stat per file.
+    files = len(list_tree(source, sizes=False).images)  # also warms the directory cache
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        list_tree(source)
+        list_tree(source, sizes=False)
         seconds.append((time.perf_counter() - start) * 1e6 / files)
     tracemalloc.start()
     try:
-        listing = list_tree(source)
+        listing = list_tree(source, sizes=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -39,3 +39,23 @@ def test_a_name_that_is_not_utf8_is_listed_and_read_by_its_raw_bytes(tmp_path):
     raw = os.fsencode(f"{tmp_path}/{rel}")
     assert read_file(raw) == (b"\x89PNG bytes", None)
     assert read_file(f"{tmp_path}/{rel}") == (b"\x89PNG bytes", None)
+
+
+def test_without_sizes_every_image_name_is_listed_and_left_to_its_reader(tmp_path):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "ok.png").write_bytes(b"\x89PNG bytes")
+    (tmp_path / "cls" / "zero.png").write_bytes(b"")
+    (tmp_path / "cls" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "cls" / "notes.txt").write_text("not an image")
+
+    with_sizes = list_tree(tmp_path)
+    assert with_sizes.images == ["cls/ok.png"]
+    assert with_sizes.empty == ["cls/zero.png"]
+    assert list(with_sizes.unreadable) == ["cls/broken.png"]
+
+    by_name = list_tree(tmp_path, sizes=False)
+    assert by_name.images == ["cls/broken.png", "cls/ok.png", "cls/zero.png"]
+    assert (by_name.empty, by_name.unreadable, by_name.skipped) == ([], {}, 1)
+    # The reader then gives the broken link the reason the listing would have given.
+    reason = with_sizes.unreadable["cls/broken.png"]
+    assert read_file(str(tmp_path / "cls" / "broken.png")) == (None, reason)
