@@ -7,8 +7,10 @@ seconds of the process tree, Keras epoch times). Nothing heavy is imported at im
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from pipelines.errors import UserError
@@ -69,7 +71,12 @@ def tree_cpu_seconds() -> float:
 
 
 def epoch_timer() -> Any:
-    """A Keras callback recording the wall seconds of every epoch in ``.seconds``.
+    """A Keras callback recording each epoch's wall seconds and where the CPU went.
+
+    Per epoch: ``.seconds`` (wall), ``.process_cpu`` (CPU seconds of the whole process,
+    every thread) and ``.reader_cpu`` (of the Python threads started in the process other
+    than the one running ``fit``: the feed's reader and Petastorm's reader pool; the rest
+    is TensorFlow's and Horovod's threads and the ``fit`` loop).
 
     Put it last in the callback list: Keras calls callbacks in order, so the epoch's end
     is taken after every other callback's end-of-epoch work (e.g. Horovod's metric
@@ -81,15 +88,45 @@ def epoch_timer() -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.seconds: list[float] = []
-            self._start = 0.0
+            self.process_cpu: list[float] = []
+            self.reader_cpu: list[float] = []
+            self._start = (0.0, 0.0, 0.0)
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self._start = time.perf_counter()
+            self._start = (time.perf_counter(), time.process_time(), reader_threads_cpu())
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            self.seconds.append(time.perf_counter() - self._start)
+            wall, process, reader = self._start
+            self.seconds.append(time.perf_counter() - wall)
+            self.process_cpu.append(time.process_time() - process)
+            self.reader_cpu.append(reader_threads_cpu() - reader)
 
     return EpochTimer()
+
+
+def reader_threads_cpu() -> float:
+    """CPU seconds so far of this process's Python threads other than the calling one.
+
+    Threads Python did not start (TensorFlow's, Horovod's, even while they run Python
+    callbacks) are left out; so is a thread that ended (its time is no longer listed).
+    """
+    import threading
+
+    me = threading.get_native_id()
+    ids = {
+        thread.native_id
+        for thread in threading.enumerate()
+        if not isinstance(thread, threading._DummyThread)  # noqa: SLF001 - foreign threads
+    }
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for tid in ids - {me, None}:
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile, or not Linux
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def check_sizes(benchmark: str, images: int, repeats: int, minimum: int = 1) -> None:

@@ -91,7 +91,9 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         ``images_per_second`` (of all ranks together: ``size * batch * steps / median epoch
         seconds``), ``layer_stats_seconds`` (the callback's own time in the timed epochs;
         empty without it), ``weights_sha256``, ``seconds`` (the whole rank, start-up
-        included) and ``intra_op_threads`` (TensorFlow's compute threads in the rank).
+        included), ``intra_op_threads`` (TensorFlow's compute threads in the rank), and
+        over the timed epochs ``cores_busy`` (the rank's CPU seconds per wall second) and
+        ``reader_cpu_share`` (the share of them in its feed's reader threads).
     """
     import tensorflow as tf
 
@@ -119,6 +121,8 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
     steps = rank.steps_per_epoch
     measured = timer.seconds[spec.warmup_epochs :]
     epoch = statistics.median(measured)
+    process_cpu = sum(timer.process_cpu[spec.warmup_epochs :])
+    reader_cpu = sum(timer.reader_cpu[spec.warmup_epochs :])
     return {
         "rank": dist.rank,
         "size": dist.size,
@@ -133,6 +137,9 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         "weights_sha256": digest,
         "seconds": round(time.perf_counter() - started, 2),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        # Over the timed epochs: cores the rank kept busy, and its reader threads' share.
+        "cores_busy": process_cpu / sum(measured),
+        "reader_cpu_share": reader_cpu / process_cpu if process_cpu else 0.0,
     }
 
 
@@ -268,6 +275,10 @@ def bench_train(
             name: sorted({r["intra_op_threads"] for results in ranks[name] for r in results})
             for name in ranks
         },
+        # Do the feed's reader threads starve the compute threads of ranks sharing a host?
+        # Medians over every rank of every launch (see step_worker).
+        "cores_busy_per_rank": _medians(ranks, "cores_busy"),
+        "reader_cpu_share": _medians(ranks, "reader_cpu_share"),
     }
     measurements = [
         pair(
@@ -387,6 +398,14 @@ def bench_layer_stats(data: PreparedDataset, *, repeats: int = 3) -> Measurement
         target=f"<= {LAYER_STATS_TARGET_RATIO}",
         details=details,
     )
+
+
+def _medians(ranks: dict[str, list[list[dict[str, Any]]]], key: str) -> dict[str, float]:
+    """Per launch name, the median of ``key`` over all its ranks' results."""
+    return {
+        name: round(statistics.median(r[key] for results in launches for r in results), 3)
+        for name, launches in ranks.items()
+    }
 
 
 def _rounded(values: list[float]) -> list[float]:

@@ -224,6 +224,9 @@ def test_train_times_one_and_two_horovod_ranks_against_plain_keras(config, spark
     # The one-thread rank ran on one TensorFlow thread; on 2 cores, so did each of 2 ranks.
     threads = details["intra_op_threads"]
     assert threads["horovod_1_thread"] == threads["horovod_2"] == [1]
+    for name in details["steps_per_epoch"]:
+        assert 0 < details["cores_busy_per_rank"][name] <= details["task_slots"] + 0.5
+        assert 0 < details["reader_cpu_share"][name] < 1  # the feed's readers did work
 
 
 @pytest.mark.slow
