@@ -58,7 +58,15 @@ class RankDiedError(UserError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a training run produced."""
+    """What a training run produced.
+
+    ``phases`` splits the wall time (seconds): ``prepare`` (manifest, MLflow run and its
+    inputs), ``rank_start`` (the ranks' Spark job, Horovod and TensorFlow start-up, the
+    final model saved: the launch less ``fit``), ``fit`` (the slowest rank's ``fit``,
+    checkpoints and per-layer statistics included), ``evaluate`` (the test split), ``report``
+    (the run report, when there is one) and ``log_register`` (metrics, model logged,
+    registered, alias decided).
+    """
 
     run_id: str
     experiment: str
@@ -73,11 +81,32 @@ class TrainResult:
     alias: str
     promoted: bool
     decision: str
+    phases: dict[str, float]
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
         """The result as a JSON-ready dict."""
         return asdict(self)
+
+
+class _PhaseClock:
+    """Wall seconds per phase of a training run: each lap adds the time since the last."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.time()
+
+    def lap(self, phase: str | None = None) -> float:
+        """Seconds since the last lap, added to ``phase`` (None: only returned)."""
+        now = time.time()
+        seconds, self._last = now - self._last, now
+        if phase is not None:
+            self.add(phase, seconds)
+        return seconds
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Count ``seconds`` to ``phase``."""
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 2)
 
 
 def load_manifest(dataset: Path) -> schema.Manifest:
@@ -120,6 +149,7 @@ def train(
     import mlflow
 
     started = time.time()
+    clock = _PhaseClock()
     where = config.locations
     data_dir = Path(dataset).expanduser().resolve() if dataset else where.prepared
     manifest = load_manifest(data_dir)
@@ -145,7 +175,7 @@ def train(
             else:
                 _tag_resume(run.info.run_id, state["epoch"], previous)
             result = _train_in_run(
-                config, launcher, data_dir, manifest, out, resume, run.info.run_id, report
+                config, launcher, data_dir, manifest, out, resume, run.info.run_id, report, clock
             )
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
@@ -163,6 +193,7 @@ def _train_in_run(
     resume: bool,
     run_id: str,
     report: ReportStep | None,
+    clock: _PhaseClock,
 ) -> dict[str, Any]:
     import mlflow
 
@@ -180,6 +211,7 @@ def _train_in_run(
         resume=resume,
     )
     shutil.rmtree(out / RANKS_DIR, ignore_errors=True)  # the ranks of this start write anew
+    clock.lap("prepare")
     try:
         ranks = launcher.run(
             train_worker,
@@ -209,6 +241,9 @@ def _train_in_run(
     if len(set(digests.values())) != 1:
         raise RanksDivergedError(f"ranks finished with different weights: {digests}")
     rank0 = min(ranks, key=lambda r: r["rank"])
+    launch, fit = clock.lap(), max(r["fit_seconds"] for r in ranks)
+    clock.add("rank_start", max(0.0, launch - fit))
+    clock.add("fit", fit)
     # Elastic: the world size from each epoch on where it changed (a lost rank, a new one).
     mlflow.set_tag("world_size_changes", json.dumps(rank0["world_sizes"][1:]))
     _log_new_epochs(run_id, rank0["history"])
@@ -221,7 +256,9 @@ def _train_in_run(
 
     model = _load_final_model(out)
     autoencoder = is_autoencoder(config.train)
+    clock.lap("log_register")
     evaluation = evaluate(model, data_dir, manifest, autoencoder)
+    clock.lap("evaluate")
     mlflow.log_metrics(evaluation.metrics)
     mlflow.log_text(_summary(model), "model_summary.txt")
     if report is not None:
@@ -234,7 +271,9 @@ def _train_in_run(
             layer_stats=layer_stats,
             layer_histograms=rank0.get("layer_histograms", {}),
         )
+        clock.lap("log_register")
         report(config, trained)
+        clock.lap("report")
 
     info = image_model.log_image_model(
         model,
@@ -255,6 +294,10 @@ def _train_in_run(
         registry_uri=config.locations.registry_uri,
     )
     log.info("train: %s", registration.decision)
+    clock.lap("log_register")
+    log.info(
+        "train: seconds by phase: %s", ", ".join(f"{k} {v:g}" for k, v in clock.phases.items())
+    )
     return {
         "run_id": run_id,
         "experiment": config.mlflow.experiment,
@@ -269,6 +312,7 @@ def _train_in_run(
         "alias": registration.alias,
         "promoted": registration.promoted,
         "decision": registration.decision,
+        "phases": clock.phases,
     }
 
 

@@ -267,11 +267,13 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
         # Rank 0's per-layer statistics (pipelines.train.layer_stats), resumed like history.
         layers = {key: (rank.resumed or {}).get(key, {}) for key in LAYER_RECORDS}
 
+        fit_started = time.time()
         if cfg.elastic:
             steps, world_sizes = _fit_elastic(spec, dist, rank, initial_epoch, history, k, layers)
         else:
             steps = _fit(spec, dist, rank, initial_epoch, history, k, [], layers)
             world_sizes = [{"epoch": initial_epoch, "size": dist.size}]
+        fit_seconds = time.time() - fit_started
 
         model = rank.model
         if dist.rank == 0:
@@ -295,6 +297,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
             "learning_rate": rank.scaled_lr,
             "weights_sha256": weights_digest(model),
             "seconds": round(time.time() - started, 2),
+            "fit_seconds": round(fit_seconds, 2),
             "placement": placement(),
             **layers,  # filled on rank 0 only
         }

@@ -79,6 +79,11 @@ def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_pat
     assert result.world_size == 2
     assert result.test_metrics["test_accuracy"] > 0.8
     assert result.promoted and result.model_version == "1"
+    # Where the wall time went: every phase, fit the ranks' own figure, nothing counted twice.
+    phases = result.phases
+    assert list(phases) == ["prepare", "rank_start", "fit", "log_register", "evaluate", "report"]
+    assert all(seconds >= 0 for seconds in phases.values()) and phases["fit"] > 0
+    assert sum(phases.values()) == pytest.approx(result.seconds, abs=0.5)
 
     mlflow.set_tracking_uri(config.locations.tracking_uri)
     run = mlflow.get_run(result.run_id)
