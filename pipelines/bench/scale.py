@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines import tracking
 from pipelines.bench.data import (
@@ -33,12 +33,16 @@ from pipelines.bench.data import (
     scratch,
 )
 from pipelines.bench.ingest import INGEST_CHANNELS, INGEST_IMAGE_SIZE, INGEST_SOURCE_SIZE
+from pipelines.bench.jobs import JobMark, median_timeline
 from pipelines.bench.processes import KINDS, ProcessSampler, ProcessUsage
 from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes
 from pipelines.config import Config, SplitConfig
 from pipelines.errors import UserError
 from pipelines.locations import sqlite_store
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger("pipelines.bench")
 
@@ -183,9 +187,25 @@ def _points(
             1000 * statistics.median(seconds) / count,
             output / 2**20,
         )
+    _add_driver_cost_per_file(figures)
     ref_seconds, _, ref_count, _, _ = figures[reference]
     ref_cost = [1000 * s / ref_count for s in ref_seconds]
     return [_point(stage, size, reference, ref_count, ref_cost, *figures[size]) for size in sizes]
+
+
+def _add_driver_cost_per_file(figures: dict[int, _Point]) -> None:
+    """Add the driver's seconds per million files before the first task, to every point.
+
+    The slope of the time to the first task between the smallest and the largest size:
+    the serial driver work (listing, planning, shipping the listing) that grows with N.
+    """
+    fixed = {size: point[4].get("fixed_cost") for size, point in figures.items()}
+    small, large = min(figures), max(figures)
+    if small == large or not fixed[small] or not fixed[large]:
+        return
+    slope = (fixed[large]["to_first_task_s"] - fixed[small]["to_first_task_s"]) / (large - small)
+    for point in figures.values():
+        point[4]["driver_s_per_million_files"] = round(slope * 1e6, 2)
 
 
 def _point(
@@ -249,7 +269,7 @@ def _ingest_points(
 
         def run(size: int) -> _Point:
             source = cached_jpegs(config, size, INGEST_SOURCE_SIZE)
-            return _sampled(size, repeats, lambda out: once(size, source, out), work, extra)
+            return _sampled(size, repeats, lambda out: once(size, source, out), work, extra, spark)
 
         return _points("ingest", sizes, reference, run)
 
@@ -286,7 +306,7 @@ def _score_points(
 
         def run(size: int) -> _Point:
             source = cached_jpegs(config, size, DATASET_SOURCE_SIZE)
-            return _sampled(size, repeats, lambda out: once(size, source, out), work, extra)
+            return _sampled(size, repeats, lambda out: once(size, source, out), work, extra, spark)
 
         return _points("score", sizes, reference, run)
 
@@ -297,16 +317,24 @@ def _sampled(
     once: Callable[[Path], int],
     work: Path,
     extra: dict[str, Any],
+    spark: SparkSession,
 ) -> _Point:
-    """``repeats`` timed calls of ``once(output)`` inside one process sampler."""
-    seconds, output = [], 0
+    """``repeats`` timed calls of ``once(output)`` inside one process sampler.
+
+    ``extra`` gains the jobs' ``fixed_cost`` (see :mod:`pipelines.bench.jobs`).
+    """
+    seconds, output, timelines = [], 0, []
     with ProcessSampler() as sampler:
         for i in range(repeats):
             out = work / f"out-{size}-{i}"
+            mark = JobMark(spark)
             start = time.perf_counter()
             output = once(out)
             seconds.append(time.perf_counter() - start)
+            if timeline := mark.timeline():
+                timelines.append(timeline)
             shutil.rmtree(out, ignore_errors=True)
+    extra = {**extra, "fixed_cost": median_timeline(timelines)}
     return seconds, output, size, sampler.usage, extra  # type: ignore[return-value]
 
 

@@ -86,6 +86,18 @@ def test_memory_is_seen_in_the_driver_the_jvm_and_the_python_workers(measurement
         assert procs["horovod_rank"]["peak_rss_mib"] > 0
 
 
+def test_every_job_point_has_its_fixed_cost_and_the_driver_slope(measurements):
+    for stage in ("ingest", "score"):
+        points = _points(measurements, stage)
+        for m in points:
+            fixed = m.details["fixed_cost"]
+            assert fixed["jobs"] >= 1 and fixed["to_first_task_s"] > 0
+            assert fixed["fixed_s"] <= fixed["seconds"]
+        # One slope per stage, from the smallest point to the largest: the same on each.
+        slopes = {m.details["driver_s_per_million_files"] for m in points}
+        assert len(slopes) == 1
+
+
 def test_outputs_are_measured_and_grow_with_the_data(measurements, config):
     for stage in ("ingest", "score"):
         small, large = _points(measurements, stage)
