@@ -381,8 +381,11 @@ def _add_bench(add: _Add) -> None:
         "which",
         nargs="?",
         default="all",
-        choices=["ingest", "feed", "reader", "train", "score", "all", "scale"],
-        help="which benchmark (default: all, the first five; scale: cost growth with size)",
+        choices=["ingest", "feed", "reader", "train", "score", "all", "scale", "peer"],
+        help=(
+            "which benchmark (default: all, the first five; scale: cost growth with size; "
+            "peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds)"
+        ),
     )
     bench.add_argument(
         "--images",

@@ -20,6 +20,9 @@ score      Spark batch scoring, images/s           pyfunc predict on decoded arr
 scale      ingest, score, train, listing at        the same stage at the reference size
            growing sizes, ms/image; peak RSS and   (<= 1.1 above it); not part of
            CPU per process kind                    ``all``
+peer       the whole ``dlpipe train`` process, s;  Horovod's KerasEstimator on the same
+           its test accuracy                       digits, in its own environment
+                                                   (<= 0.75; >= 1.0); not part of ``all``
 =========  ======================================  =====================================
 
 Each benchmark generates its data once (cached under ``<work_dir>/bench/``), warms up
@@ -45,6 +48,7 @@ from pipelines.bench.feed import bench_feed
 from pipelines.bench.ingest import bench_ingest
 from pipelines.bench.machine import machine_facts
 from pipelines.bench.output import CSV_COLUMNS, append_csv, format_table
+from pipelines.bench.peer import PeerUnavailable, bench_peer
 from pipelines.bench.reader import bench_reader
 from pipelines.bench.scale import bench_scale, format_scale_table
 from pipelines.bench.score import bench_score
@@ -60,6 +64,7 @@ __all__ = [
     "append_csv",
     "bench_feed",
     "bench_ingest",
+    "bench_peer",
     "bench_reader",
     "bench_scale",
     "bench_score",
@@ -84,8 +89,12 @@ BENCHMARKS: dict[str, Callable[..., list[Measurement]]] = {
     "score": bench_score,
 }
 
-#: Benchmarks run only by name, never by ``all`` (long: they measure growth with size).
-ON_REQUEST: dict[str, Callable[..., list[Measurement]]] = {"scale": bench_scale}
+#: Benchmarks run only by name, never by ``all`` (long: growth with size; whole training
+#: processes against a peer built in an environment of its own).
+ON_REQUEST: dict[str, Callable[..., list[Measurement]]] = {
+    "scale": bench_scale,
+    "peer": bench_peer,
+}
 
 
 def run_benchmarks(
@@ -108,14 +117,16 @@ def run_benchmarks(
         max_size: ``scale`` only: add its largest point.
 
     Returns:
-        ``{"machine": machine_facts(), "results": [Measurement as dict, ...]}``.
+        ``{"machine": machine_facts(), "results": [Measurement as dict, ...], "skipped":
+        [why, ...]}``; a row that cannot be measured here (the peer without its
+        environment) is skipped with a one-line reason, not failed.
 
     Raises:
         UserError: ``which`` is not a registered benchmark, or ``max_size`` without
             ``scale``.
     """
     registry = {**BENCHMARKS, **ON_REQUEST}
-    if max_size and which not in ON_REQUEST:
+    if max_size and which != "scale":
         raise UserError(f"--max applies to bench scale only, not {which!r}")
     if which == "all":
         names = list(BENCHMARKS)
@@ -126,15 +137,24 @@ def run_benchmarks(
         raise UserError(f"unknown benchmark {which!r}; available: {available}")
     machine = machine_facts()
     results: list[Measurement] = []
+    skipped: list[str] = []
     for name in names:
         kwargs: dict[str, Any] = {"repeats": repeats}
         if images is not None:
             kwargs["images"] = images
-        if name in ON_REQUEST:
+        if name == "scale":
             kwargs["max_size"] = max_size
         log.info("bench: running %s", name)
-        results.extend(registry[name](config, **kwargs))
-    report = {"machine": machine, "results": [asdict(m) for m in results]}
+        try:
+            results.extend(registry[name](config, **kwargs))
+        except PeerUnavailable as exc:
+            log.warning("bench: %s", exc.skip_message)
+            skipped.append(exc.skip_message)
+    report = {
+        "machine": machine,
+        "results": [asdict(m) for m in results],
+        "skipped": skipped,
+    }
     if csv_path is not None:
         append_csv(report, csv_path)
     return report

@@ -107,7 +107,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{m['platform']}, {m['timestamp']}"
     )
     rule = "-" * len(line(headers))
-    return "\n".join([facts, line(headers), rule, *(line(r) for r in rows)])
+    skipped = report.get("skipped", [])
+    return "\n".join([facts, line(headers), rule, *(line(r) for r in rows), *skipped])
 
 
 def _fmt(value: float) -> str:

@@ -344,7 +344,7 @@ def _train_points(config: Config, digits: int | None) -> list[Measurement]:
     from pipelines.pipeline import train_stage
 
     count = digits or DEMO_IMAGES
-    datasets = {copies: _digits_dataset(config, count, copies) for copies in TRAIN_COPIES}
+    datasets = {copies: digits_dataset(config, count, copies) for copies in TRAIN_COPIES}
 
     def run(copies: int) -> _Point:
         path, rows = datasets[copies]
@@ -381,7 +381,7 @@ def _train_config(config: Config, work: Path) -> Config:
     )
 
 
-def _digits_dataset(config: Config, count: int, copies: int) -> tuple[Path, dict[str, int]]:
+def digits_dataset(config: Config, count: int, copies: int) -> tuple[Path, dict[str, int]]:
     """``count`` digits (every class), each file ``copies`` times, ingested once (cached)."""
     from pipelines import schema
     from pipelines.demo import write_demo_digits

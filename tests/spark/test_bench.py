@@ -327,14 +327,25 @@ def test_every_stage_of_the_issue_is_registered_and_all_runs_them_in_pipeline_or
 
 
 def test_unknown_benchmark_is_a_user_error_listing_the_registered_ones(config, monkeypatch):
-    available = "ingest, feed, reader, train, score, all, scale"
+    available = "ingest, feed, reader, train, score, all, scale, peer"
     with pytest.raises(UserError, match=f"^unknown benchmark 'nope'; available: {available}$"):
         run_benchmarks(config, "nope")
     monkeypatch.setattr("pipelines.bench.BENCHMARKS", {"ingest": BENCHMARKS["ingest"]})
     with pytest.raises(
-        UserError, match="^unknown benchmark 'feed'; available: ingest, all, scale$"
+        UserError, match="^unknown benchmark 'feed'; available: ingest, all, scale, peer$"
     ):
         run_benchmarks(config, "feed")
+
+
+def test_a_peer_that_cannot_be_built_is_a_skipped_row_not_a_failure(config, tmp_path, monkeypatch):
+    # An empty wheel cache: the peer environment cannot get its Horovod.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    report = run_benchmarks(config, "peer", repeats=1)
+    assert report["results"] == []
+    [skipped] = report["skipped"]
+    assert skipped.startswith("peer row skipped: no Horovod 0.28.1 wheel")
+    assert "\n" not in skipped
+    assert format_table(report).endswith(skipped)
 
 
 @pytest.mark.parametrize("name", ["ingest", "feed", "reader", "train", "score"])

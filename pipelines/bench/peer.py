@@ -1,0 +1,730 @@
+"""Peer benchmark: the whole ``dlpipe train`` process against Horovod's own ``KerasEstimator``.
+
+In: a :class:`~pipelines.config.Config` (Spark, ingest and training settings), seeds and
+epochs. Out: two :class:`~pipelines.bench.stats.Measurement` records: the median wall
+seconds of our whole ``dlpipe train`` process over the peer's whole process (target at most
+0.75x), and our median test accuracy over the peer's (target at least 1.0x); or
+:class:`PeerUnavailable` with a one-line reason when the peer cannot run here.
+
+The peer is ``horovod.spark.keras.KerasEstimator`` (Horovod 0.28.1), driven by
+:mod:`pipelines.bench.peer_runner` in an environment of its own: its estimator requires
+pyarrow < 11 and ours pins 14. That environment is built once under
+``<work_dir>/bench/peer-env-<key>`` (see :func:`peer_env`), from the same base Python, the
+same TensorFlow, Keras and PySpark as ours and the cached Horovod wheel (same TensorFlow, so
+the same ABI); never in the project's ``.venv``.
+
+Both sides train the same thing: the bundled digits as the scale benchmark ingests them
+(same rows, same splits), the model of :func:`pipelines.models.build_model` (the peer loads
+its ``to_json()``, initialiser seeds included), Adam at ``train.learning_rate`` per rank
+scaled by the ranks, ``train.batch_size`` per rank, ``train.num_proc`` ranks on local Spark,
+validation on the ``val`` split every epoch, the same epochs, accuracy on the ``test`` split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipelines.bench import peer_runner
+from pipelines.bench.data import bench_dir, scratch
+from pipelines.bench.stats import Measurement, pair
+from pipelines.config import Config
+from pipelines.errors import UserError
+from pipelines.locations import sqlite_store
+
+log = logging.getLogger("pipelines.bench")
+
+#: Target: our whole training process at most this many times the peer's wall time.
+PEER_TARGET_RATIO = 0.75
+#: Target: our median test accuracy at least this many times the peer's.
+ACCURACY_TARGET_RATIO = 1.0
+#: Seeds (one run of each side per seed) and epochs of the default benchmark.
+SEEDS = (0, 1, 2)
+EPOCHS = 8
+#: What our ``dlpipe train`` is given beyond epochs and seed, so that it trains exactly as
+#: the peer does: no augmentation, no early stopping (the same epochs on both sides), no
+#: learning-rate warm-up (the estimator has none). Evaluation, MLflow logging, layer stats,
+#: registration and the run report stay on: they are part of our whole process.
+OUR_OVERRIDES = {
+    "train.augment_shift": "0",
+    "train.augment_rotation_deg": "0",
+    "train.early_stopping_patience": "0",
+    "train.warmup_epochs": "0",
+}
+#: The peer environment's pins besides TensorFlow and PySpark (ours, see :func:`peer_pins`).
+#: pyarrow < 11 is the estimator's own bound; pandas 2.0 and petastorm 0.12.1 are the last
+#: that work with pyarrow 10; the rest are Horovod's own (pure Python) dependencies.
+PEER_REQUIREMENTS = (
+    "keras==2.15.*",
+    "pyarrow==10.0.1",
+    "numpy==1.26.*",
+    "pandas==2.0.*",
+    "petastorm==0.12.1",
+    "protobuf<5",
+    "h5py",
+    "cloudpickle",
+    "psutil",
+    "pyyaml",
+    "packaging",
+    "fsspec",
+)
+HOROVOD_VERSION = "0.28.1"
+#: Bumped when the environment is built differently (invalidates built environments).
+PEER_ENV_VERSION = 1
+#: Seconds allowed per pip step, and for one training process of either side.
+PIP_TIMEOUT_S = 1800
+RUN_TIMEOUT_S = 900
+#: File written into a complete environment before it is renamed into place.
+ENV_MARKER = "peer-env.json"
+_IMPORT_CHECK = (
+    "import json, sys, horovod, horovod.spark.keras, pyarrow, pyspark, tensorflow as tf\n"
+    "assert int(pyarrow.__version__.split('.')[0]) < 11, pyarrow.__version__\n"
+    "print(json.dumps({'horovod': horovod.__version__, 'pyarrow': pyarrow.__version__,"
+    " 'pyspark': pyspark.__version__, 'tensorflow': tf.__version__,"
+    " 'python': sys.version.split()[0]}))"
+)
+
+
+class PeerUnavailable(UserError):
+    """The peer cannot run here; the message is the one-line reason.
+
+    The caller reports the row as skipped (see :attr:`skip_message`) and goes on.
+    """
+
+    @property
+    def skip_message(self) -> str:
+        """``peer row skipped: <reason>``."""
+        return f"peer row skipped: {self}"
+
+
+@dataclass(frozen=True)
+class PeerEnv:
+    """A built peer environment.
+
+    Attributes:
+        path: Its folder.
+        python: Its interpreter.
+        versions: What its import check printed (horovod, pyarrow, pyspark, tensorflow).
+        build_seconds: Seconds this call spent building it (0 when reused).
+    """
+
+    path: Path
+    python: Path
+    versions: dict[str, str]
+    build_seconds: float
+
+
+def peer_pins() -> tuple[str, ...]:
+    """The peer environment's requirements: ours for TensorFlow and PySpark, then the rest."""
+    cpu = _installed("tensorflow-cpu")
+    tf = f"tensorflow-cpu=={cpu}" if cpu else f"tensorflow=={_installed('tensorflow') or '2.15.1'}"
+    return (tf, f"pyspark=={_installed('pyspark') or '3.5.*'}", *PEER_REQUIREMENTS)
+
+
+def horovod_wheel() -> Path | None:
+    """The cached Horovod wheel ``make venv`` built against our TensorFlow, or None.
+
+    Found where the Makefile keeps it: ``$XDG_CACHE_HOME`` (else ``~/.cache``)
+    ``/spark-dl-pipelines/wheels/py311-tf<version>/``.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tf = _installed("tensorflow-cpu") or _installed("tensorflow") or "2.15.1"
+    folder = cache / "spark-dl-pipelines" / "wheels" / f"py311-tf{tf}"
+    wheels = sorted(folder.glob(f"horovod-{HOROVOD_VERSION}-*.whl"))
+    return wheels[-1] if wheels else None
+
+
+def base_python() -> Path:
+    """The base interpreter our environment was made from (a venv's ``sys.base_prefix``)."""
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidate = Path(sys.base_prefix) / "bin" / name
+    return candidate if candidate.exists() else Path(getattr(sys, "_base_executable", name))
+
+
+def env_key(python: Path, requirements: Sequence[str], wheel: Path | None) -> str:
+    """A short hash of what the environment is built from (interpreter, pins, wheel)."""
+    parts = [str(PEER_ENV_VERSION), str(python), *requirements, wheel.name if wheel else "-"]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def peer_env(
+    root: Path,
+    *,
+    python: Path | None = None,
+    requirements: Sequence[str] | None = None,
+    wheel: Path | None = None,
+    pip_options: Sequence[str] = (),
+) -> PeerEnv:
+    """Build the peer environment under ``root``, or reuse it.
+
+    ``python -m venv`` into a staging folder, ``pip install`` of the pins, the Horovod wheel
+    with ``--no-deps`` (its dependencies are among the pins), an import check (Horovod's
+    Spark Keras estimator imports, pyarrow < 11); only then is the folder renamed to
+    ``root/peer-env-<key>``, so a half-built environment is never reused. Only
+    ``<env>/bin/python`` is used afterwards: the renamed folder's console scripts still
+    name the staging path.
+
+    Args:
+        root: The benchmark cache (``<work_dir>/bench``).
+        python: Base interpreter; default :func:`base_python`.
+        requirements: Pins; default :func:`peer_pins`.
+        wheel: Horovod wheel; default :func:`horovod_wheel`.
+        pip_options: Extra ``pip install`` options (e.g. ``--no-index``).
+
+    Returns:
+        The environment.
+
+    Raises:
+        PeerUnavailable: No Horovod wheel, no such interpreter, or a step failed; the
+            message names the step and pip's (or Python's) last error line.
+    """
+    python = Path(python or base_python())
+    requirements = tuple(peer_pins() if requirements is None else requirements)
+    wheel = wheel or horovod_wheel()
+    if wheel is None or not Path(wheel).is_file():
+        raise PeerUnavailable(
+            f"no Horovod {HOROVOD_VERSION} wheel in the wheel cache (run `make venv` first)"
+        )
+    if not python.is_file() or not os.access(python, os.X_OK):
+        raise PeerUnavailable(f"base Python {python} does not exist or is not executable")
+    final = Path(root) / f"peer-env-{env_key(python, requirements, Path(wheel))}"
+    if (final / ENV_MARKER).is_file():
+        versions = json.loads((final / ENV_MARKER).read_text())["versions"]
+        log.info("bench peer: reusing the peer environment %s", final)
+        return PeerEnv(final, final / "bin" / "python", versions, 0.0)
+
+    started = time.perf_counter()
+    staging = Path(root) / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    env_python = staging / "bin" / "python"
+    pip = [str(env_python), "-m", "pip", "install", "--disable-pip-version-check", *pip_options]
+    try:
+        _step("venv", [str(python), "-m", "venv", str(staging)])
+        _step(f"pip install {len(requirements)} pins", [*pip, *requirements])
+        _step("horovod wheel", [*pip, "--no-deps", str(wheel)])
+        out = _step("import check", [str(env_python), "-c", _IMPORT_CHECK])
+        versions = json.loads(out.strip().splitlines()[-1])
+        marker = {"requirements": list(requirements), "wheel": str(wheel), "versions": versions}
+        (staging / ENV_MARKER).write_text(json.dumps(marker, indent=2))
+        try:
+            staging.rename(final)
+        except OSError:  # another build finished first: use that one
+            if not (final / ENV_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.info("bench peer: peer environment %s built in %.0f s: %s", final, seconds, versions)
+    return PeerEnv(final, final / "bin" / "python", versions, round(seconds, 1))
+
+
+def bench_peer(
+    config: Config,
+    *,
+    seeds: Sequence[int] = SEEDS,
+    epochs: int = EPOCHS,
+    repeats: int | None = None,
+    images: int | None = None,
+) -> list[Measurement]:
+    """Our whole ``dlpipe train`` against Horovod's ``KerasEstimator``, one run each per seed.
+
+    Per seed, both as subprocesses, timed from launch to exit (the first side alternates
+    from seed to seed, so that neither always runs on a cooler machine):
+
+    - measured ``dlpipe train``: ``<venv>/bin/dlpipe train --json`` with ``OUR_OVERRIDES``,
+      the seed and epochs, into a fresh work directory and MLflow store (start-up, Horovod
+      ranks, evaluation, MLflow logging, registration, run report); its split
+      (:func:`our_split`, from the run's times in MLflow): start-up, fit (the Horovod job),
+      evaluation, logging/report/registration, exit;
+    - baseline ``KerasEstimator``: :mod:`~pipelines.bench.peer_runner` in the peer
+      environment; its split (:func:`peer_split`): start-up (interpreter, imports, Spark,
+      data decoded to arrays), fit (the estimator's Parquet preparation, the Horovod job,
+      the model's reload), evaluation (``KerasModel.transform`` of the test split), exit.
+
+    Args:
+        config: Spark, ingest (which digits dataset) and training settings (model,
+            optimizer, learning rate, batch size, ranks).
+        seeds: ``train.seed`` of each pair of runs; the peer's ``random_seed`` and its
+            model's initialiser seeds are the same.
+        epochs: Epochs of every run.
+        repeats: When given, ``seeds`` is ``range(repeats)`` (the benchmark CLI's knob).
+        images: Refused: both sides train on the bundled digits.
+
+    Returns:
+        Our wall seconds over the peer's (target ``<= 0.75``), then our test accuracy over
+        the peer's (target ``>= 1.0``); both with the per-seed figures in their details.
+
+    Raises:
+        PeerUnavailable: The peer environment cannot be built or the peer run failed.
+        UserError: No seeds, epochs below 1, or ``images`` given.
+        RuntimeError: Our ``dlpipe train`` failed.
+        TimeoutError: Our ``dlpipe train`` ran past ``RUN_TIMEOUT_S``.
+    """
+    if images is not None:
+        raise UserError("bench peer trains on the bundled digits; --images does not apply")
+    if repeats is not None:
+        seeds = tuple(range(repeats))
+    if not seeds or epochs < 1:
+        raise UserError(f"bench peer: need at least one seed and epoch, got {seeds}, {epochs}")
+    from pipelines.bench.scale import digits_dataset
+    from pipelines.demo import DEMO_IMAGES
+
+    env = peer_env(bench_dir(config))
+    dataset, rows = digits_dataset(config, DEMO_IMAGES, 1)
+    load_before = _load()
+    runs: list[dict[str, Any]] = []
+    with scratch(config) as work:
+        _warm_up(env.python)
+        for i, seed in enumerate(seeds):
+            model_json = work / f"model-{seed}.json"
+            model_json.write_text(_model_json(config, dataset, seed))
+            sides = {
+                "ours": lambda s=seed: run_ours(config, dataset, work / f"ours-{s}", s, epochs),
+                "peer": lambda s=seed, m=model_json: run_peer(
+                    env, config, dataset, m, work / f"peer-{s}", s, epochs
+                ),
+            }
+            order = ("ours", "peer") if i % 2 == 0 else ("peer", "ours")
+            result = {"seed": seed, **{side: sides[side]() for side in order}}
+            versions = result["peer"].pop("versions")
+            log.info(
+                "bench peer: seed %d: ours %.1f s (accuracy %.4f), peer %.1f s (accuracy %.4f)",
+                seed,
+                result["ours"]["wall_s"],
+                result["ours"]["test_accuracy"],
+                result["peer"]["wall_s"],
+                result["peer"]["test_accuracy"],
+            )
+            runs.append(result)
+    details = _details(config, env, dataset, rows, seeds, epochs, runs, load_before)
+    details["peer_versions"] = {**env.versions, **versions}
+    walls = {side: [r[side]["wall_s"] for r in runs] for side in ("ours", "peer")}
+    accuracy = {side: [r[side]["test_accuracy"] for r in runs] for side in ("ours", "peer")}
+    return [
+        pair(
+            "peer",
+            "dlpipe train (whole process)",
+            walls["ours"],
+            "horovod KerasEstimator (whole process)",
+            walls["peer"],
+            unit="s",
+            target=f"<= {PEER_TARGET_RATIO}",
+            details=details,
+        ),
+        pair(
+            "peer",
+            "dlpipe train test accuracy",
+            accuracy["ours"],
+            "horovod KerasEstimator test accuracy",
+            accuracy["peer"],
+            unit="accuracy",
+            target=f">= {ACCURACY_TARGET_RATIO}",
+            details=details,
+        ),
+    ]
+
+
+def run_ours(config: Config, dataset: Path, work: Path, seed: int, epochs: int) -> dict[str, Any]:
+    """One whole ``dlpipe train`` process: wall seconds, test accuracy and its split.
+
+    Raises:
+        RuntimeError: It failed or printed no result.
+        TimeoutError: It ran past ``RUN_TIMEOUT_S`` (and was stopped).
+    """
+    work.mkdir(parents=True)
+    sets = {
+        **OUR_OVERRIDES,
+        "train.epochs": str(epochs),
+        "train.seed": str(seed),
+        "work_dir": str(work),
+        "mlflow.tracking_uri": sqlite_store(work),
+    }
+    # The configured Spark, ingest and training settings travel as overrides too, so the
+    # subprocess trains what ``config`` says (not only conf/base.yaml).
+    sets = {**_config_overrides(config), **sets}
+    command = [*_dlpipe(), "train", "--dataset", str(dataset), "--json"]
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYSPARK_PYTHON"] = sys.executable
+    launched = time.time()
+    wall, rc, out, err = run_process(command, work, env, RUN_TIMEOUT_S)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if rc != 0 or not lines:
+        raise RuntimeError(f"bench peer: dlpipe train (seed {seed}) failed: {_last_error(err)}")
+    result = json.loads(lines[-1])
+    times = _run_times(result["tracking_uri"], result["run_id"])
+    return {
+        "wall_s": round(wall, 2),
+        "test_accuracy": float(result["test_metrics"]["test_accuracy"]),
+        "split_s": our_split(times, launched, launched + wall),
+        "phases_s": result.get("phases", {}),  # the training stage's own split
+        "epochs": result["epochs"],
+    }
+
+
+def our_split(times: Mapping[str, float], launched: float, ended: float) -> dict[str, float]:
+    """Our wall time by phase, from the training run's MLflow times (see :func:`_run_times`).
+
+    Args:
+        times: ``run_start`` (the run opened), ``trained`` (the ranks' results logged),
+            ``evaluated`` (the test metrics logged), ``run_end`` (the run closed, after the
+            report, the model and its registration), as ``time.time()`` values, and
+            ``ranks_s`` (the slowest rank's own seconds, ``seconds_training``).
+        launched: ``time.time()`` when the process was started.
+        ended: ``time.time()`` when it had exited.
+
+    Returns:
+        Seconds of ``start_up`` (imports, config, Spark session, run opened), ``fit`` (the
+        Horovod job), of which ``fit_ranks`` (inside the ranks: feed, epochs, checkpoints)
+        and ``fit_launch`` (the rest: Spark job, rank start-up, results), ``evaluation``,
+        ``logging_report_registration`` and ``exit``. ``start_up``, ``fit``,
+        ``evaluation``, ``logging_report_registration`` and ``exit`` add up to the wall time.
+
+    Raises:
+        ValueError: The times are out of order.
+    """
+    order = [launched, times["run_start"], times["trained"], times["evaluated"]]
+    order += [times["run_end"], ended]
+    if any(b < a for a, b in zip(order, order[1:], strict=False)):
+        raise ValueError(f"run times out of order: {dict(times)}, {launched} to {ended}")
+    fit = times["trained"] - times["run_start"]
+    split = {
+        "start_up": times["run_start"] - launched,
+        "fit": fit,
+        "fit_ranks": times["ranks_s"],
+        "fit_launch": fit - times["ranks_s"],
+        "evaluation": times["evaluated"] - times["trained"],
+        "logging_report_registration": times["run_end"] - times["evaluated"],
+        "exit": ended - times["run_end"],
+    }
+    return {k: round(v, 2) for k, v in split.items()}
+
+
+def run_peer(
+    env: PeerEnv,
+    config: Config,
+    dataset: Path,
+    model_json: Path,
+    work: Path,
+    seed: int,
+    epochs: int,
+) -> dict[str, Any]:
+    """One whole peer runner process: wall seconds, test accuracy and its split.
+
+    Raises:
+        PeerUnavailable: It failed, printed no result or ran past ``RUN_TIMEOUT_S``.
+    """
+    work.mkdir(parents=True)
+    cfg = config.train
+    command = [
+        str(env.python),
+        str(Path(peer_runner.__file__).resolve()),
+        "--dataset",
+        str(dataset),
+        "--model-json",
+        str(model_json),
+        "--work",
+        str(work),
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--learning-rate",
+        repr(cfg.learning_rate),  # per rank: the estimator scales it by the ranks, as we do
+        "--batch-size",
+        str(cfg.batch_size),
+        "--num-proc",
+        str(cfg.num_proc),
+    ]
+    # Our interpreter's settings must not leak into the peer's (its own site-packages).
+    env_vars = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYSPARK_PYTHON")
+    }
+    launched = time.time()
+    try:
+        wall, rc, out, err = run_process([*command, "--launched", repr(launched)], work, env_vars)
+    except TimeoutError as error:
+        raise PeerUnavailable(f"the peer run (seed {seed}): {error}") from None
+    ended = launched + wall
+    try:
+        result = parse_peer_output(out)
+    except ValueError:
+        raise PeerUnavailable(
+            f"the peer run (seed {seed}) failed (exit {rc}): {_last_error(err)}"
+        ) from None
+    return {
+        "wall_s": round(wall, 2),
+        "test_accuracy": float(result["test_accuracy"]),
+        "split_s": peer_split(result["marks"], ended),
+        "final_val_accuracy": result["history"].get("val_accuracy", [None])[-1],
+        "versions": result["versions"],
+    }
+
+
+def parse_peer_output(stdout: str) -> dict[str, Any]:
+    """The result the peer runner printed (its last ``PEER_RESULT`` line).
+
+    Raises:
+        ValueError: No such line, or not JSON.
+    """
+    prefix = peer_runner.RESULT_PREFIX
+    lines = [line for line in stdout.splitlines() if line.startswith(prefix)]
+    if not lines:
+        raise ValueError("the peer printed no result line")
+    return json.loads(lines[-1][len(prefix) :])
+
+
+def peer_split(marks: Mapping[str, float], ended: float) -> dict[str, float]:
+    """The peer's wall time by phase, from its marks and the time its process ended.
+
+    Returns:
+        Seconds of ``start_up`` (launch to fit: interpreter, imports, Spark session, data
+        decoded and cached), ``fit`` (the estimator's ``fit``), of which ``fit_prepare``
+        (Parquet written to the store), ``fit_train`` (the Horovod job: ranks started,
+        epochs, rank 0's checkpoints) and ``fit_load`` (the driver's reload of the trained
+        model); ``evaluation`` (transform of the test split and the
+        accuracy) and ``exit`` (Spark stopped, interpreter exit). ``start_up``, ``fit``,
+        ``evaluation`` and ``exit`` add up to the wall time.
+
+    Raises:
+        ValueError: A mark is missing or the marks are out of order.
+    """
+    missing = [m for m in peer_runner.MARKS if m not in marks]
+    if missing:
+        raise ValueError(f"peer marks missing: {', '.join(missing)}")
+    order = [marks[m] for m in peer_runner.MARKS] + [ended]
+    if any(b < a for a, b in zip(order, order[1:], strict=False)):
+        raise ValueError(f"peer marks out of order: {dict(marks)}, ended {ended}")
+    split = {
+        "start_up": marks["fit_start"] - marks["launched"],
+        "fit": marks["fit_end"] - marks["fit_start"],
+        "fit_prepare": marks["prepared"] - marks["fit_start"],
+        "fit_train": marks["trained"] - marks["prepared"],
+        "fit_load": marks["fit_end"] - marks["trained"],
+        "evaluation": marks["evaluated"] - marks["fit_end"],
+        "exit": ended - marks["evaluated"],
+    }
+    return {k: round(v, 2) for k, v in split.items()}
+
+
+def run_process(
+    command: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    timeout_s: float = RUN_TIMEOUT_S,
+) -> tuple[float, int, str, str]:
+    """Run ``command`` in its own process group; stop all of it on timeout or error.
+
+    Output goes to files in ``cwd`` (no pipe to fill up). The Spark JVM and Horovod's
+    ranks are its descendants, some in process groups of their own, so they are collected
+    and killed as well when the command has to be stopped.
+
+    Returns:
+        ``(wall seconds, exit code, stdout, stderr)``.
+
+    Raises:
+        TimeoutError: It ran past ``timeout_s`` (its processes are killed first).
+    """
+    out_path, err_path = cwd / "stdout.txt", cwd / "stderr.txt"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            list(command), cwd=cwd, env=dict(env), stdout=out, stderr=err, start_new_session=True
+        )
+        try:
+            rc = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop_tree(process)
+            raise TimeoutError(
+                f"{Path(command[0]).name} ran past {timeout_s:.0f} s and was stopped"
+            ) from None
+        except BaseException:
+            _stop_tree(process)
+            raise
+        wall = time.perf_counter() - start
+    return wall, rc, out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+
+
+def _stop_tree(process: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    process.wait()
+
+
+def _step(name: str, command: Sequence[str]) -> str:
+    """One build step, logged on one line with its time; its stdout."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            list(command), capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise PeerUnavailable(f"peer environment: {name} failed: {error}") from None
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise PeerUnavailable(
+            f"peer environment: {name} failed: {_last_error(done.stderr or done.stdout)}"
+        )
+    installed = [line for line in done.stdout.splitlines() if line.startswith("Successfully")]
+    summary = f" ({len(installed[-1].split()) - 2} packages)" if installed else ""
+    log.info("bench peer: env %s%s: %.1f s", name, summary, seconds)
+    return done.stdout
+
+
+def _last_error(text: str) -> str:
+    """The most telling line of a failed process's output (pip's ERROR line, an exception)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for marker in ("ERROR:", "Error:", "Error", "error"):
+        hits = [line for line in lines if marker in line]
+        if hits:
+            return hits[-1][:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _warm_up(python: Path) -> None:
+    """Import TensorFlow once in each environment, untimed: both start from a warm disk."""
+    for interpreter in (Path(sys.executable), python):
+        try:
+            subprocess.run(
+                [str(interpreter), "-c", "import tensorflow, pyspark"],
+                capture_output=True,
+                timeout=300,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:  # only a warm-up: the timed runs will tell
+            log.warning("bench peer: warm-up import in %s took over 300 s", interpreter)
+
+
+def _model_json(config: Config, dataset: Path, seed: int) -> str:
+    """Our model for ``seed`` as Keras JSON (initialiser seeds included)."""
+    from pipelines import schema
+    from pipelines.models import build_model
+
+    manifest = schema.Manifest.read(dataset)
+    cfg = replace(config.train, seed=seed)
+    model = build_model(cfg, tuple(manifest.image_shape), len(manifest.label_names))
+    return model.to_json()
+
+
+def _config_overrides(config: Config) -> dict[str, str]:
+    """``--set`` values that make a ``dlpipe`` subprocess use ``config``'s Spark and training."""
+    train = config.train
+    values = {
+        "spark.master": config.spark.master,
+        "train.model": train.model,
+        "train.optimizer": train.optimizer,
+        "train.learning_rate": train.learning_rate,
+        "train.batch_size": train.batch_size,
+        "train.num_proc": train.num_proc,
+    }
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def _dlpipe() -> list[str]:
+    """Our CLI, as a user runs it: the ``dlpipe`` script next to this interpreter."""
+    script = Path(sys.executable).parent / "dlpipe"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "pipelines.cli"]
+
+
+def _run_times(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """The phase times of a finished training run, read back from its MLflow store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+
+    def logged(key: str) -> float:
+        return max(m.timestamp for m in client.get_metric_history(run_id, key)) / 1000
+
+    return {
+        "run_start": run.info.start_time / 1000,
+        "trained": logged("seconds_training"),
+        "evaluated": logged("test_accuracy"),
+        "run_end": run.info.end_time / 1000,
+        "ranks_s": float(run.data.metrics["seconds_training"]),
+    }
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _details(
+    config: Config,
+    env: PeerEnv,
+    dataset: Path,
+    rows: Mapping[str, int],
+    seeds: Sequence[int],
+    epochs: int,
+    runs: list[dict[str, Any]],
+    load_before: list[float] | None,
+) -> dict[str, Any]:
+    def median_split(side: str) -> dict[str, float]:
+        keys = runs[0][side]["split_s"]
+        return {k: round(statistics.median(r[side]["split_s"][k] for r in runs), 2) for k in keys}
+
+    accuracy = {side: [r[side]["test_accuracy"] for r in runs] for side in ("ours", "peer")}
+    return {
+        "dataset": str(dataset),
+        "rows": dict(rows),
+        "seeds": list(seeds),
+        "epochs": epochs,
+        "model": config.train.model,
+        "optimizer": config.train.optimizer,
+        "learning_rate_per_rank": config.train.learning_rate,
+        "batch_size_per_rank": config.train.batch_size,
+        "num_proc": config.train.num_proc,
+        "our_overrides": dict(OUR_OVERRIDES),
+        "measures": "wall seconds of the whole process, launch to exit; test split accuracy",
+        "per_seed": runs,
+        "split_median_s": {"ours": median_split("ours"), "peer": median_split("peer")},
+        "test_accuracy": {
+            **{side: [round(a, 4) for a in accuracy[side]] for side in accuracy},
+            "median": {side: round(statistics.median(a), 4) for side, a in accuracy.items()},
+        },
+        "peer_env": str(env.path),
+        "peer_env_build_s": env.build_seconds,
+        "peer_versions": env.versions,
+        "load_avg_before": load_before,
+        "load_avg_after": _load(),
+    }
