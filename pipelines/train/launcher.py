@@ -18,9 +18,10 @@ Horovod ever unavailable, this module is the one seam to swap (e.g. for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipelines.errors import UserError
@@ -31,6 +32,15 @@ if TYPE_CHECKING:
     from pipelines.config import HorovodConfig
 
 log = logging.getLogger(__name__)
+
+#: Seconds a Horovod Spark task keeps serving after its rank's process ended. Horovod
+#: (0.28.1, ``spark/task/task_service.py``) means its 3 s as the least time from a rank's
+#: *start*, so that the driver can still connect and ask for the exit code, but starts
+#: counting when the rank has *ended*: 3 s idle at the end of every launch. By then the
+#: driver is already waiting on the exit code (it asks as soon as the rank starts). Static
+#: launches only: elastic training, whose driver restarts lost ranks, was seen to hang
+#: after a rank was killed with it.
+TASK_LINGER_S = 0.5
 
 
 class Distribution(Protocol):
@@ -375,7 +385,7 @@ class HorovodSparkLauncher:
             RankLostError: Not elastic, and a rank exited abnormally (killed, crashed).
         """
         try:
-            import horovod.spark
+            import horovod.spark  # noqa: F401 - here only to fail early, and clearly
         except ImportError as exc:
             raise UserError(
                 f"Horovod is not importable ({exc}); run 'make venv' to build it, "
@@ -399,8 +409,30 @@ class HorovodSparkLauncher:
             # lost host) fails after this long instead of hanging; a dead peer's closed
             # socket fails it at once.
             env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(int(rank_timeout_s))
+        # Elastic Horovod restarts a lost rank's task through the same service: left as is.
+        with contextlib.nullcontext() if elastic else _short_task_linger():
+            results = self._launch(payload, includes, env, elastic, min_num_proc, rank_timeout_s)
+        for result in results:
+            if isinstance(result, _RankUserError):
+                raise result.error
+        return results
+
+    def _launch(
+        self,
+        payload: bytes,
+        includes: list[str],
+        env: dict[str, str],
+        elastic: bool,
+        min_num_proc: int,
+        rank_timeout_s: float | None,
+    ) -> list[Any]:
+        """Run the ranks with ``horovod.spark.run`` (or ``run_elastic``); their results."""
+        import horovod.spark
+
+        from pipelines.train import rank_entry
+
         if elastic:
-            results = horovod.spark.run_elastic(
+            return horovod.spark.run_elastic(
                 rank_entry.run_shipped,
                 args=(payload, includes),
                 num_proc=self.num_proc,
@@ -412,26 +444,21 @@ class HorovodSparkLauncher:
                 nics=self.nics,
                 verbose=0,
             )
-        else:
-            try:
-                results = horovod.spark.run(
-                    rank_entry.run_shipped,
-                    args=(payload, includes),
-                    num_proc=self.num_proc,
-                    use_gloo=True,
-                    nics=self.nics,
-                    env=env or None,
-                    verbose=0,
-                )
-            except RuntimeError as exc:
-                lost = _lost_rank(str(exc))
-                if lost is None:
-                    raise
-                raise RankLostError(*lost, detail=str(exc).splitlines()[0]) from exc
-        for result in results:
-            if isinstance(result, _RankUserError):
-                raise result.error
-        return results
+        try:
+            return horovod.spark.run(
+                rank_entry.run_shipped,
+                args=(payload, includes),
+                num_proc=self.num_proc,
+                use_gloo=True,
+                nics=self.nics,
+                env=env or None,
+                verbose=0,
+            )
+        except RuntimeError as exc:
+            lost = _lost_rank(str(exc))
+            if lost is None:
+                raise
+            raise RankLostError(*lost, detail=str(exc).splitlines()[0]) from exc
 
     def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
         """Wait (bounded) until the executors offer a task slot per rank, else fail in one line.
@@ -451,6 +478,43 @@ class HorovodSparkLauncher:
                 f"executors offer {slots} after {self.slots_timeout_s:g} s "
                 f"(train.slots_timeout_s); lower train.{key}, or add executors or cores"
             )
+
+
+@contextlib.contextmanager
+def _short_task_linger() -> Iterator[None]:
+    """Launch with each Spark task lingering :data:`TASK_LINGER_S` after its rank ended.
+
+    Horovod builds the Spark tasks' function with ``horovod.spark.runner._make_mapper`` on
+    the driver; it is wrapped here so that each task first sets the linger in its own
+    (executor) copy of the module. Another Horovod without these internals is left as is.
+    """
+    import horovod.spark.runner as runner
+
+    make_mapper = getattr(runner, "_make_mapper", None)
+    if make_mapper is None or not hasattr(runner, "MINIMUM_COMMAND_LIFETIME_S"):
+        yield
+        return
+
+    def short_lingering_mapper(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+        return _lingering(make_mapper(*args, **kwargs), TASK_LINGER_S)
+
+    runner._make_mapper = short_lingering_mapper
+    try:
+        yield
+    finally:
+        runner._make_mapper = make_mapper
+
+
+def _lingering(mapper: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """``mapper`` run after setting the task's linger (a closure: pickled by value)."""
+
+    def lingering(index: int, rows: Any) -> Any:
+        import horovod.spark.runner as runner
+
+        runner.MINIMUM_COMMAND_LIFETIME_S = seconds
+        return mapper(index, rows)
+
+    return lingering
 
 
 def _lost_rank(message: str) -> tuple[int, int] | None:

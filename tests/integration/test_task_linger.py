@@ -1,0 +1,43 @@
+"""Horovod's Spark tasks end soon after their ranks do (a real launch, real executors)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.train.launcher import TASK_LINGER_S, HorovodSparkLauncher, _lingering
+
+pytestmark = pytest.mark.spark
+
+
+def _linger_on_the_executor(index, rows):
+    import horovod.spark.runner as runner
+
+    yield (index, runner.MINIMUM_COMMAND_LIFETIME_S)
+
+
+def _rank_and_size():
+    import horovod.tensorflow.keras as hvd
+
+    hvd.init()
+    return (hvd.rank(), hvd.size())
+
+
+def test_each_task_sets_its_own_linger_and_the_driver_keeps_horovods(spark):
+    import horovod.spark.runner as runner
+
+    wrapped = _lingering(_linger_on_the_executor, TASK_LINGER_S)
+    seen = spark.sparkContext.range(0, 2, numSlices=2).mapPartitionsWithIndex(wrapped).collect()
+    assert seen == [(0, TASK_LINGER_S), (1, TASK_LINGER_S)]
+    assert runner.MINIMUM_COMMAND_LIFETIME_S == 3  # only the executors' copies changed
+
+
+def test_ranks_that_end_at_once_still_report_with_the_short_linger(spark):
+    # The race the linger guards: the driver must still get the exit code and results of
+    # ranks that finish the moment they start.
+    import horovod.spark.runner as runner
+
+    make_mapper = runner._make_mapper
+    for _ in range(2):
+        results = HorovodSparkLauncher(spark, 2).run(_rank_and_size, [])
+        assert sorted(results) == [(0, 2), (1, 2)]
+    assert runner._make_mapper is make_mapper  # Horovod's own builder is back
