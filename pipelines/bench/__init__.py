@@ -31,8 +31,10 @@ measurement and its baseline interleaved (so a neighbour's load affects both ali
 reports medians. Speed is measured here and only here; tests never assert it. One module
 per benchmark; what they share is split by job: :mod:`~pipelines.bench.stats` (the
 measurement record and its maths), :mod:`~pipelines.bench.timing` (sizes, interleaved and
-timed runs), :mod:`~pipelines.bench.machine` (machine facts), :mod:`~pipelines.bench.data`
-(generated data and its cache) and :mod:`~pipelines.bench.output` (table and CSV).
+timed runs), :mod:`~pipelines.bench.jobs` (a Spark job's fixed cost, from Spark's status
+store), :mod:`~pipelines.bench.processes` (CPU and memory per kind of process),
+:mod:`~pipelines.bench.machine` (machine facts), :mod:`~pipelines.bench.data` (generated
+data and its cache) and :mod:`~pipelines.bench.output` (table and CSV).
 """
 
 from __future__ import annotations

@@ -658,9 +658,9 @@ def _dlpipe() -> list[str]:
 
 def _run_times(tracking_uri: str, run_id: str) -> dict[str, float]:
     """The phase times of a finished training run, read back from its MLflow store."""
-    import mlflow
+    from pipelines import tracking
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     run = client.get_run(run_id)
 
     def logged(key: str) -> float:

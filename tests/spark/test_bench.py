@@ -271,7 +271,7 @@ def test_run_benchmarks_appends_csv_rows_with_one_header(config, tmp_path, monke
     first = run_benchmarks(config, "ingest", images=12, repeats=2, csv_path=history)
     run_benchmarks(config, "all", csv_path=history)
     assert calls == [(12, 2), (3000, 3)]
-    assert set(first) == {"machine", "results"}
+    assert set(first) == {"machine", "results", "skipped"} and first["skipped"] == []
     assert first["results"][0]["ratio"] == 2.0
     lines = history.read_text().splitlines()
     assert lines[0] == ",".join(CSV_COLUMNS)
