@@ -410,7 +410,8 @@ class HorovodSparkLauncher:
             # socket fails it at once.
             env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(int(rank_timeout_s))
         # Elastic Horovod restarts a lost rank's task through the same service: left as is.
-        with contextlib.nullcontext() if elastic else _short_task_linger():
+        linger = contextlib.nullcontext() if elastic else _short_task_linger()
+        with linger, _gloo_known_from_files():
             results = self._launch(payload, includes, env, elastic, min_num_proc, rank_timeout_s)
         for result in results:
             if isinstance(result, _RankUserError):
@@ -503,6 +504,39 @@ def _short_task_linger() -> Iterator[None]:
         yield
     finally:
         runner._make_mapper = make_mapper
+
+
+@contextlib.contextmanager
+def _gloo_known_from_files() -> Iterator[None]:
+    """Launch without Horovod's own Gloo check when Horovod's files already show Gloo.
+
+    Before every first launch in a process Horovod asks ``gloo_built()``, which starts a
+    fresh interpreter that imports TensorFlow only to answer it: 3 s of each ``dlpipe
+    train`` (measured, cProfile). The answer is read from the extension's file instead
+    (:func:`pipelines.preflight.gloo_in_horovod_files`), for the two modules that ask;
+    without a clear yes, Horovod's own check runs and says what is wrong.
+    """
+    import horovod.runner.launch as launch
+    import horovod.spark.runner as runner
+
+    from pipelines.preflight import gloo_in_horovod_files
+
+    modules = [m for m in (launch, runner) if hasattr(m, "gloo_built")]
+    if gloo_in_horovod_files() is not True or not modules:
+        yield
+        return
+    checks = {module: module.gloo_built for module in modules}
+
+    def gloo_built(verbose: bool = False) -> bool:
+        return True
+
+    for module in modules:
+        module.gloo_built = gloo_built
+    try:
+        yield
+    finally:
+        for module, check in checks.items():
+            module.gloo_built = check
 
 
 def _lingering(mapper: Callable[..., Any], seconds: float) -> Callable[..., Any]:

@@ -1,4 +1,4 @@
-"""Horovod's Spark tasks end soon after their ranks do (a real launch, real executors)."""
+"""Horovod launches without its idle waits: tasks end soon after their ranks, no Gloo probe."""
 
 from __future__ import annotations
 
@@ -41,3 +41,18 @@ def test_ranks_that_end_at_once_still_report_with_the_short_linger(spark):
         results = HorovodSparkLauncher(spark, 2).run(_rank_and_size, [])
         assert sorted(results) == [(0, 2), (1, 2)]
     assert runner._make_mapper is make_mapper  # Horovod's own builder is back
+
+
+def test_horovods_gloo_check_is_answered_from_its_files_during_a_launch():
+    import horovod.runner.launch as launch
+    import horovod.spark.runner as runner
+
+    from pipelines.preflight import gloo_in_horovod_files
+    from pipelines.train.launcher import _gloo_known_from_files
+
+    assert gloo_in_horovod_files() is True  # the Horovod make venv builds has Gloo
+    checks = (launch.gloo_built, runner.gloo_built)
+    with _gloo_known_from_files():
+        assert launch.gloo_built() is True and runner.gloo_built(verbose=True) is True
+        assert (launch.gloo_built, runner.gloo_built) != checks
+    assert (launch.gloo_built, runner.gloo_built) == checks  # Horovod's own, back
