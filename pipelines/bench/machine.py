@@ -25,31 +25,36 @@ def machine_facts() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
     memory = _memory_bytes()
     return {
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "memory_gib": round(memory / 2**30, 1) if memory else None,
-        "load_avg": load,
+        "load_avg": load_average(),
         "python": platform.python_version(),
-        "numpy": _version("numpy"),
-        "pillow": _version("pillow"),
-        "pyspark": _version("pyspark"),
-        "pyarrow": _version("pyarrow"),
-        "tensorflow": _version("tensorflow-cpu") or _version("tensorflow"),
-        "petastorm": _version("petastorm"),
-        "horovod": _version("horovod"),
-        "mlflow": _version("mlflow"),
+        "numpy": installed_version("numpy"),
+        "pillow": installed_version("pillow"),
+        "pyspark": installed_version("pyspark"),
+        "pyarrow": installed_version("pyarrow"),
+        "tensorflow": installed_version("tensorflow-cpu") or installed_version("tensorflow"),
+        "petastorm": installed_version("petastorm"),
+        "horovod": installed_version("horovod"),
+        "mlflow": installed_version("mlflow"),
         "platform": platform.platform(),
         "timestamp": _now(),
     }
 
 
-def _version(distribution: str) -> str | None:
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, rounded; None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, from its metadata; None if not installed."""
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

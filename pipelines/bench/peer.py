@@ -35,12 +35,12 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pipelines.bench import peer_runner
 from pipelines.bench.data import bench_dir, scratch
+from pipelines.bench.machine import installed_version, load_average
 from pipelines.bench.stats import Measurement, pair
 from pipelines.config import Config
 from pipelines.errors import UserError
@@ -130,9 +130,10 @@ class PeerEnv:
 
 def peer_pins() -> tuple[str, ...]:
     """The peer environment's requirements: ours for TensorFlow and PySpark, then the rest."""
-    cpu = _installed("tensorflow-cpu")
-    tf = f"tensorflow-cpu=={cpu}" if cpu else f"tensorflow=={_installed('tensorflow') or '2.15.1'}"
-    return (tf, f"pyspark=={_installed('pyspark') or '3.5.*'}", *PEER_REQUIREMENTS)
+    cpu = installed_version("tensorflow-cpu")
+    full = installed_version("tensorflow") or "2.15.1"
+    tf = f"tensorflow-cpu=={cpu}" if cpu else f"tensorflow=={full}"
+    return (tf, f"pyspark=={installed_version('pyspark') or '3.5.*'}", *PEER_REQUIREMENTS)
 
 
 def horovod_wheel() -> Path | None:
@@ -142,7 +143,7 @@ def horovod_wheel() -> Path | None:
     ``/spark-dl-pipelines/wheels/py311-tf<version>/``.
     """
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tf = _installed("tensorflow-cpu") or _installed("tensorflow") or "2.15.1"
+    tf = installed_version("tensorflow-cpu") or installed_version("tensorflow") or "2.15.1"
     folder = cache / "spark-dl-pipelines" / "wheels" / f"py311-tf{tf}"
     wheels = sorted(folder.glob(f"horovod-{HOROVOD_VERSION}-*.whl"))
     return wheels[-1] if wheels else None
@@ -285,7 +286,7 @@ def bench_peer(
 
     env = peer_env(bench_dir(config))
     dataset, rows = digits_dataset(config, DEMO_IMAGES, 1)
-    load_before = _load()
+    load_before = load_average()
     runs: list[dict[str, Any]] = []
     with scratch(config) as work:
         _warm_up(env.python)
@@ -675,20 +676,6 @@ def _run_times(tracking_uri: str, run_id: str) -> dict[str, float]:
     }
 
 
-def _installed(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _details(
     config: Config,
     env: PeerEnv,
@@ -726,5 +713,5 @@ def _details(
         "peer_env_build_s": env.build_seconds,
         "peer_versions": env.versions,
         "load_avg_before": load_before,
-        "load_avg_after": _load(),
+        "load_avg_after": load_average(),
     }
