@@ -7,10 +7,8 @@ seconds of the process tree, Keras epoch times). Nothing heavy is imported at im
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from pipelines.errors import UserError
@@ -112,21 +110,14 @@ def reader_threads_cpu() -> float:
     """
     import threading
 
-    me = threading.get_native_id()
+    import psutil
+
     ids = {
         thread.native_id
         for thread in threading.enumerate()
         if not isinstance(thread, threading._DummyThread)  # noqa: SLF001 - foreign threads
-    }
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for tid in ids - {me, None}:
-        try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile, or not Linux
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+    } - {threading.get_native_id()}
+    return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids)
 
 
 def check_sizes(benchmark: str, images: int, repeats: int, minimum: int = 1) -> None:

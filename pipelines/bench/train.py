@@ -206,14 +206,7 @@ def bench_train(
 
     spark = get_spark(config.spark)
     slots = spark.sparkContext.defaultParallelism
-    spec = StepSpec(
-        train=bench_model_config(),
-        launcher="local",
-        dataset=str(data.path),
-        image_shape=data.image_shape,
-        num_classes=len(data.label_names),
-        rows={"train": data.rows["train"]},
-    )
+    spec = _step_spec(data, data.rows["train"])
     horovod = replace(spec, launcher="horovod")
     launches = {
         "plain": (LocalLauncher(), spec),
@@ -353,15 +346,7 @@ def bench_layer_stats(data: PreparedDataset, *, repeats: int = 3) -> Measurement
     """
     from pipelines.train.launcher import LocalLauncher
 
-    spec = StepSpec(
-        train=bench_model_config(),
-        launcher="local",
-        dataset=str(data.path),
-        image_shape=data.image_shape,
-        num_classes=len(data.label_names),
-        rows={"train": DIGITS_ROWS_PER_RANK},
-        measured_epochs=LAYER_STATS_EPOCHS,
-    )
+    spec = _step_spec(data, DIGITS_ROWS_PER_RANK, measured_epochs=LAYER_STATS_EPOCHS)
     launches = {"plain": spec, "layer_stats": replace(spec, layer_stats=True)}
     ranks: dict[str, list[dict[str, Any]]] = {name: [] for name in launches}
 
@@ -397,6 +382,19 @@ def bench_layer_stats(data: PreparedDataset, *, repeats: int = 3) -> Measurement
         unit="s/epoch",
         target=f"<= {LAYER_STATS_TARGET_RATIO}",
         details=details,
+    )
+
+
+def _step_spec(data: PreparedDataset, train_rows: int, **epochs: int) -> StepSpec:
+    """A local rank of the benchmark model on ``data``'s training split (``train_rows`` read)."""
+    return StepSpec(
+        train=bench_model_config(),
+        launcher="local",
+        dataset=str(data.path),
+        image_shape=data.image_shape,
+        num_classes=len(data.label_names),
+        rows={"train": train_rows},
+        **epochs,
     )
 
 
