@@ -228,13 +228,13 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
         {
             "path": [display_path(file) for file in files],
             "file": [os.fsencode(file) for file in files],
-            "read_error": [None] * len(files),
         }
     )
     log.info("score: %d image files, %d other files skipped", len(paths), listing.skipped)
     tasks = _task_count(spark, len(paths))
-    frame = driver_table(spark, paths, "path string, file binary, read_error string", tasks)
-    return frame, listing.skipped
+    frame = driver_table(spark, paths, "path string, file binary", tasks)
+    # Null for every listed file: the executors record why one cannot be read or decoded.
+    return frame.withColumn("read_error", F.lit(None).cast("string")), listing.skipped
 
 
 def _local_model(model: ResolvedModel, cache: Path) -> Path:
