@@ -48,6 +48,8 @@ NAME_CHARS = 22
 #: Colour map of both maps, alone and over the image (one colour bar explains them all).
 OVERLAY_CMAP = "jet"
 OVERLAY_ALPHA = 0.5
+#: Width of one panel of ``attribution.png``, inches.
+_PANEL_IN = 0.88
 
 
 def saliency(model: KerasModel, x: np.ndarray, class_index: int | Sequence[int]) -> np.ndarray:
@@ -385,6 +387,9 @@ def plot_attribution(
 ) -> Figure:
     """Per image: the image, saliency over it, Grad-CAM over it; mistakes first, then correct.
 
+    The panels are composed into one image on one axes, the overlays blended in numpy: an
+    axes per panel (48 at 16 images) made this the run report's slowest figure.
+
     Args:
         images: uint8 ``(M, H, W, C)``, the images of ``entries`` in order.
         entries: The per-image records of :func:`write_attribution` (``true``, ``predicted``,
@@ -398,30 +403,79 @@ def plot_attribution(
         The figure.
 
     """
-    groups = [
-        (
-            f"Most confident mistakes ({sum(not e['correct'] for e in entries)} shown of "
-            f"{errors} errors)",
-            False,
-        ),
-        (f"Most confident correct ({sum(e['correct'] for e in entries)} shown)", True),
-    ]
-    groups = [(title, ok) for title, ok in groups if any(e["correct"] == ok for e in entries)]
+    import matplotlib
+
+    images = np.asarray(images)
+    h, w = images.shape[1:3]
     panels = 2 if cam_maps is None else 3
-    row_counts = [
-        math.ceil(sum(e["correct"] == ok for e in entries) / IMAGES_PER_ROW) for _, ok in groups
-    ]
-    # Inches per image (its panels, its two-line title): four images fit the page's width.
-    cell_w, cell_h = 0.95 * panels + 0.25, 1.4
-    fig = new_figure(cell_w * IMAGES_PER_ROW, cell_h * sum(row_counts) + 0.45 * len(groups) + 0.4)
-    outer = fig.subfigures(len(groups), 1, height_ratios=row_counts, squeeze=False)[:, 0]
-    for sub, (title, ok), rows in zip(outer, groups, row_counts, strict=True):
-        sub.suptitle(title, fontsize=10, weight="bold", color=GOOD if ok else BAD)
-        cells = sub.subfigures(rows, IMAGES_PER_ROW, squeeze=False).ravel()
+    inch = _PANEL_IN / w  # inches per image pixel
+
+    def px(inches: float) -> int:
+        return max(1, round(inches / inch))
+
+    panel_gap, cell_gap = px(0.07), px(0.3)
+    header, title_band, bottom = px(0.4), px(0.46), px(0.12)
+    cell_w = panels * w + (panels - 1) * panel_gap + cell_gap
+    groups = []
+    for ok in (False, True):
         members = [j for j, e in enumerate(entries) if e["correct"] == ok]
-        for cell, j in zip(cells, members, strict=False):
-            cam = None if cam_maps is None else cam_maps[j]
-            _draw_entry(cell, images[j], entries[j], saliency_maps[j], cam, layer)
+        if members:
+            groups.append((ok, members))
+    row_h = title_band + h + bottom
+    heights = [header + math.ceil(len(m) / IMAGES_PER_ROW) * row_h for _, m in groups]
+    canvas = np.ones((sum(heights), IMAGES_PER_ROW * cell_w, 3))
+    width_in, body_in = canvas.shape[1] * inch, canvas.shape[0] * inch
+    fig = new_figure(width_in, body_in + 0.4)
+    fig.set_layout_engine("none")  # one axes placed exactly: the text bands are in pixels
+    ax = fig.add_axes((0.0, 0.0, 1.0, body_in / (body_in + 0.4)))
+    ax.set_axis_off()
+    cmap = matplotlib.colormaps[OVERLAY_CMAP]
+    peaks: list[tuple[float, float]] = []
+    panel_names = ["input", "saliency", _fit(f"Grad-CAM {layer}", 16)]
+    y0 = 0
+    for (ok, members), height in zip(groups, heights, strict=True):
+        shown = len(members)
+        title = (
+            f"Most confident correct ({shown} shown)"
+            if ok
+            else f"Most confident mistakes ({shown} shown of {errors} errors)"
+        )
+        colour = GOOD if ok else BAD
+        ax.text(canvas.shape[1] / 2, y0 + header * 0.6, title, ha="center", va="center",
+                fontsize=10, weight="bold", color=colour)  # fmt: skip
+        for slot, j in enumerate(members):
+            r, q = divmod(slot, IMAGES_PER_ROW)
+            top = y0 + header + r * row_h + title_band
+            left = q * cell_w + cell_gap // 2
+            entry = entries[j]
+            base = _rgb(images[j])
+            maps = [(base, None), (_blend(base, cmap, _unit(saliency_maps[j])), "saliency")]
+            if cam_maps is not None:
+                maps.append((_blend(base, cmap, cam_maps[j]), "grad_cam"))
+            for p, (picture, kind) in enumerate(maps):
+                x = left + p * (w + panel_gap)
+                canvas[top : top + h, x : x + w] = picture
+                ax.text(x + w / 2, top - 0.5, panel_names[p], ha="center", va="bottom",
+                        fontsize=7)  # fmt: skip
+                where = entry[kind]["peak"] if kind else None
+                if where is not None:
+                    peaks.append((x + where[1], top + where[0]))
+            ax.text(
+                left + (cell_w - cell_gap) / 2,
+                top - px(0.17),
+                f"#{entry['index']} true {_fit(entry['true'])}\n"
+                f"pred {_fit(entry['predicted'])} ({entry['probability']:.2f})",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color=GOOD if entry["correct"] else BAD,
+            )
+        y0 += height
+    ax.imshow(canvas, interpolation="nearest", aspect="auto")
+    if peaks:
+        xs, ys = zip(*peaks, strict=True)
+        ax.plot(xs, ys, linestyle="none", marker="+", color="white", ms=9, mew=2)
+        ax.plot(xs, ys, linestyle="none", marker="+", color="black", ms=6, mew=1)
     fig.suptitle(
         "Why this label: saliency |d p / d pixel| and Grad-CAM of the predicted class "
         "(+ marks each map's peak)",
@@ -430,29 +484,16 @@ def plot_attribution(
     return fig
 
 
-def _draw_entry(
-    cell: Any,
-    image: np.ndarray,
-    entry: dict[str, Any],
-    sal: np.ndarray,
-    cam: np.ndarray | None,
-    layer: str | None,
-) -> None:
-    colour = GOOD if entry["correct"] else BAD
-    cell.suptitle(
-        f"#{entry['index']} true {_fit(entry['true'])}\n"
-        f"pred {_fit(entry['predicted'])} ({entry['probability']:.2f})",
-        fontsize=8,
-        color=colour,
-    )
-    axes = cell.subplots(1, 2 if cam is None else 3)
-    show_image(axes[0], image)
-    axes[0].set_title("input", fontsize=7)
-    _overlay(axes[1], image, _unit(sal), entry["saliency"]["peak"])
-    axes[1].set_title("saliency", fontsize=7)
-    if cam is not None:
-        _overlay(axes[2], image, cam, entry["grad_cam"]["peak"])
-        axes[2].set_title(_fit(f"Grad-CAM {layer}", 16), fontsize=7)
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """A uint8 (H, W, 1 or 3) image as float RGB in [0, 1]."""
+    values = np.asarray(image, dtype=np.float64) / 255.0
+    return np.repeat(values, 3, axis=-1) if values.shape[-1] == 1 else values[..., :3]
+
+
+def _blend(base: np.ndarray, cmap: Any, values: np.ndarray) -> np.ndarray:
+    """``values`` in [0, 1] coloured by ``cmap`` over ``base``, as imshow's alpha draws it."""
+    coloured = cmap(np.clip(values, 0.0, 1.0))[..., :3]
+    return (1.0 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * coloured
 
 
 def _overlay(ax: Any, image: np.ndarray, values: np.ndarray, where: Any) -> None:

@@ -63,9 +63,12 @@ def suptitle(fig: Figure, text: str, fontsize: float = _TITLE_SIZE) -> None:
 
 
 def save_png(fig: Figure, path: Path, dpi: int = DPI) -> None:
-    """Write ``fig`` as a PNG on a white background, then clear it to free its memory."""
+    """Write ``fig`` as a PNG on a white background.
+
+    The figure is not cleared: it belongs to no pyplot manager, so it is freed with its last
+    reference, and clearing its axes cost a tenth of the report's time.
+    """
     fig.savefig(path, format="png", dpi=dpi, facecolor="white")
-    fig.clear()
 
 
 def show_image(ax: Any, image: np.ndarray, **kwargs: Any) -> None:
@@ -224,22 +227,30 @@ def plot_misclassified(
 
 
 def plot_tiles(tiles: np.ndarray, title: str) -> Figure:
-    """Filters (n, h, w, c): grey per tile (channel mean unless RGB), own min..max each."""
-    n = len(tiles)
+    """Filters (n, h, w, c): grey per tile (channel mean unless RGB), own min..max each.
+
+    The tiles are laid into one image on one axes (a tile per axes cost ~10 ms each to
+    create and lay out: most of the run report's time at 64 filters), numbered above.
+    """
+    n, h, w = len(tiles), tiles.shape[1], tiles.shape[2]
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
+    # gaps in tile pixels: a column gap, and room above each tile for its number
+    gap_x, gap_y = max(1, round(w * 0.15)), max(1, round(h * 0.35))
+    cell_w, cell_h = w + gap_x, h + gap_y
+    canvas = np.ones((rows * cell_h, cols * cell_w - gap_x, 3))
     fig = new_figure(max(4.0, 0.9 * cols + 0.5), 0.9 * rows + 0.8)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, (ax, tile) in enumerate(zip(axes.ravel(), tiles, strict=False)):
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    for i, tile in enumerate(tiles):
         low, high = float(tile.min()), float(tile.max())
         scaled = (tile - low) / (high - low) if high > low else np.zeros_like(tile)
-        if tile.shape[-1] == 3:
-            ax.imshow(scaled, interpolation="nearest")
-        else:
-            ax.imshow(scaled.mean(axis=-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(str(i), fontsize=7)
+        grey = scaled if tile.shape[-1] == 3 else scaled.mean(axis=-1, keepdims=True)
+        r, q = divmod(i, cols)
+        top, left = r * cell_h + gap_y, q * cell_w
+        canvas[top : top + h, left : left + w] = grey
+        ax.text(left + (w - 1) / 2, top - 0.5, str(i), ha="center", va="bottom", fontsize=7)
+    ax.imshow(canvas, interpolation="nearest")
     suptitle(fig, title, fontsize=10)
     return fig
 
