@@ -55,7 +55,11 @@ HOROVOD_KNOBS: dict[str, dict[str, Any]] = {
     "cycle time 5 ms": {"cycle_time_ms": 5.0},
     "2 backward passes per step": {"backward_passes_per_step": 2},
     "autotune": {"autotune": True},
+    # fewer exchanges and fewer coordination rounds together: what helped most here
+    "4 backward passes, 5 ms cycle": {"backward_passes_per_step": 4, "cycle_time_ms": 5.0},
 }
+#: The environment variables of :meth:`~pipelines.config.HorovodConfig.environment`.
+HOROVOD_ENV_KEYS = ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", "HOROVOD_AUTOTUNE")
 #: Training rows one rank of the default digits run reads per epoch (the bundled digits'
 #: train split over the default ranks): the epoch length the layer-stats cost is set against.
 DIGITS_ROWS_PER_RANK = math.ceil(DEMO_IMAGES * SplitConfig().train / TrainConfig().num_proc)
@@ -91,10 +95,14 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         ``images_per_second`` (of all ranks together: ``size * batch * steps / median epoch
         seconds``), ``layer_stats_seconds`` (the callback's own time in the timed epochs;
         empty without it), ``weights_sha256``, ``seconds`` (the whole rank, start-up
-        included), ``intra_op_threads`` (TensorFlow's compute threads in the rank), and
+        included), ``intra_op_threads`` (TensorFlow's compute threads in the rank),
+        ``horovod_env`` (the ``HOROVOD_*`` knob variables as the rank saw them after
+        Horovod's initialisation: proof that ``train.horovod`` reached it), and
         over the timed epochs ``cores_busy`` (the rank's CPU seconds per wall second) and
         ``reader_cpu_share`` (the share of them in its feed's reader threads).
     """
+    import os
+
     import tensorflow as tf
 
     from pipelines.keras_api import keras
@@ -103,7 +111,9 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
     from pipelines.train.worker import prepared_rank, weights_digest
 
     started = time.perf_counter()
-    dist = distribution(spec.launcher)
+    # The knobs go to the distribution, which sets them before hvd.init() in this rank.
+    dist = distribution(spec.launcher, knobs=spec.train.horovod)
+    horovod_env = {key: os.environ.get(key) for key in HOROVOD_ENV_KEYS}
     with prepared_rank(spec, dist) as rank:
         timer = epoch_timer()
         extra = []
@@ -137,6 +147,7 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
         "weights_sha256": digest,
         "seconds": round(time.perf_counter() - started, 2),
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "horovod_env": horovod_env,
         # Over the timed epochs: cores the rank kept busy, and its reader threads' share.
         "cores_busy": process_cpu / sum(measured),
         "reader_cpu_share": reader_cpu / process_cpu if process_cpu else 0.0,
@@ -266,6 +277,11 @@ def bench_train(
         "launch_seconds": launch_seconds,
         "intra_op_threads": {
             name: sorted({r["intra_op_threads"] for results in ranks[name] for r in results})
+            for name in ranks
+        },
+        # What each launch's ranks saw of train.horovod (None: Horovod's default).
+        "horovod_env": {
+            name: {k: v for k, v in ranks[name][0][0]["horovod_env"].items() if v is not None}
             for name in ranks
         },
         # Do the feed's reader threads starve the compute threads of ranks sharing a host?

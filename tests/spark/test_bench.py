@@ -178,7 +178,7 @@ def test_reader_reads_every_training_row_with_both_readers(config):
 
 @pytest.mark.slow
 def test_train_times_one_and_two_horovod_ranks_against_plain_keras(config, spark):
-    knobs = {"fp16 compression": {"compression": "fp16"}}
+    knobs = {"5 ms cycle": {"cycle_time_ms": 5.0}}
     step, scaling, ideal, knob, layer_stats = bench_train(
         config, images=IMAGES, repeats=1, knobs=knobs
     )
@@ -193,9 +193,13 @@ def test_train_times_one_and_two_horovod_ranks_against_plain_keras(config, spark
     assert ideal.value == scaling.value
     one_thread = ideal.details["images_per_second"]["horovod_1_thread"]
     assert ideal.baseline_value == pytest.approx(2 * one_thread[0], rel=1e-4)
-    assert knob.measured == "horovod 2 ranks, fp16 compression"
+    assert knob.measured == "horovod 2 ranks, 5 ms cycle"
     assert knob.baseline == "horovod 2 ranks"
-    assert knob.details["horovod"] == {"compression": "fp16"}
+    assert knob.details["horovod"] == {"cycle_time_ms": 5.0}
+    # The knob reached the ranks (it once stopped at the spec), and only its own launch.
+    seen = knob.details["horovod_env"]
+    assert seen["5 ms cycle"] == {"HOROVOD_CYCLE_TIME": "5.0"}
+    assert seen["horovod_2"] == seen["horovod_1"] == {}
     _check_pairing(layer_stats, "train", "s/epoch")
     assert (layer_stats.measured, layer_stats.baseline) == (
         "fit epoch with layer stats",
