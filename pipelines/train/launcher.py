@@ -18,13 +18,13 @@ Horovod ever unavailable, this module is the one seam to swap (e.g. for
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipelines.errors import UserError
+from pipelines.train import horovod_patches
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -32,15 +32,6 @@ if TYPE_CHECKING:
     from pipelines.config import HorovodConfig
 
 log = logging.getLogger(__name__)
-
-#: Seconds a Horovod Spark task keeps serving after its rank's process ended. Horovod
-#: (0.28.1, ``spark/task/task_service.py``) means its 3 s as the least time from a rank's
-#: *start*, so that the driver can still connect and ask for the exit code, but starts
-#: counting when the rank has *ended*: 3 s idle at the end of every launch. By then the
-#: driver is already waiting on the exit code (it asks as soon as the rank starts). Static
-#: launches only: elastic training, whose driver restarts lost ranks, was seen to hang
-#: after a rank was killed with it.
-TASK_LINGER_S = 0.5
 
 
 class Distribution(Protocol):
@@ -409,9 +400,7 @@ class HorovodSparkLauncher:
             # lost host) fails after this long instead of hanging; a dead peer's closed
             # socket fails it at once.
             env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(int(rank_timeout_s))
-        # Elastic Horovod restarts a lost rank's task through the same service: left as is.
-        linger = contextlib.nullcontext() if elastic else _short_task_linger()
-        with linger, _gloo_known_from_files():
+        with horovod_patches.launch_patches(elastic):
             results = self._launch(payload, includes, env, elastic, min_num_proc, rank_timeout_s)
         for result in results:
             if isinstance(result, _RankUserError):
@@ -448,7 +437,8 @@ class HorovodSparkLauncher:
         try:
             return horovod.spark.run(
                 rank_entry.run_shipped,
-                args=(payload, includes),
+                # A static launch's ranks end without Python's teardown (rank_entry).
+                args=(payload, includes, True),
                 num_proc=self.num_proc,
                 use_gloo=True,
                 nics=self.nics,
@@ -479,76 +469,6 @@ class HorovodSparkLauncher:
                 f"executors offer {slots} after {self.slots_timeout_s:g} s "
                 f"(train.slots_timeout_s); lower train.{key}, or add executors or cores"
             )
-
-
-@contextlib.contextmanager
-def _short_task_linger() -> Iterator[None]:
-    """Launch with each Spark task lingering :data:`TASK_LINGER_S` after its rank ended.
-
-    Horovod builds the Spark tasks' function with ``horovod.spark.runner._make_mapper`` on
-    the driver; it is wrapped here so that each task first sets the linger in its own
-    (executor) copy of the module. Another Horovod without these internals is left as is.
-    """
-    import horovod.spark.runner as runner
-
-    make_mapper = getattr(runner, "_make_mapper", None)
-    if make_mapper is None or not hasattr(runner, "MINIMUM_COMMAND_LIFETIME_S"):
-        yield
-        return
-
-    def short_lingering_mapper(*args: Any, **kwargs: Any) -> Callable[..., Any]:
-        return _lingering(make_mapper(*args, **kwargs), TASK_LINGER_S)
-
-    runner._make_mapper = short_lingering_mapper
-    try:
-        yield
-    finally:
-        runner._make_mapper = make_mapper
-
-
-@contextlib.contextmanager
-def _gloo_known_from_files() -> Iterator[None]:
-    """Launch without Horovod's own Gloo check when Horovod's files already show Gloo.
-
-    Before every first launch in a process Horovod asks ``gloo_built()``, which starts a
-    fresh interpreter that imports TensorFlow only to answer it: 3 s of each ``dlpipe
-    train`` (measured, cProfile). The answer is read from the extension's file instead
-    (:func:`pipelines.preflight.gloo_in_horovod_files`), for the two modules that ask;
-    without a clear yes, Horovod's own check runs and says what is wrong.
-    """
-    import horovod.runner.launch as launch
-    import horovod.spark.runner as runner
-
-    from pipelines.preflight import gloo_in_horovod_files
-
-    modules = [m for m in (launch, runner) if hasattr(m, "gloo_built")]
-    if gloo_in_horovod_files() is not True or not modules:
-        yield
-        return
-    checks = {module: module.gloo_built for module in modules}
-
-    def gloo_built(verbose: bool = False) -> bool:
-        return True
-
-    for module in modules:
-        module.gloo_built = gloo_built
-    try:
-        yield
-    finally:
-        for module, check in checks.items():
-            module.gloo_built = check
-
-
-def _lingering(mapper: Callable[..., Any], seconds: float) -> Callable[..., Any]:
-    """``mapper`` run after setting the task's linger (a closure: pickled by value)."""
-
-    def lingering(index: int, rows: Any) -> Any:
-        import horovod.spark.runner as runner
-
-        runner.MINIMUM_COMMAND_LIFETIME_S = seconds
-        return mapper(index, rows)
-
-    return lingering
 
 
 def _lost_rank(message: str) -> tuple[int, int] | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.train.launcher import TASK_LINGER_S, HorovodSparkLauncher, _lingering
+from pipelines.train.horovod_patches import TASK_LINGER_S, lingering
+from pipelines.train.launcher import HorovodSparkLauncher
 
 pytestmark = pytest.mark.spark
 
@@ -25,7 +26,7 @@ def _rank_and_size():
 def test_each_task_sets_its_own_linger_and_the_driver_keeps_horovods(spark):
     import horovod.spark.runner as runner
 
-    wrapped = _lingering(_linger_on_the_executor, TASK_LINGER_S)
+    wrapped = lingering(_linger_on_the_executor, TASK_LINGER_S)
     seen = spark.sparkContext.range(0, 2, numSlices=2).mapPartitionsWithIndex(wrapped).collect()
     assert seen == [(0, TASK_LINGER_S), (1, TASK_LINGER_S)]
     assert runner.MINIMUM_COMMAND_LIFETIME_S == 3  # only the executors' copies changed
@@ -48,11 +49,11 @@ def test_horovods_gloo_check_is_answered_from_its_files_during_a_launch():
     import horovod.spark.runner as runner
 
     from pipelines.preflight import gloo_in_horovod_files
-    from pipelines.train.launcher import _gloo_known_from_files
+    from pipelines.train.horovod_patches import gloo_known_from_files
 
     assert gloo_in_horovod_files() is True  # the Horovod make venv builds has Gloo
     checks = (launch.gloo_built, runner.gloo_built)
-    with _gloo_known_from_files():
+    with gloo_known_from_files():
         assert launch.gloo_built() is True and runner.gloo_built(verbose=True) is True
         assert (launch.gloo_built, runner.gloo_built) != checks
     assert (launch.gloo_built, runner.gloo_built) == checks  # Horovod's own, back
