@@ -57,3 +57,31 @@ def test_horovods_gloo_check_is_answered_from_its_files_during_a_launch():
         assert launch.gloo_built() is True and runner.gloo_built(verbose=True) is True
         assert (launch.gloo_built, runner.gloo_built) != checks
     assert (launch.gloo_built, runner.gloo_built) == checks  # Horovod's own, back
+
+
+def _register_exit_marker(path):
+    import atexit
+    import pathlib
+
+    atexit.register(pathlib.Path(path).write_text, "teardown ran")
+    return "done"
+
+
+def _fail_after_exit_marker(path):
+    _register_exit_marker(path)
+    raise RuntimeError("rank failed on purpose")
+
+
+def test_a_rank_ends_without_pythons_teardown_unless_it_failed(spark, tmp_path):
+    # An exit handler a rank registered runs only in Python's normal teardown, which the
+    # quick exit skips once the result is sent; a failing rank still exits as Python does.
+    quick = tmp_path / "quick"
+    assert HorovodSparkLauncher(spark, 2).run(_register_exit_marker, [str(quick)]) == [
+        "done",
+        "done",
+    ]
+    assert not quick.exists()
+    failed = tmp_path / "failed"
+    with pytest.raises(Exception, match="non-zero|exit"):
+        HorovodSparkLauncher(spark, 2).run(_fail_after_exit_marker, [str(failed)])
+    assert failed.read_text() == "teardown ran"
