@@ -20,8 +20,9 @@ from typing import Any
 #: counting when the rank has *ended*: 3 s idle at the end of every launch. By then the
 #: driver is already waiting on the exit code (it asks as soon as the rank starts, and a
 #: rank takes over a second to start). 0.1 s instead of 0.5 s cut the end of a launch by
-#: 0.6 s (measured); 0.2 s keeps a margin for slow networks. Static launches only: elastic training, whose driver restarts lost ranks,
-#: was seen to hang after a rank was killed with a short linger.
+#: 0.6 s (measured); 0.2 s keeps a margin for slow networks. Static launches only:
+#: elastic training, whose driver restarts lost ranks, was seen to hang after a rank was
+#: killed with a short linger.
 TASK_LINGER_S = 0.2
 
 #: Seconds between the driver's checks that a rank's process has ended. Horovod's driver

@@ -1,4 +1,4 @@
-"""Launchers, and the only module that imports Horovod.
+"""Launchers; with :mod:`~pipelines.train.horovod_patches`, the only modules importing Horovod.
 
 In: a worker function with its arguments. Out: the worker's return value from every rank,
 in rank order.
@@ -12,7 +12,7 @@ in rank order.
 
 Workers reach the collective operations through :func:`distribution`, which returns a
 :class:`Distribution` for the launcher kind, so worker code never imports Horovod. Were
-Horovod ever unavailable, this module is the one seam to swap (e.g. for
+Horovod ever unavailable, these two modules are the seam to swap (e.g. for
 ``tf.distribute.MultiWorkerMirroredStrategy`` on Spark barrier tasks).
 """
 
