@@ -1,4 +1,4 @@
-"""Horovod launches without its idle waits: tasks end soon after their ranks, no Gloo probe."""
+"""Horovod launches without its idle waits: short task linger, prompt exit codes, no Gloo probe."""
 
 from __future__ import annotations
 
@@ -85,3 +85,26 @@ def test_a_rank_ends_without_pythons_teardown_unless_it_failed(spark, tmp_path):
     with pytest.raises(Exception, match="non-zero|exit"):
         HorovodSparkLauncher(spark, 2).run(_fail_after_exit_marker, [str(failed)])
     assert failed.read_text() == "teardown ran"
+
+
+def test_the_driver_polls_exit_codes_promptly_during_a_static_launch_only():
+    import inspect
+
+    from horovod.runner.common.service.task_service import BasicTaskClient
+
+    from pipelines.train.horovod_patches import EXIT_CODE_POLL_S, launch_patches
+
+    def default_delay() -> float:
+        return (
+            inspect.signature(BasicTaskClient.wait_for_command_exit_code)
+            .parameters["delay"]
+            .default
+        )
+
+    horovods = default_delay()
+    assert horovods == 1.0
+    with launch_patches(elastic=False):
+        assert default_delay() == EXIT_CODE_POLL_S < horovods
+    assert default_delay() == horovods
+    with launch_patches(elastic=True):
+        assert default_delay() == horovods  # elastic launches keep Horovod's waits
