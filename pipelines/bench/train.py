@@ -177,6 +177,10 @@ def bench_train(
     - baseline ``2 x one 1-thread rank``: twice the images/s of one Horovod rank limited
       to one TensorFlow thread (``train.threads_per_rank=1``): what two ranks on two
       cores would do with a free allreduce (target: two ranks at least 0.9 of it);
+    - measured ``2 independent 1-thread processes`` (with two task slots): two fresh
+      processes running :func:`step_worker` at once without Horovod, one thread each,
+      their images/s added up, against that baseline: what the host itself allows two
+      ranks that exchange nothing (informative);
     - per Horovod knob (``knobs``, default :data:`HOROVOD_KNOBS`): two ranks with that
       ``train.horovod`` setting alone, against two ranks with none.
 
@@ -200,8 +204,9 @@ def bench_train(
     Returns:
         One Horovod rank's step seconds over plain Keras (target ``<= 1.05``); with two
         task slots, two ranks' images/s over plain Keras (informative), over twice one
-        one-thread rank (target ``>= 0.9``), and with each knob over two ranks without
-        (informative); last the layer-stats epoch ratio of :func:`bench_layer_stats`
+        one-thread rank (target ``>= 0.9``), two independent one-thread processes over
+        the same (informative), and with each knob over two ranks without (informative);
+        last the layer-stats epoch ratio of :func:`bench_layer_stats`
         (target ``<= 1.05``).
 
     Raises:
@@ -228,6 +233,7 @@ def bench_train(
     if slots >= 2:
         launches["horovod_2"] = (HorovodSparkLauncher(spark, 2), horovod)
         launches["horovod_1_thread"] = (HorovodSparkLauncher(spark, 1), one_thread)
+        launches["side_by_side"] = (_SideBySide(2), replace(one_thread, launcher="local"))
         for knob, setting in knobs.items():
             train = replace(horovod.train, horovod=replace(horovod.train.horovod, **setting))
             launches[knob] = (HorovodSparkLauncher(spark, 2), replace(horovod, train=train))
@@ -242,7 +248,8 @@ def bench_train(
         results = launcher.run(step_worker, [worker_spec])
         launch_seconds[name].append(round(time.perf_counter() - start, 2))
         digests = {r["rank"]: r["weights_sha256"] for r in results}
-        if len(set(digests.values())) != 1:
+        # Independent processes average nothing: their weights may differ.
+        if name != "side_by_side" and len(set(digests.values())) != 1:
             raise RuntimeError(f"bench train: {name} ranks ended with different weights")
         ranks[name].append(results)
         return max(r["step_seconds"] for r in results)
@@ -250,6 +257,9 @@ def bench_train(
     interleaved("train", {name: functools.partial(run, name) for name in launches}, repeats)
 
     def figures(name: str, key: str) -> list[float]:
+        if name == "side_by_side" and key == "images_per_second":
+            # each process reports its own rate (size 1): together they did the sum
+            return [sum(r[key] for r in results) for results in ranks[name]]
         pick = max if key == "step_seconds" else min  # the slowest rank sets the pace
         return [pick(r[key] for r in results) for results in ranks[name]]
 
@@ -325,6 +335,17 @@ def bench_train(
                 details=details,
             )
         )
+        measurements.append(
+            pair(
+                "train",
+                "2 independent 1-thread processes",
+                figures("side_by_side", "images_per_second"),
+                "2 x one 1-thread rank",
+                [2 * rate for rate in figures("horovod_1_thread", "images_per_second")],
+                unit="images/s",
+                details=details,
+            )
+        )
         measurements += [
             pair(
                 "train",
@@ -339,6 +360,26 @@ def bench_train(
         ]
     measurements.append(bench_layer_stats(data, repeats=repeats))
     return measurements
+
+
+class _SideBySide:
+    """``count`` copies of a worker at once, each in a fresh (spawned) process.
+
+    Ranks that share this host and exchange nothing: what the host allows without
+    Horovod. Spawned, so each starts its own TensorFlow with its own thread settings.
+    """
+
+    kind = "local"
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def run(self, fn: Any, args: list[Any]) -> list[Any]:
+        """``fn(*args)`` in ``count`` processes at once; their results."""
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(self.count) as pool:
+            return pool.starmap(fn, [tuple(args)] * self.count, chunksize=1)
 
 
 def bench_layer_stats(data: PreparedDataset, *, repeats: int = 3) -> Measurement:

@@ -179,12 +179,21 @@ def test_reader_reads_every_training_row_with_both_readers(config):
 @pytest.mark.slow
 def test_train_times_one_and_two_horovod_ranks_against_plain_keras(config, spark):
     knobs = {"5 ms cycle": {"cycle_time_ms": 5.0}}
-    step, scaling, ideal, knob, layer_stats = bench_train(
+    step, scaling, ideal, host, knob, layer_stats = bench_train(
         config, images=IMAGES, repeats=1, knobs=knobs
     )
     _check_pairing(step, "train", "s/step")
-    for m in (scaling, ideal, knob):
+    for m in (scaling, ideal, host, knob):
         _check_pairing(m, "train", "images/s")
+    # Two processes that exchange nothing, against the same ideal: the host's own limit.
+    assert (host.measured, host.baseline, host.target) == (
+        "2 independent 1-thread processes",
+        "2 x one 1-thread rank",
+        "",
+    )
+    assert host.baseline_value == ideal.baseline_value
+    (both,) = host.details["epoch_seconds"]["side_by_side"]
+    assert len(both) == 2  # two processes, each timed
     assert (ideal.measured, ideal.baseline, ideal.target) == (
         "horovod 2 ranks",
         "2 x one 1-thread rank",
@@ -227,7 +236,7 @@ def test_train_times_one_and_two_horovod_ranks_against_plain_keras(config, spark
     assert len(details["launch_seconds"]["horovod_2"]) == 1
     # The one-thread rank ran on one TensorFlow thread; on 2 cores, so did each of 2 ranks.
     threads = details["intra_op_threads"]
-    assert threads["horovod_1_thread"] == threads["horovod_2"] == [1]
+    assert threads["horovod_1_thread"] == threads["horovod_2"] == threads["side_by_side"] == [1]
     for name in details["steps_per_epoch"]:
         assert 0 < details["cores_busy_per_rank"][name] <= details["task_slots"] + 0.5
         assert 0 < details["reader_cpu_share"][name] < 1  # the feed's readers did work
