@@ -312,6 +312,8 @@ def bench_train(
         )
     ]
     if "horovod_2" in ranks:
+        # twice one one-thread rank: two ranks on two cores with a free allreduce
+        ideal = [2 * rate for rate in figures("horovod_1_thread", "images_per_second")]
         measurements.append(
             pair(
                 "train",
@@ -323,29 +325,22 @@ def bench_train(
                 details=details,
             )
         )
-        measurements.append(
-            pair(
-                "train",
-                "horovod 2 ranks",
-                figures("horovod_2", "images_per_second"),
-                "2 x one 1-thread rank",
-                [2 * rate for rate in figures("horovod_1_thread", "images_per_second")],
-                unit="images/s",
-                target=f">= {SCALING_TARGET_RATIO}",
-                details=details,
+        for launch, label, target in (
+            ("horovod_2", "horovod 2 ranks", f">= {SCALING_TARGET_RATIO}"),
+            ("side_by_side", "2 independent 1-thread processes", ""),  # the host's limit
+        ):
+            measurements.append(
+                pair(
+                    "train",
+                    label,
+                    figures(launch, "images_per_second"),
+                    "2 x one 1-thread rank",
+                    ideal,
+                    unit="images/s",
+                    target=target,
+                    details=details,
+                )
             )
-        )
-        measurements.append(
-            pair(
-                "train",
-                "2 independent 1-thread processes",
-                figures("side_by_side", "images_per_second"),
-                "2 x one 1-thread rank",
-                [2 * rate for rate in figures("horovod_1_thread", "images_per_second")],
-                unit="images/s",
-                details=details,
-            )
-        )
         measurements += [
             pair(
                 "train",
