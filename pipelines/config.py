@@ -163,6 +163,15 @@ class IngestConfig:
     max_records_per_batch: Annotated[StrictInt, Field(ge=1)] = 512
 
 
+#: The environment variable through which each of :class:`HorovodConfig`'s knobs reaches
+#: Horovod (the others are arguments of its ``DistributedOptimizer``).
+HOROVOD_ENV_VARIABLES = {
+    "fusion_threshold_mb": "HOROVOD_FUSION_THRESHOLD",
+    "cycle_time_ms": "HOROVOD_CYCLE_TIME",
+    "autotune": "HOROVOD_AUTOTUNE",
+}
+
+
 @with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class HorovodConfig:
@@ -191,13 +200,13 @@ class HorovodConfig:
 
     def environment(self) -> dict[str, str]:
         """The ``HOROVOD_*`` variables these settings mean (read by ``hvd.init()``)."""
-        env = {}
+        names, env = HOROVOD_ENV_VARIABLES, {}
         if self.fusion_threshold_mb is not None:
-            env["HOROVOD_FUSION_THRESHOLD"] = str(self.fusion_threshold_mb * 1024 * 1024)
+            env[names["fusion_threshold_mb"]] = str(self.fusion_threshold_mb * 1024 * 1024)
         if self.cycle_time_ms is not None:
-            env["HOROVOD_CYCLE_TIME"] = repr(float(self.cycle_time_ms))
+            env[names["cycle_time_ms"]] = repr(float(self.cycle_time_ms))
         if self.autotune:
-            env["HOROVOD_AUTOTUNE"] = "1"
+            env[names["autotune"]] = "1"
         return env
 
 

@@ -29,7 +29,7 @@ from pipelines.bench.data import DATASET_IMAGES, PreparedDataset, prepared_datas
 from pipelines.bench.feed import bench_model_config
 from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes, epoch_timer, interleaved
-from pipelines.config import Config, SplitConfig, TrainConfig
+from pipelines.config import HOROVOD_ENV_VARIABLES, Config, SplitConfig, TrainConfig
 from pipelines.demo import DEMO_IMAGES
 from pipelines.train.worker import RankSpec
 
@@ -58,8 +58,6 @@ HOROVOD_KNOBS: dict[str, dict[str, Any]] = {
     # fewer exchanges and fewer coordination rounds together: what helped most here
     "4 backward passes, 5 ms cycle": {"backward_passes_per_step": 4, "cycle_time_ms": 5.0},
 }
-#: The environment variables of :meth:`~pipelines.config.HorovodConfig.environment`.
-HOROVOD_ENV_KEYS = ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", "HOROVOD_AUTOTUNE")
 #: Training rows one rank of the default digits run reads per epoch (the bundled digits'
 #: train split over the default ranks): the epoch length the layer-stats cost is set against.
 DIGITS_ROWS_PER_RANK = math.ceil(DEMO_IMAGES * SplitConfig().train / TrainConfig().num_proc)
@@ -113,7 +111,7 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
     started = time.perf_counter()
     # The knobs go to the distribution, which sets them before hvd.init() in this rank.
     dist = distribution(spec.launcher, knobs=spec.train.horovod)
-    horovod_env = {key: os.environ.get(key) for key in HOROVOD_ENV_KEYS}
+    horovod_env = {key: os.environ.get(key) for key in HOROVOD_ENV_VARIABLES.values()}
     with prepared_rank(spec, dist) as rank:
         timer = epoch_timer()
         extra = []
