@@ -311,8 +311,7 @@ def bench_peer(
                 result["peer"]["test_accuracy"],
             )
             runs.append(result)
-    details = _details(config, env, dataset, rows, seeds, epochs, runs, load_before)
-    details["peer_versions"] = {**env.versions, **versions}
+    details = _details(config, env, versions, dataset, rows, seeds, epochs, runs, load_before)
     walls = {side: [r[side]["wall_s"] for r in runs] for side in ("ours", "peer")}
     accuracy = {side: [r[side]["test_accuracy"] for r in runs] for side in ("ours", "peer")}
     return [
@@ -679,6 +678,7 @@ def _run_times(tracking_uri: str, run_id: str) -> dict[str, float]:
 def _details(
     config: Config,
     env: PeerEnv,
+    versions: Mapping[str, str],
     dataset: Path,
     rows: Mapping[str, int],
     seeds: Sequence[int],
@@ -711,7 +711,8 @@ def _details(
         },
         "peer_env": str(env.path),
         "peer_env_build_s": env.build_seconds,
-        "peer_versions": env.versions,
+        # the environment's, and what the peer's own process reported
+        "peer_versions": {**env.versions, **versions},
         "load_avg_before": load_before,
         "load_avg_after": load_average(),
     }
