@@ -148,7 +148,8 @@ class IngestConfig:
         row_group_size_mb: Upper bound of a row group in MB (Parquet block size).
         partitions: Spark tasks for decoding and writing (``0``: one per task slot, two when
             each still gets at least 8 row groups of images).
-        max_records_per_batch: Arrow batch size of the decode UDF; keeps wide rows in bounds.
+        max_records_per_batch: Records a task decodes at a time; bounds the decoded images
+            a task holds besides its writer's buffer.
     """
 
     source: StrictStr | None = None

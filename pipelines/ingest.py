@@ -19,10 +19,11 @@ its host and process; a later run removes such folders whose process is gone (se
 How it runs, in one Spark job: the driver lists the source (or reads the arrays) and rejects
 what it can judge without decoding (zero-length files, files outside a class folder); each
 task reads its listed files by path, decodes them with the same pure functions
-(:mod:`pipelines.images`) that serving uses, writes the good ones as Parquet files of
-``rows_per_row_group`` rows into a staging folder of its own, and reports back the files
-it wrote and the records it rejected. The driver then moves the reported files into one
-folder per split, adds Petastorm's metadata, and writes the quarantine and the manifest.
+(:mod:`pipelines.images`) that serving uses, assigns each its split, writes the good ones
+as Parquet files of ``rows_per_row_group`` rows into a staging folder of its own, and
+reports back the files it wrote and the records it rejected. The driver then moves the
+reported files into one folder per split, adds Petastorm's metadata, and writes the
+quarantine and the manifest.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import uuid
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,35 +52,21 @@ from pipelines.images import ImageDecodeError, decode_image, prepare_array
 from pipelines.listing import display_path, list_tree, read_file
 from pipelines.locations import to_url
 from pipelines.sources import SourceError, detect_format, read_cifar10, read_mnist_idx
-from pipelines.spark import driver_table
 
 if TYPE_CHECKING:
     import pandas as pd
     from petastorm.unischema import Unischema
-    from pyspark.sql import Column, SparkSession
+    from pyspark.sql import SparkSession
 
     from pipelines.sources import ArrayPart
 
 log = logging.getLogger(__name__)
 
-#: Columns of the driver's table of records to decode (arrays add ``raw`` bytes, folders
-#: ``file``, the raw bytes of the path to open). ``path``, ``rel`` and ``label_name`` are
-#: display forms (:func:`~pipelines.listing.display_path`): a Spark string cannot carry
-#: a name that is not valid UTF-8.
-_RECORDS = "path string, rel string, label int, label_name string"
+#: Seed of Spark's ``xxhash64``, which assigned splits before :func:`_splits_of` did.
+_SPLIT_HASH_SEED = 42
 
-#: What each decoding task reports: a row per file written (the fields of
-#: :class:`_WrittenFile`), and a row per record rejected (``path``, ``reason``).
-_REPORT = {
-    "split": "string",
-    "name": "string",
-    "staged": "string",
-    "rows": "int",
-    "row_groups": "int",
-    "path": "string",
-    "reason": "string",
-}
-_REPORT_DDL = ", ".join(f"{column} {kind}" for column, kind in _REPORT.items())
+#: Buckets of the split hash: a split's share is resolved to one in a million.
+_SPLIT_BUCKETS = 1_000_000
 
 #: Folder of the task attempts' files inside the staged output, removed after the commit.
 _STAGING_DIR = "_staging"
@@ -125,9 +112,11 @@ class _Plan:
     """Everything the driver knows before decoding.
 
     Attributes:
-        records: One row per record to decode, sorted by ``rel`` (columns :data:`_RECORDS`,
-            plus ``raw`` for array sources).
-        spark_schema: DDL schema of ``records``.
+        records: One row per record to decode, sorted by ``rel``: ``path``, ``rel``,
+            ``label`` (int32), ``label_name``, and ``file`` (the raw bytes of the path to
+            open) for folders or ``raw`` (the pixels) for arrays. ``path``, ``rel`` and
+            ``label_name`` are display forms (:func:`~pipelines.listing.display_path`),
+            valid UTF-8 whatever the name.
         decode: Decodes a batch of ``records`` on an executor.
         rejected: Records rejected on the driver, path to reason.
         skipped: Files skipped as not images (other extensions, hidden names).
@@ -135,7 +124,6 @@ class _Plan:
     """
 
     records: pd.DataFrame
-    spark_schema: str
     decode: _BatchDecoder
     rejected: dict[str, str]
     skipped: int
@@ -262,9 +250,7 @@ def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
         return [_decode_file(file, size, channels) for file in batch.file]
 
-    return _Plan(
-        records, f"{_RECORDS}, file binary", decode, rejected, listing.skipped, label_names
-    )
+    return _Plan(records, decode, rejected, listing.skipped, label_names)
 
 
 def _array_plan(src: Path, fmt: str, config: IngestConfig) -> _Plan:
@@ -305,7 +291,7 @@ def _array_plan(src: Path, fmt: str, config: IngestConfig) -> _Plan:
             _prepare_record(raw, shapes[rel.split("/")[0]], size, channels) for rel, raw in pairs
         ]
 
-    return _Plan(records, f"{_RECORDS}, raw binary", decode, {}, 0, label_names)
+    return _Plan(records, decode, {}, 0, label_names)
 
 
 def _task_count(spark: SparkSession, config: IngestConfig, records: int) -> int:
@@ -326,25 +312,43 @@ def _task_count(spark: SparkSession, config: IngestConfig, records: int) -> int:
     return max(1, min(records, 2 * slots if enough >= 2 * slots else slots))
 
 
-def _split_column(fractions: SplitConfig) -> Column:
-    r"""The split of a record, by a stable hash of its relative path (column ``rel``).
+def _splits_of(rels: Iterable[str], fractions: SplitConfig) -> list[str]:
+    r"""The split of each record, by a stable hash of its relative path (``rel``).
 
     ``rel`` is the display form: for a valid UTF-8 name, its bytes; for another, the name
     with each undecodable byte as ``\xNN``. Either way the same file always hashes alike.
+    The hash is XXH64 with Spark's seed, bucketed as Spark's
+    ``pmod(xxhash64(rel), 10**6) / 10**6`` did when Spark computed it: datasets ingested
+    before keep their splits (a test checks this against Spark's own function).
     """
-    from pyspark.sql import functions as F
+    import xxhash
 
-    # xxhash64 is stable across runs and Spark versions: a file keeps its split forever,
-    # and adding files never moves existing ones.
-    bucket = F.pmod(F.xxhash64("rel"), F.lit(1_000_000)) / F.lit(1_000_000.0)
-    return (
-        F.when(bucket < fractions.train, "train")
-        .when(bucket < fractions.train + fractions.val, "val")
-        .otherwise("test")
-    )
+    # XXH64 is fixed by its specification: a file keeps its split forever, and adding
+    # files never moves existing ones.
+    train, train_val = fractions.train, fractions.train + fractions.val
+    splits = []
+    for rel in rels:
+        digest = xxhash.xxh64_intdigest(rel.encode(), _SPLIT_HASH_SEED)
+        signed = digest - (1 << 64) if digest >= 1 << 63 else digest  # Spark's long
+        bucket = (signed % _SPLIT_BUCKETS) / float(_SPLIT_BUCKETS)
+        splits.append("train" if bucket < train else "val" if bucket < train_val else "test")
+    return splits
 
 
 # --- the Spark job -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TaskReport:
+    """What a decoding task sends back to the driver, its job's whole (small) result.
+
+    Attributes:
+        written: The Parquet files it wrote.
+        rejected: ``(path, reason)`` of every record it could not use.
+    """
+
+    written: list[_WrittenFile]
+    rejected: list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -378,9 +382,10 @@ def _decode_and_write(
     by split and re-encoding it there, which cost more than decoding. Only what successful
     tasks report is used: files of failed or duplicate attempts stay in staging.
 
-    The records start as a local table on the driver, already in slices, so nothing is
-    shuffled for a small source; Spark computes the split there too (it folds a
-    projection of a local table on the driver).
+    The records go to the tasks as an RDD of pandas tables, one per task, so nothing is
+    shuffled. Not a DataFrame: Spark SQL planned the job, converted the Arrow batches to
+    rows and back to Arrow for the Python worker, ~0.12 s of a 0.8 s ingest of 3,000
+    images here (``dlpipe bench ingest``), and every task is Python anyway.
 
     Returns:
         The files written, and the records rejected on the executors (path to reason).
@@ -389,22 +394,29 @@ def _decode_and_write(
         return [], {}
     staging = tmp / _STAGING_DIR
     staging.mkdir()
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.max_records_per_batch)
     tasks = _task_count(spark, config, len(plan.records))
-    records = driver_table(spark, _in_mixed_order(plan.records), plan.spark_schema, tasks)
-    records = records.withColumn(schema.SPLIT, _split_column(config.splits))
-    log.info("ingest: decoding %d records in %d tasks", len(plan.records), tasks)
+    slices = _task_slices(_in_mixed_order(plan.records), tasks)
+    log.info("ingest: decoding %d records in %d tasks", len(plan.records), len(slices))
     task = _decode_task(
-        plan.decode, str(staging), config.rows_per_row_group, config.row_group_size_mb << 20
+        plan.decode,
+        config.splits,
+        str(staging),
+        config.max_records_per_batch,
+        config.rows_per_row_group,
+        config.row_group_size_mb << 20,
     )
-    report = [row.asDict() for row in records.mapInPandas(task, _REPORT_DDL).collect()]
-    written = [
-        _WrittenFile(**{field.name: row[field.name] for field in fields(_WrittenFile)})
-        for row in report
-        if row["name"] is not None
-    ]
-    rejected = {row["path"]: row["reason"] for row in report if row["reason"] is not None}
+    reports = spark.sparkContext.parallelize(slices, len(slices)).mapPartitions(task).collect()
+    written = [file for report in reports for file in report.written]
+    rejected = {path: reason for report in reports for path, reason in report.rejected}
     return written, rejected
+
+
+def _task_slices(records: pd.DataFrame, tasks: int) -> list[pd.DataFrame]:
+    """``records`` cut into ``tasks`` contiguous slices of equal size (±1 row), none empty."""
+    import numpy as np
+
+    bounds = np.linspace(0, len(records), min(tasks, len(records)) + 1).round().astype(int)
+    return [records.iloc[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _in_mixed_order(records: pd.DataFrame) -> pd.DataFrame:
@@ -423,13 +435,20 @@ def _in_mixed_order(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def _decode_task(
-    decode: _BatchDecoder, staging: str, rows_per_file: int, row_group_bytes: int
-) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The ``mapInPandas`` function: decode, write, and yield the task's report."""
+    decode: _BatchDecoder,
+    fractions: SplitConfig,
+    staging: str,
+    batch_rows: int,
+    rows_per_file: int,
+    row_group_bytes: int,
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[_TaskReport]]:
+    """The function of each task: decode, split, write, and yield the task's report.
 
-    def decode_and_write(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        import pandas as pd
+    A task's records arrive as one table; they are decoded ``batch_rows`` at a time, so
+    that a task holds only one batch of decoded images besides what its writer buffers.
+    """
 
+    def decode_and_write(slices: Iterator[pd.DataFrame]) -> Iterator[_TaskReport]:
         from pipelines.host import settle_python_worker
 
         # Python workers are reused: without this each later task pays a full collection
@@ -437,22 +456,24 @@ def _decode_task(
         settle_python_worker()
         writer = _TaskWriter(staging, rows_per_file, row_group_bytes)
         rejected: list[tuple[str, str]] = []
-        for batch in batches:
-            results = decode(batch)
-            rejected += [
-                (path, reason)
-                for path, (_, reason) in zip(batch.path, results, strict=True)
-                if reason is not None
-            ]
-            decoded = batch.assign(**{schema.IMAGE: [image for image, _ in results]})
-            writer.add(decoded.loc[decoded[schema.IMAGE].notna(), list(schema.PREPARED_COLUMNS)])
-        report = [asdict(file) for file in writer.close()]
-        report += [{"path": path, "reason": reason} for path, reason in rejected]
-        yield pd.DataFrame(
-            [[row.get(column) for column in _REPORT] for row in report],
-            columns=list(_REPORT),
-            dtype=object,
-        )
+        for records in slices:
+            for start in range(0, len(records), batch_rows):
+                batch = records.iloc[start : start + batch_rows]
+                results = decode(batch)
+                rejected += [
+                    (path, reason)
+                    for path, (_, reason) in zip(batch.path, results, strict=True)
+                    if reason is not None
+                ]
+                decoded = batch.assign(
+                    **{
+                        schema.IMAGE: [image for image, _ in results],
+                        schema.SPLIT: _splits_of(batch.rel, fractions),
+                    }
+                )
+                good = decoded[schema.IMAGE].notna()
+                writer.add(decoded.loc[good, list(schema.PREPARED_COLUMNS)])
+        yield _TaskReport(writer.close(), rejected)
 
     return decode_and_write
 

@@ -58,6 +58,7 @@ PINS=(
     "packaging>=23"
     "pydantic>=2,<3"
     "jinja2>=3.1"
+    "xxhash>=3,<5"
 )
 # END PINS
 

@@ -257,6 +257,31 @@ def test_rerun_gives_the_same_dataset_and_an_added_file_moves_nothing(spark, tmp
     assert {p: after[p] for p in before} == before
 
 
+def test_splits_are_those_spark_xxhash64_gave_so_earlier_datasets_keep_theirs(spark):
+    """The split hash moved from a Spark column to the tasks' Python: it must not move files."""
+    from pyspark.sql import functions as F
+
+    from pipelines.ingest import _splits_of
+
+    rng = np.random.default_rng(7)
+    alphabet = list("abcXYZ019_-. /") + ["é", "ü", "日本", "\\x9f", "\N{GRINNING FACE}"]
+    rels = ["", "a", "cat/x.png"] + [
+        "".join(rng.choice(alphabet, size=int(rng.integers(0, 90)))) for _ in range(3000)
+    ]
+    fractions = SplitConfig(0.7, 0.2, 0.1)
+    bucket = F.pmod(F.xxhash64("rel"), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    by_spark = (
+        F.when(bucket < fractions.train, "train")
+        .when(bucket < fractions.train + fractions.val, "val")
+        .otherwise("test")
+    )
+    frame = spark.createDataFrame([(rel,) for rel in rels], "rel string")
+    rows = frame.select("rel", by_spark.alias("split")).collect()
+    expected = {row.rel: row.split for row in rows}
+    assert dict(zip(rels, _splits_of(rels, fractions), strict=True)) == expected
+    assert set(expected.values()) == set(SPLITS)
+
+
 def _rows_by_path(spark, output: Path) -> dict[str, tuple]:
     rows = spark.read.parquet(str(output)).select("path", "split", "label", "image").collect()
     return {r.path: (r.split, r.label, bytes(r.image)) for r in rows}
