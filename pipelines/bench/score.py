@@ -3,7 +3,9 @@
 In: a :class:`~pipelines.config.Config` (Spark session, ``score.arrow_batch_size``), a
 number of generated JPEGs and repeats. Out: two :class:`~pipelines.bench.stats.Measurement`
 records: Spark scoring images/s over in-process ``predict`` on already decoded arrays
-(target >= 0.7), and over in-process ``predict`` on the files' bytes (informative).
+(target >= 0.7), over in-process ``predict`` on the files' bytes (informative), and over
+that ``predict`` confined to one TensorFlow thread, as each scoring task runs it (the
+parallel efficiency's baseline, target >= 1.7).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ log = logging.getLogger("pipelines.bench")
 
 #: Target of Spark batch scoring over in-process predict on decoded arrays.
 SCORE_TARGET_RATIO = 0.7
+#: Target of Spark batch scoring over the same predict on one thread (one task slot's work).
+SCORE_SLOT_TARGET_RATIO = 1.7
 #: Images scored by default: a batch. A scoring job costs about 0.3 s whatever its size
 #: (listing, job start, the slower worker's tail, table commit), a fifth of a 5,000-image
 #: job on 2 cores; a daily batch amortises it, and so does this default.
@@ -68,7 +72,11 @@ def bench_score(
       already decoded to 28x28x1 uint8 arrays in memory; the target (>= 0.7) is against it;
     - baseline ``pyfunc predict, file bytes``: the same model, reading every file and
       calling ``predict`` on the bytes in one process: what a user without Spark would
-      write. Its ratio is what Spark's parallelism gains over that.
+      write. Its ratio is what Spark's parallelism gains over that. Its TensorFlow runs on
+      every core, so the ratio's ceiling here is below the task slots;
+    - baseline ``pyfunc predict, file bytes, 1 thread``: the same, in a spawned process
+      whose TensorFlow runs one thread, as each scoring task's does (one task slot's
+      share of the host): the ratio per slot is the parallel efficiency (target >= 1.7).
 
     Warm-up first (two scoring runs on a small set: Python workers start, import
     TensorFlow and load the model, as the first job of a session does; a predict of each
@@ -83,7 +91,8 @@ def bench_score(
         repeats: Measured runs of each.
 
     Returns:
-        Spark over predict on arrays (target ``>= 0.7``), Spark over predict on bytes.
+        Spark over predict on arrays (target ``>= 0.7``), over predict on bytes, and over
+        predict on bytes on one thread (target ``>= 1.7``).
 
     Raises:
         UserError: ``images`` or ``repeats`` is below 1.
@@ -101,7 +110,7 @@ def bench_score(
     warm_source = cached_jpegs(config, max(8, min(500, images // 10)), DATASET_SOURCE_SIZE)
     files = sorted(source.rglob("*.jpg"))
     spark = get_spark(config.spark)
-    with scoring_store(config) as (work, cfg):
+    with scoring_store(config) as (work, cfg), _OneThreadPredict(cfg) as one_thread:
         model = mlflow.pyfunc.load_model(cfg.score.model)
         side, channels = DATASET_IMAGE_SIZE, DATASET_CHANNELS
         arrays = [decode_image(p.read_bytes(), side, channels) for p in files]
@@ -120,8 +129,12 @@ def bench_score(
             shutil.rmtree(table, ignore_errors=True)
             return expected / seconds
 
-        # Wall and CPU seconds (all threads of this process) of each predict baseline run.
-        baseline_times: dict[str, list[tuple[float, float]]] = {"arrays": [], "bytes": []}
+        # Wall and CPU seconds (all threads of its process) of each predict baseline run.
+        baseline_times: dict[str, list[tuple[float, float]]] = {
+            "arrays": [],
+            "bytes": [],
+            "one_thread": [],
+        }
 
         def predict(name: str, make_input: Any) -> float:
             def run() -> int:
@@ -134,18 +147,25 @@ def bench_score(
             baseline_times[name].append((seconds, time.process_time() - cpu_start))
             return done / seconds
 
+        def predict_one_thread() -> float:
+            seconds, cpu_seconds, rows, errors = one_thread.predict([str(p) for p in files])
+            _check("pyfunc predict, 1 thread", len(files), rows, errors)
+            baseline_times["one_thread"].append((seconds, cpu_seconds))
+            return len(files) / seconds
+
         runs = {
             "spark": functools.partial(run_spark, source, images),
             "arrays": functools.partial(predict, "arrays", lambda: arrays),
             "bytes": functools.partial(predict, "bytes", lambda: [p.read_bytes() for p in files]),
+            "one_thread": predict_one_thread,
         }
         log.info("bench score: warming up on %s", warm_source)
         warm_images = sum(1 for _ in warm_source.rglob("*.jpg"))
         # Twice: the first job's workers load the model; the second shows them reused.
         for _ in range(2):
             run_spark(warm_source, warm_images)
-        runs["arrays"]()
-        runs["bytes"]()
+        for name in ("arrays", "bytes", "one_thread"):
+            runs[name]()
         for timings in baseline_times.values():
             timings.clear()
         rates = interleaved("score", runs, repeats)
@@ -179,6 +199,26 @@ def bench_score(
         unit="images/s",
         details=details,
     )
+    against_one_thread = pair(
+        "score",
+        "spark batch scoring",
+        rates["spark"],
+        "pyfunc predict, file bytes, 1 thread",
+        rates["one_thread"],
+        unit="images/s",
+        target=f">= {SCORE_SLOT_TARGET_RATIO}",
+        details=details,
+    )
+
+    def efficiency(measurement: Measurement, baseline: str) -> Measurement:
+        walls, cpus = zip(*baseline_times[baseline], strict=True)
+        return with_parallel_efficiency(
+            measurement,
+            details["task_slots"],
+            baseline_wall_s=statistics.median(walls),
+            baseline_cpu_s=statistics.median(cpus),
+        )
+
     return [
         pair(
             "score",
@@ -192,13 +232,66 @@ def bench_score(
         ),
         # The same work (read, decode, predict) in one process: the ratio per task slot, and
         # the best ratio possible here (predict's own TensorFlow threads use both cores).
-        with_parallel_efficiency(
-            against_bytes,
-            details["task_slots"],
-            baseline_wall_s=statistics.median(wall for wall, _ in baseline_times["bytes"]),
-            baseline_cpu_s=statistics.median(cpu for _, cpu in baseline_times["bytes"]),
-        ),
+        efficiency(against_bytes, "bytes"),
+        # The same work on one thread, as each task does it: what each slot gains.
+        efficiency(against_one_thread, "one_thread"),
     ]
+
+
+class _OneThreadPredict:
+    """The benchmark's pyfunc model in a spawned process whose TensorFlow runs one thread.
+
+    TensorFlow sizes its thread pools once per process, so the one-thread baseline cannot
+    run in the benchmark's own process, whose TensorFlow uses every core. The process is
+    started (and loads the model) once, and stopped on exit, pass or fail.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._pool: Any = None
+
+    def __enter__(self) -> _OneThreadPredict:
+        import multiprocessing
+
+        self._pool = multiprocessing.get_context("spawn").Pool(
+            1,
+            initializer=_load_one_thread_model,
+            initargs=(self._config.mlflow.tracking_uri, self._config.score.model),
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+    def predict(self, files: list[str]) -> tuple[float, float, int, int]:
+        """Read and score ``files`` there: wall and CPU seconds, rows and errors."""
+        return self._pool.apply(_predict_files, (files,))
+
+
+# The one-thread process's model (see _OneThreadPredict).
+_ONE_THREAD_MODEL: Any = None
+
+
+def _load_one_thread_model(tracking_uri: str, model_uri: str) -> None:
+    import mlflow
+
+    from pipelines.host import limit_tf_threads
+
+    global _ONE_THREAD_MODEL
+    limit_tf_threads(1, 1)  # before the model's first op, as a scoring task does
+    mlflow.set_tracking_uri(tracking_uri)
+    _ONE_THREAD_MODEL = mlflow.pyfunc.load_model(model_uri)
+
+
+def _predict_files(files: list[str]) -> tuple[float, float, int, int]:
+    import pandas as pd
+
+    cpu_start, start = time.process_time(), time.perf_counter()
+    images = [Path(file).read_bytes() for file in files]
+    output = _ONE_THREAD_MODEL.predict(pd.DataFrame({"image": images}))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return seconds, cpu_seconds, len(output), int(output["error"].count())
 
 
 @contextlib.contextmanager

@@ -247,19 +247,24 @@ def test_score_compares_spark_scoring_with_in_process_predict(config):
     import mlflow
 
     before = mlflow.get_tracking_uri()
-    against_arrays, against_bytes = bench_score(config, images=IMAGES, repeats=1)
-    for m in (against_arrays, against_bytes):
+    against_arrays, against_bytes, against_one_thread = bench_score(
+        config, images=IMAGES, repeats=1
+    )
+    for m in (against_arrays, against_bytes, against_one_thread):
         _check_pairing(m, "score", "images/s")
         assert m.measured == "spark batch scoring"
+        assert m.value == against_arrays.value  # the same Spark runs
     assert against_arrays.baseline == "pyfunc predict, decoded arrays"
     assert against_arrays.target == ">= 0.7"
     assert against_bytes.baseline == "pyfunc predict, file bytes" and against_bytes.met is None
-    assert against_arrays.value == against_bytes.value  # the same Spark runs
+    assert against_one_thread.baseline == "pyfunc predict, file bytes, 1 thread"
+    assert against_one_thread.target == ">= 1.7"
     slots = against_bytes.details["task_slots"]
-    assert against_bytes.details["parallel_efficiency"] == pytest.approx(
-        against_bytes.ratio / slots, abs=1e-3
-    )
-    _check_ceiling_and_fixed_cost(against_bytes, jobs=1)
+    for m in (against_bytes, against_one_thread):
+        assert m.details["parallel_efficiency"] == pytest.approx(m.ratio / slots, abs=1e-3)
+        _check_ceiling_and_fixed_cost(m, jobs=1)
+    # Its TensorFlow on one thread keeps about one core busy: the ceiling is near the slots.
+    assert against_one_thread.details["parallel_ceiling"] > 0.75 * slots
     # Where one more (untimed) scoring job's CPU went, per kind of process.
     processes = against_bytes.details["processes"]
     for kind in ("driver", "jvm", "python_worker"):
