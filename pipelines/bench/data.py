@@ -9,6 +9,7 @@ Nothing heavy (TensorFlow, Spark) is imported at module import.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -215,3 +216,18 @@ def prepared_dataset(config: Config, images: int) -> PreparedDataset:
         label_names=list(manifest.label_names),
         rows_per_row_group=rows_per_group,
     )
+
+
+def read_once(source: Path) -> Path:
+    """Read every file of ``source`` once, untimed: timed runs start from the page cache.
+
+    Otherwise a set generated long before, or pushed out by others, is read from disk in
+    the first timed run only, by whichever run comes first (measured: ingest of
+    100,000 JPEGs 19.6 s cold, 13.5-13.9 s warm).
+    """
+    for folder, _, names in os.walk(source):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as file:
+                while file.read(1 << 20):
+                    pass
+    return source

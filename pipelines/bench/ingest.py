@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from pipelines import schema
-from pipelines.bench.data import bench_dir, cached_jpegs, folder_ingest_config, scratch
+from pipelines.bench.data import (
+    bench_dir,
+    cached_jpegs,
+    folder_ingest_config,
+    read_once,
+    scratch,
+)
 from pipelines.bench.jobs import JobMark, JobTimeline, median_timeline
 from pipelines.bench.processes import ProcessSampler
 from pipelines.bench.stats import Measurement, pair, with_parallel_efficiency
@@ -59,9 +65,9 @@ def bench_ingest(
 
     Ratios are Spark's images/s over the baseline's; the target (>= 1.6 on 2 cores) is
     against the plain loop. Spark, Python workers and the page cache are warmed up on a
-    small separate set first; the three are then run ``repeats`` times, interleaved, and
-    the medians reported. Outputs go to a temporary directory under ``<work_dir>/bench``,
-    removed afterwards.
+    small separate set first, and the measured set is read once; the three are then run
+    ``repeats`` times, interleaved, and the medians reported. Outputs go to a temporary
+    directory under ``<work_dir>/bench``, removed afterwards.
 
     Args:
         config: The Spark session settings and the ingest settings (row-group size,
@@ -81,7 +87,7 @@ def bench_ingest(
 
     check_sizes("ingest", images, repeats)
     cfg = folder_ingest_config(config, INGEST_IMAGE_SIZE, INGEST_CHANNELS)
-    source = cached_jpegs(config, images, INGEST_SOURCE_SIZE)
+    source = read_once(cached_jpegs(config, images, INGEST_SOURCE_SIZE))
     # A third of the data (at most 1,000 images): JVM hot paths compiled, Python workers up.
     warm_source = cached_jpegs(config, max(8, min(1000, images // 3)), INGEST_SOURCE_SIZE)
     spark = get_spark(config.spark)
