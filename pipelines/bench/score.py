@@ -1,7 +1,7 @@
 """Score benchmark: Spark batch scoring against the same pyfunc model in one process.
 
 In: a :class:`~pipelines.config.Config` (Spark session, ``score.arrow_batch_size``), a
-number of generated JPEGs and repeats. Out: two :class:`~pipelines.bench.stats.Measurement`
+number of generated JPEGs and repeats. Out: three :class:`~pipelines.bench.stats.Measurement`
 records: Spark scoring images/s over in-process ``predict`` on already decoded arrays
 (target >= 0.7), over in-process ``predict`` on the files' bytes (informative), and over
 that ``predict`` confined to one TensorFlow thread, as each scoring task runs it (the
