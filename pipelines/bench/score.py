@@ -280,7 +280,7 @@ def _load_one_thread_model(tracking_uri: str, model_uri: str) -> None:
 
     global _ONE_THREAD_MODEL
     limit_tf_threads(1, 1)  # before the model's first op, as a scoring task does
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking.use_stores(tracking_uri)
     _ONE_THREAD_MODEL = mlflow.pyfunc.load_model(model_uri)
 
 
