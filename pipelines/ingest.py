@@ -412,11 +412,13 @@ def _decode_and_write(
 
 
 def _task_slices(records: pd.DataFrame, tasks: int) -> list[pd.DataFrame]:
-    """``records`` cut into ``tasks`` contiguous slices of equal size (±1 row), none empty."""
-    import numpy as np
+    """``records`` cut into contiguous slices of ``ceil(len / tasks)`` rows, the last shorter.
 
-    bounds = np.linspace(0, len(records), min(tasks, len(records)) + 1).round().astype(int)
-    return [records.iloc[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    At most ``tasks`` slices, none empty; the same cut as the Arrow batches of one per task
+    that Spark got before, so a source ingested again gives the same files.
+    """
+    size = max(1, -(-len(records) // tasks))
+    return [records.iloc[start : start + size] for start in range(0, len(records), size)]
 
 
 def _in_mixed_order(records: pd.DataFrame) -> pd.DataFrame:
