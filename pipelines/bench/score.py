@@ -190,52 +190,41 @@ def bench_score(
         # the last stage (the table commit and the count read back).
         "fixed_cost": median_timeline(timelines[:repeats]),
     }
-    against_bytes = pair(
-        "score",
-        "spark batch scoring",
-        rates["spark"],
-        "pyfunc predict, file bytes",
-        rates["bytes"],
-        unit="images/s",
-        details=details,
-    )
-    against_one_thread = pair(
-        "score",
-        "spark batch scoring",
-        rates["spark"],
-        "pyfunc predict, file bytes, 1 thread",
-        rates["one_thread"],
-        unit="images/s",
-        target=f">= {SCORE_SLOT_TARGET_RATIO}",
-        details=details,
-    )
-
-    def efficiency(measurement: Measurement, baseline: str) -> Measurement:
-        walls, cpus = zip(*baseline_times[baseline], strict=True)
-        return with_parallel_efficiency(
-            measurement,
-            details["task_slots"],
-            baseline_wall_s=statistics.median(walls),
-            baseline_cpu_s=statistics.median(cpus),
-        )
-
-    return [
-        pair(
+    # Each baseline's label and target, in the order returned, and whether it does the
+    # stage's whole work (read, decode, predict) in one process: those also get the ratio
+    # per task slot and the best ratio possible here (TensorFlow on both cores in "bytes",
+    # on one in "one_thread", as in each task).
+    baselines = {
+        "arrays": ("pyfunc predict, decoded arrays", f">= {SCORE_TARGET_RATIO}", False),
+        "bytes": ("pyfunc predict, file bytes", "", True),
+        "one_thread": (
+            "pyfunc predict, file bytes, 1 thread",
+            f">= {SCORE_SLOT_TARGET_RATIO}",
+            True,
+        ),
+    }
+    measurements = []
+    for name, (label, target, whole_stage) in baselines.items():
+        measurement = pair(
             "score",
             "spark batch scoring",
             rates["spark"],
-            "pyfunc predict, decoded arrays",
-            rates["arrays"],
+            label,
+            rates[name],
             unit="images/s",
-            target=f">= {SCORE_TARGET_RATIO}",
+            target=target,
             details=details,
-        ),
-        # The same work (read, decode, predict) in one process: the ratio per task slot, and
-        # the best ratio possible here (predict's own TensorFlow threads use both cores).
-        efficiency(against_bytes, "bytes"),
-        # The same work on one thread, as each task does it: what each slot gains.
-        efficiency(against_one_thread, "one_thread"),
-    ]
+        )
+        if whole_stage:
+            walls, cpus = zip(*baseline_times[name], strict=True)
+            measurement = with_parallel_efficiency(
+                measurement,
+                details["task_slots"],
+                baseline_wall_s=statistics.median(walls),
+                baseline_cpu_s=statistics.median(cpus),
+            )
+        measurements.append(measurement)
+    return measurements
 
 
 class _OneThreadPredict:
