@@ -15,7 +15,6 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import pipeline
@@ -111,38 +110,22 @@ def _run(args: argparse.Namespace, config: Config) -> RunSummary:
 
 
 def _serve(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    from pipelines.rest_server import serve
-
-    return serve(config, args.model, args.host, args.port)
+    return pipeline.serve_stage(config, args.model, args.host, args.port)
 
 
 def _report(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    from pipelines.report import render_comparison, render_run_report
-
-    where = config.locations
-    out = Path(args.out) if args.out else where.reports
-    if args.compare:
-        path = render_comparison(args.compare, tracking_uri=where.tracking_uri, out_dir=out)
-        return {"report": str(path), "runs": list(dict.fromkeys(args.compare))}
-    path = render_run_report(
-        args.run_id, tracking_uri=where.tracking_uri, out_dir=out, log_to_run=not args.no_log
+    path = pipeline.report_stage(
+        config, args.run_id, args.compare, args.out, log_to_run=not args.no_log
     )
+    if args.compare:
+        return {"report": str(path), "runs": list(dict.fromkeys(args.compare))}
     return {"report": str(path), "run_id": args.run_id}
 
 
 def _explain(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    from pipelines.explain import explain_image, summary
+    from pipelines.explain import summary
 
-    where = config.locations
-    result = explain_image(
-        args.image,
-        args.model
-        or config.score.model
-        or f"models:/{config.mlflow.model_name}@{config.mlflow.champion_alias}",
-        out_dir=Path(args.out) if args.out else where.reports,
-        tracking_uri=where.tracking_uri,
-        registry_uri=where.registry_uri,
-    )
+    result = pipeline.explain_stage(config, args.image, args.model, args.out)
     return {**result.to_dict(), HUMAN: summary(result)}
 
 

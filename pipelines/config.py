@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -47,9 +47,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipelines.errors import UserError
-
-if TYPE_CHECKING:
-    from pipelines.locations import Locations
 
 #: The repository's conf/ folder: the targets, when running from a checkout.
 _CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -396,13 +393,6 @@ class Config:
     mlflow: Annotated[MlflowConfig, _SECTION] = field(default_factory=MlflowConfig)
     score: Annotated[ScoreConfig, _SECTION] = field(default_factory=ScoreConfig)
     serve: Annotated[ServeConfig, _SECTION] = field(default_factory=ServeConfig)
-
-    @property
-    def locations(self) -> Locations:
-        """Where each stage reads and writes unless told otherwise (the work directory's layout)."""
-        from pipelines.locations import Locations
-
-        return Locations.of(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain nested dicts (for logging as MLflow params)."""

@@ -12,14 +12,13 @@ killed run leaves either the previous folder or the complete new one.
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.images import encode_png
+from pipelines.store import Staging
 
 #: Number of images in scikit-learn's digits dataset.
 DEMO_IMAGES = 1797
@@ -68,17 +67,14 @@ def write_demo_digits(out: Path) -> DemoData:
 
     if _holds_exactly(out, relative):
         return result
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    staging = Staging(str(out))
+    with staging.folder(owned=False) as folder:
         for name in classes:
-            (staging / name).mkdir(parents=True)
+            (folder / name).mkdir(parents=True)
         pixels = np.rint(digits.images * (255.0 / _DIGITS_MAX)).astype(np.uint8)
         for path, image in zip(relative, pixels, strict=True):
-            (staging / path).write_bytes(encode_png(image))
-        _swap_into_place(staging, out, relative)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            (folder / path).write_bytes(encode_png(image))
+        staging.commit(folder)
     return result
 
 
@@ -94,23 +90,3 @@ def _holds_exactly(folder: Path, relative: list[str]) -> bool:
     present = {path.relative_to(folder).as_posix() for path in folder.rglob("*")}
     expected = set(relative) | {name.split("/", 1)[0] for name in relative}
     return present == expected
-
-
-def _swap_into_place(staging: Path, out: Path, relative: list[str]) -> None:
-    """Rename ``staging`` to ``out``, moving any previous ``out`` aside first."""
-    if not out.exists() and not out.is_symlink():
-        try:
-            staging.rename(out)
-            return
-        except OSError:
-            # Another writer got there first; its result is as good as ours.
-            if _holds_exactly(out, relative):
-                return
-            raise
-    retired = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
-    out.rename(retired)
-    staging.rename(out)
-    if retired.is_dir() and not retired.is_symlink():
-        shutil.rmtree(retired)
-    else:
-        retired.unlink()

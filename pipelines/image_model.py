@@ -58,6 +58,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from pipelines import schema
 from pipelines.images import ImageDecodeError, decode_image, normalise, prepare_array
 from pipelines.keras_api import keras
+from pipelines.store import ModelDir
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -304,8 +305,8 @@ def save_keras_artifacts(
                 f"the model has {units} output classes but {len(names)} label names were given"
             )
     root = Path(directory)
-    model_path = root / "model.h5"
-    labels_path = root / schema.LABELS_FILE
+    model_path = root / ModelDir.KERAS_FILE
+    labels_path = root / ModelDir.LABELS_FILE
     with warnings.catch_warnings():
         # Keras calls HDF5 "legacy"; it is the one format that loads without custom objects.
         warnings.filterwarnings("ignore", message=".*HDF5 file.*", category=UserWarning)
@@ -392,9 +393,9 @@ def log_image_model(
     num_classes = len(label_names)
     with tempfile.TemporaryDirectory(prefix="dlpipe-model-") as tmp:
         root = Path(tmp)
-        (root / schema.MODEL_ARTIFACTS_DIR).mkdir()
+        (root / ModelDir.ARTIFACTS_DIR).mkdir()
         artifacts = save_keras_artifacts(
-            model, label_names, image_shape, autoencoder, root / schema.MODEL_ARTIFACTS_DIR
+            model, label_names, image_shape, autoencoder, root / ModelDir.ARTIFACTS_DIR
         )
         code_copy = root / "code" / __package__
         _copy_package(importlib.resources.files(__package__), code_copy)

@@ -12,9 +12,9 @@ Out, under the output directory (replaced atomically):
 
 and a small :class:`IngestResult`.
 
-A run stages its output in ``.<output>.tmp-<hex>`` beside it, with an owner file naming
-its host and process; a later run removes such folders whose process is gone (see
-:func:`_remove_stale_staging`), never a live run's.
+A run stages its output in a folder beside it owned by its process and commits it whole
+(:class:`~pipelines.store.Staging`); a later run removes such folders whose process is gone,
+never a live run's.
 
 How it runs, in one Spark job: the driver lists the source (or reads the arrays) and rejects
 what it can judge without decoding (zero-length files, files outside a class folder); each
@@ -28,14 +28,10 @@ quarantine and the manifest.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-import shutil
-import socket
 import time
-import uuid
 import warnings
 import zlib
 from collections import Counter
@@ -50,8 +46,8 @@ from pipelines.config import IngestConfig, SplitConfig
 from pipelines.errors import UserError
 from pipelines.images import ImageDecodeError, decode_image, prepare_array
 from pipelines.listing import display_path, list_tree, read_file
-from pipelines.locations import to_url
 from pipelines.sources import SourceError, detect_format, read_cifar10, read_mnist_idx
+from pipelines.store import DatasetDir, Staging, move_into, remove, to_url
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,16 +63,6 @@ _SPLIT_HASH_SEED = 42
 
 #: Buckets of the split hash: a split's share is resolved to one in a million.
 _SPLIT_BUCKETS = 1_000_000
-
-#: Folder of the task attempts' files inside the staged output, removed after the commit.
-_STAGING_DIR = "_staging"
-
-#: Who is writing a staged output (host, pid, process start, boot), removed before the swap.
-_OWNER_FILE = "_owner.json"
-
-#: A staged output whose writer cannot be checked (another host, or no owner file: a run
-#: killed at its very start, or an older version) counts as stale once untouched this long.
-_STALE_UNCHECKABLE_S = 2 * 24 * 3600
 
 #: Automatic task count: a task should write at least this many full row groups per split
 #: before the work is spread over more tasks than task slots (each task leaves one short
@@ -161,17 +147,16 @@ def ingest(
     plan = _folder_plan(src, config) if fmt == "folder" else _array_plan(src, fmt, config)
     shape = [config.image_size, config.image_size, config.channels]
 
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(dst)
-    try:
-        _claim_staging(tmp)
+    staging = Staging(str(dst))
+    staging.remove_stale()
+    with staging.folder() as tmp:
         written, rejected = _decode_and_write(spark, plan, config, tmp)
         rejected = {**plan.rejected, **rejected}
-        splits = _commit_splits(written, tmp, schema.prepared_schema(*shape))
+        staged = DatasetDir(str(tmp))
+        splits = _commit_splits(written, staged, schema.prepared_schema(*shape))
         ingested = sum(splits.values())
         _check_counts(plan, rejected, ingested, src)
-        _write_quarantine(rejected, tmp)
+        _write_quarantine(rejected, staged)
         result = IngestResult(
             output=str(dst),
             source=display_path(str(src)),
@@ -187,11 +172,9 @@ def ingest(
             started_at=_iso(started),
             finished_at="",
         )
-        result = _finish(result, tmp)
-        (tmp / _OWNER_FILE).unlink()  # not part of the dataset
-        _swap_into_place(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        result = replace(result, finished_at=_iso(time.time()))
+        staged.write_manifest(result.manifest())
+        staging.commit(tmp)
     log.info(
         "ingest: %d ingested %s, %d quarantined, %d skipped in %.1fs",
         result.ingested,
@@ -392,7 +375,7 @@ def _decode_and_write(
     """
     if plan.records.empty:
         return [], {}
-    staging = tmp / _STAGING_DIR
+    staging = tmp / Staging.ATTEMPTS_DIR
     staging.mkdir()
     tasks = _task_count(spark, config, len(plan.records))
     slices = _task_slices(_in_mixed_order(plan.records), tasks)
@@ -483,8 +466,10 @@ def _decode_task(
 # --- finishing, on the driver --------------------------------------------------------------
 
 
-def _commit_splits(written: list[_WrittenFile], tmp: Path, unischema: Unischema) -> dict[str, int]:
-    """Move the reported files into ``split=<name>`` folders and make each a Petastorm dataset.
+def _commit_splits(
+    written: list[_WrittenFile], staged: DatasetDir, unischema: Unischema
+) -> dict[str, int]:
+    """Move the reported files into the staged dataset's splits; make each a Petastorm dataset.
 
     Returns:
         Rows per split (``0`` for a split that received none and is not written).
@@ -496,14 +481,14 @@ def _commit_splits(written: list[_WrittenFile], tmp: Path, unischema: Unischema)
         if not files:
             log.warning("ingest: split %s is empty; not written", split)
             continue
-        dataset = Path(schema.split_path(str(tmp), split))
+        dataset = Path(staged.split(split))
         dataset.mkdir()
         for file in files:
-            os.rename(file.staged, dataset / file.name)
+            move_into(file.staged, dataset / file.name)
         _write_petastorm_metadata(dataset, unischema, {f.name: f.row_groups for f in files})
         log.info("ingest: wrote %s: %d rows in %d files", split, counts[split], len(files))
     # Whatever is left was written by failed or duplicate task attempts.
-    shutil.rmtree(tmp / _STAGING_DIR, ignore_errors=True)
+    remove(Path(staged.root) / Staging.ATTEMPTS_DIR)
     return counts
 
 
@@ -560,7 +545,7 @@ def _class_counts(plan: _Plan, rejected: dict[str, str]) -> dict[str, int]:
     return {name: counts.get(name, 0) for name in plan.label_names}
 
 
-def _write_quarantine(rejected: dict[str, str], tmp: Path) -> None:
+def _write_quarantine(rejected: dict[str, str], staged: DatasetDir) -> None:
     """Write every rejected record with its reason (an empty table when none was rejected)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -570,128 +555,9 @@ def _write_quarantine(rejected: dict[str, str], tmp: Path) -> None:
         {"path": pa.array(paths, pa.string()), "reason": [rejected[p] for p in paths]},
         schema=pa.schema([("path", pa.string()), ("reason", pa.string())]),
     )
-    folder = tmp / schema.QUARANTINE_DIR
+    folder = Path(staged.quarantine)
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "part-00000.parquet")
-
-
-def _finish(result: IngestResult, tmp: Path) -> IngestResult:
-    """Stamp the finish time and write the manifest into the staged dataset."""
-    result = replace(result, finished_at=_iso(time.time()))
-    result.manifest().write(tmp)
-    return result
-
-
-def _swap_into_place(tmp: Path, dst: Path) -> None:
-    """Replace ``dst`` with the staged ``tmp``: the old dataset is kept until the new is in."""
-    if not dst.exists():
-        tmp.rename(dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# --- staging folders of killed runs ---------------------------------------------------------
-
-
-def _process_identity() -> dict[str, Any]:
-    """This process as its owner file records it: enough to tell later if it still runs."""
-    pid = os.getpid()
-    return {
-        "host": socket.gethostname(),
-        "boot_id": _boot_id(),
-        "pid": pid,
-        "pid_start": _pid_start(pid),
-        "started_at": _iso(time.time()),
-    }
-
-
-def _claim_staging(tmp: Path) -> None:
-    """Create the staging folder with its owner file (written whole, then renamed in)."""
-    tmp.mkdir()
-    part = tmp / f"{_OWNER_FILE}.part"
-    part.write_text(json.dumps(_process_identity()) + "\n")
-    part.rename(tmp / _OWNER_FILE)
-
-
-def _remove_stale_staging(dst: Path) -> None:
-    """Remove the staging folders that killed runs left beside ``dst``; report the others.
-
-    Only folders of this output (``.<name>.tmp-*``, and ``.<name>.old-*`` once ``dst``
-    exists again) are considered. One whose owner ran on this host is stale when that
-    process is gone (no such pid, or a pid reused by a process started later, or the host
-    rebooted since); a live one is left alone. One whose writer cannot be checked (another
-    host, no owner file) is stale once untouched for :data:`_STALE_UNCHECKABLE_S`, else
-    left and reported.
-    """
-    if dst.exists():
-        for old in dst.parent.glob(f".{glob.escape(dst.name)}.old-*"):
-            # The previous dataset of a run killed while swapping: dst replaced it.
-            log.warning("ingest: removing %s, left by a run killed while swapping", old)
-            shutil.rmtree(old, ignore_errors=True)
-    for folder in dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*"):
-        verdict, why = _staleness(folder)
-        if verdict == "stale":
-            log.warning("ingest: removing stale staging folder %s (%s)", folder, why)
-            shutil.rmtree(folder, ignore_errors=True)
-        elif verdict == "unknown":
-            log.warning("ingest: leaving staging folder %s (%s)", folder, why)
-
-
-def _staleness(folder: Path) -> tuple[str, str]:
-    """``("stale" | "live" | "unknown", why)`` for one staging folder beside the output."""
-    try:
-        owner = json.loads((folder / _OWNER_FILE).read_text())
-        host, pid = str(owner["host"]), int(owner["pid"])
-    except FileNotFoundError:
-        owner = None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        owner = {}  # a torn or foreign file: judged by age, as for no owner file
-        log.debug("ingest: owner file of %s unreadable: %s", folder, exc)
-    if owner and host == socket.gethostname():
-        if owner.get("boot_id") and owner["boot_id"] != _boot_id():
-            return "stale", f"written by pid {pid} before this host rebooted"
-        if not _pid_alive(pid):
-            return "stale", f"its ingest, pid {pid} on this host, is gone"
-        if owner.get("pid_start") is not None and owner["pid_start"] != _pid_start(pid):
-            return "stale", f"its ingest, pid {pid} on this host, is gone (pid reused)"
-        return "live", f"pid {pid} on this host is running"
-    try:
-        idle = time.time() - folder.stat().st_mtime
-    except FileNotFoundError:
-        return "live", "gone meanwhile"  # its run finished or cleaned it up
-    writer = f"pid {pid} on {host}" if owner else "no readable owner file"
-    if idle > _STALE_UNCHECKABLE_S:
-        return "stale", f"{writer}, untouched for {idle / 3600:.0f} h"
-    return "unknown", f"{writer}: cannot tell if it still runs; untouched for {idle / 60:.0f} min"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
-
-
-def _pid_start(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot, Linux), telling apart a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
 
 
 # --- per-record work, run on the executors -------------------------------------------------

@@ -4,8 +4,10 @@ In: a resolved config and, per stage, the options of ``dlpipe <stage>``. Out: th
 typed result (:class:`~pipelines.demo.DemoData`, :class:`~pipelines.ingest.IngestResult`,
 :class:`~pipelines.train.driver.TrainResult`, :class:`~pipelines.score.ScoreResult`), or for
 :func:`run` a :class:`RunSummary`. Here, not in the stages, live the pre-flight checks and
-the Spark session a stage needs, the Horovod slot checks, and the run report step that
-training calls inside its MLflow run. ``cli.py`` and ``jobs/*.py`` call these functions.
+the Spark session a stage needs, the Horovod slot checks, the run report step that
+training calls inside its MLflow run, and the :class:`~pipelines.store.Store`: built once
+per command from the config and passed to every stage it runs. ``cli.py`` and
+``jobs/*.py`` call these functions.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import UserError
+from pipelines.store import Store
 
 if TYPE_CHECKING:
     from pipelines.config import Config
     from pipelines.demo import DemoData
+    from pipelines.explain import ExplainResult
     from pipelines.ingest import IngestResult
     from pipelines.score import ScoreResult
     from pipelines.train.driver import Trained, TrainResult
@@ -78,15 +82,19 @@ class RunSummary:
 # --- stages ---------------------------------------------------------------------------------
 
 
-def demo_data_stage(config: Config, out: str | None = None) -> DemoData:
-    """Write the bundled digits to ``out`` (default: the configured demo data folder)."""
+def demo_data_stage(config: Config, out: str | None = None, store: Store | None = None) -> DemoData:
+    """Write the bundled digits to ``out`` (default: the store's demo data folder)."""
     from pipelines.demo import write_demo_digits
 
-    return write_demo_digits(Path(out) if out else config.locations.demo_data)
+    store = store or Store.of(config)
+    return write_demo_digits(Path(out) if out else store.demo_data)
 
 
 def ingest_stage(
-    config: Config, source: str | None = None, output: str | None = None
+    config: Config,
+    source: str | None = None,
+    output: str | None = None,
+    store: Store | None = None,
 ) -> IngestResult:
     """Ingest ``source`` (default: ``ingest.source``) into ``output`` (default: the prepared path).
 
@@ -98,25 +106,31 @@ def ingest_stage(
     source = source or config.ingest.source
     if not source:
         raise UserError("no source: pass --source DIR or set ingest.source")
-    output = output or str(config.locations.prepared)
-    return ingest(spark_session(config), config.ingest, source, output)
+    dataset = (store or Store.of(config)).dataset(output)
+    return ingest(spark_session(config), config.ingest, source, dataset.root)
 
 
-def train_stage(config: Config, dataset: str | None = None, resume: bool = False) -> TrainResult:
+def train_stage(
+    config: Config,
+    dataset: str | None = None,
+    resume: bool = False,
+    store: Store | None = None,
+) -> TrainResult:
     """Train on ``dataset`` with the configured launcher, logging the run report into the run.
 
     Raises:
         UserError: Too few task slots for ``train.num_proc``, or the training stage's errors.
     """
     from pipelines.train.driver import train
-    from pipelines.train.launcher import make_launcher
+    from pipelines.train.launchers import make_launcher
 
     check_local_slots(config)
+    store = store or Store.of(config)
     spark = spark_session(config) if config.train.launcher == "horovod" else None
     cfg = config.train
     launcher = make_launcher(cfg.launcher, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s)
     launcher.wait_for_slots(cfg.elastic, cfg.min_num_proc)  # before a run is opened in MLflow
-    return train(config, launcher, dataset, resume, report=log_run_report)
+    return train(config, store, launcher, store.dataset(dataset), resume, report=log_run_report)
 
 
 def log_run_report(config: Config, trained: Trained) -> None:
@@ -151,6 +165,7 @@ def score_stage(
     output: str | None = None,
     model: str | None = None,
     batch_id: str | None = None,
+    store: Store | None = None,
 ) -> ScoreResult:
     """Score ``source`` (default: ``score.source``, else the demo digits if written).
 
@@ -159,12 +174,64 @@ def score_stage(
     """
     from pipelines.score import score
 
+    store = store or Store.of(config)
     source = source or config.score.source
-    if not source and config.locations.demo_data.is_dir():
-        source = str(config.locations.demo_data)
+    if not source and store.demo_data.is_dir():
+        source = str(store.demo_data)
     if not source:
         raise UserError("no source: pass --source DIR or set score.source")
-    return score(spark_session(config), config, source, output, model, batch_id)
+    return score(spark_session(config), config, source, output, model, batch_id, store=store)
+
+
+def report_stage(
+    config: Config,
+    run_id: str | None = None,
+    compare: list[str] | None = None,
+    out: str | None = None,
+    log_to_run: bool = True,
+    store: Store | None = None,
+) -> Path:
+    """Render one run's HTML report (or several runs side by side) into ``out`` or the store's."""
+    from pipelines.report import render_comparison, render_run_report
+
+    store = store or Store.of(config)
+    out_dir = Path(out) if out else store.reports
+    if compare:
+        return render_comparison(compare, tracking_uri=store.tracking_uri, out_dir=out_dir)
+    if run_id is None:
+        raise UserError("report: give a run id or runs to compare")
+    return render_run_report(
+        run_id, tracking_uri=store.tracking_uri, out_dir=out_dir, log_to_run=log_to_run
+    )
+
+
+def explain_stage(
+    config: Config,
+    image: str,
+    model: str | None = None,
+    out: str | None = None,
+    store: Store | None = None,
+) -> ExplainResult:
+    """Explain one image's prediction as a page in ``out`` (default: the store's reports)."""
+    from pipelines.explain import explain_image
+
+    store = store or Store.of(config)
+    return explain_image(
+        image,
+        model
+        or config.score.model
+        or f"models:/{config.mlflow.model_name}@{config.mlflow.champion_alias}",
+        out_dir=Path(out) if out else store.reports,
+        tracking_uri=store.tracking_uri,
+        registry_uri=store.registry_uri,
+    )
+
+
+def serve_stage(config: Config, model: str | None, host: str, port: int) -> dict[str, Any]:
+    """Serve the model (default: ``score.model``, else the champion) until stopped."""
+    from pipelines.rest_server import serve
+
+    return serve(config, Store.of(config), model, host, port)
 
 
 def run(config: Config) -> RunSummary:
@@ -173,25 +240,18 @@ def run(config: Config) -> RunSummary:
     Raises:
         UserError: A stage's error; too few task slots fails before ingest runs.
     """
-    from pipelines.report import render_run_report
-
     check_local_slots(config)  # a config that cannot train fails before ingest runs
     started = time.time()
+    store = Store.of(config)
     demo = None
     source = config.ingest.source
     if not source:
-        demo = demo_data_stage(config)
+        demo = demo_data_stage(config, store=store)
         source = str(demo.path)
-    ingested = ingest_stage(config, source)
-    trained = train_stage(config)
-    scored = score_stage(config, config.score.source or source)
-    page = str(
-        render_run_report(
-            trained.run_id,
-            tracking_uri=config.locations.tracking_uri,
-            out_dir=config.locations.reports,
-        )
-    )
+    ingested = ingest_stage(config, source, store=store)
+    trained = train_stage(config, store=store)
+    scored = score_stage(config, config.score.source or source, store=store)
+    page = str(report_stage(config, trained.run_id, store=store))
     headline = {
         **{k: round(v, 4) for k, v in trained.test_metrics.items() if k != "test_rows"},
         "rows_scored": scored.scored,
@@ -202,10 +262,10 @@ def run(config: Config) -> RunSummary:
         "model_version": trained.model_version,
         "champion": trained.promoted,
         "report": page,
-        "mlflow_ui": f"mlflow ui --backend-store-uri {config.locations.tracking_uri}",
+        "mlflow_ui": f"mlflow ui --backend-store-uri {store.tracking_uri}",
     }
     return RunSummary(
-        work_dir=str(config.locations.work),
+        work_dir=str(store.work),
         demo_data=demo,
         ingest=ingested,
         train=trained,

@@ -38,6 +38,7 @@ from typing import Any
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.registry import resolve_model_uri
+from pipelines.store import Store
 from pipelines.tracking import use_stores
 
 log = logging.getLogger(__name__)
@@ -378,14 +379,15 @@ def _summary(uri: str, host: str, port: int, stopped_by: str | None) -> dict[str
 
 
 def serve_command(
-    config: Config, model: str | None, host: str, port: int
+    config: Config, model: str | None, host: str, port: int, store: Store | None = None
 ) -> tuple[list[str], dict[str, str], str]:
     """The server as a separate process: its command line, environment and model URI.
 
     The command (``python -m pipelines.rest_server``) serves the resolved model as
     :func:`serve` does and stops the same way on SIGTERM.
     """
-    resolved = _resolve(config, model)
+    store = store or Store.of(config)
+    resolved = _resolve(config, store, model)
     command = [
         sys.executable, "-m", "pipelines.rest_server",
         "--model-uri", resolved,
@@ -395,17 +397,18 @@ def serve_command(
         "--stop-timeout-s", repr(config.serve.stop_timeout_s),
     ]  # fmt: skip
     env = dict(os.environ)
-    env["MLFLOW_TRACKING_URI"] = config.locations.tracking_uri
-    if config.mlflow.registry_uri:
-        env["MLFLOW_REGISTRY_URI"] = config.mlflow.registry_uri
+    env["MLFLOW_TRACKING_URI"] = store.tracking_uri
+    if store.registry_uri:
+        env["MLFLOW_REGISTRY_URI"] = store.registry_uri
     return command, env, resolved
 
 
-def serve(config: Config, model: str | None, host: str, port: int) -> dict[str, Any]:
+def serve(config: Config, store: Store, model: str | None, host: str, port: int) -> dict[str, Any]:
     """Serve the model in this process until SIGTERM or SIGINT; then return a summary.
 
     Args:
         config: The configuration (``serve``, ``mlflow`` and ``score.model`` sections).
+        store: The MLflow stores the model is resolved in.
         model: Model URI (default: ``score.model``, else the champion alias), pinned to a
             version before serving, so that a later promotion does not change answers.
         host: Bind address.
@@ -417,25 +420,25 @@ def serve(config: Config, model: str | None, host: str, port: int) -> dict[str, 
     Raises:
         UserError: The model, alias or version does not exist, or the port is taken.
     """
-    uri = _resolve(config, model)
+    uri = _resolve(config, store, model)
     return run_server(
         uri,
         host,
         port,
         max_body_mb=config.serve.max_body_mb,
         stop_timeout_s=config.serve.stop_timeout_s,
-        tracking_uri=config.locations.tracking_uri,
-        registry_uri=config.locations.registry_uri,
+        tracking_uri=store.tracking_uri,
+        registry_uri=store.registry_uri,
     )
 
 
-def _resolve(config: Config, model: str | None) -> str:
+def _resolve(config: Config, store: Store, model: str | None) -> str:
     return resolve_model_uri(
         model or config.score.model,
         model_name=config.mlflow.model_name,
         alias=config.mlflow.champion_alias,
-        tracking_uri=config.locations.tracking_uri,
-        registry_uri=config.locations.registry_uri,
+        tracking_uri=store.tracking_uri,
+        registry_uri=store.registry_uri,
     ).uri
 
 

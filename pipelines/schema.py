@@ -2,10 +2,10 @@
 
 - The prepared dataset (ingest writes, training, the feed and the bench read): its columns
   (:data:`PREPARED_COLUMNS`, as a Unischema and an Arrow schema), the image-cell codec
-  (:func:`encode_cell`, :func:`decode_cells`) and its :class:`Manifest`.
+  (:func:`encode_cell`, :func:`decode_cells`) and its :class:`Manifest`. Where its files
+  lie is :class:`pipelines.store.DatasetDir`'s.
 - The scoring table (scoring writes): the model's output columns (:data:`MODEL_OUTPUTS`,
   which serving's signature follows) and the table's own columns around them.
-- The label sidecar of a logged model (serving writes, scoring reads).
 
 Heavy libraries are imported inside the functions that need them.
 """
@@ -16,10 +16,7 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from pipelines.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,11 +40,6 @@ PREPARED_COLUMNS: dict[str, str] = {
 
 #: Quarantine table columns: every rejected file, with why.
 QUARANTINE_COLUMNS = ("path", "reason")
-
-#: Sidecar files inside a prepared dataset. The leading underscore hides them from Parquet
-#: readers (Petastorm's make_reader takes every visible file for a Parquet piece).
-MANIFEST_FILE = "_manifest.json"
-QUARANTINE_DIR = "_quarantine"
 
 #: np.save writes a fixed 128-byte header for a fixed uint8 shape (NPY format 1.0), so the
 #: feed can slice raw pixels out of a whole batch of encoded cells without parsing each one.
@@ -95,23 +87,6 @@ def prepared_arrow_schema() -> pa.Schema:
     import pyarrow as pa
 
     return pa.schema([(name, getattr(pa, kind)()) for name, kind in PREPARED_COLUMNS.items()])
-
-
-def split_path(dataset: str, split: str) -> str:
-    """Location of one split inside a prepared dataset.
-
-    Each split is a complete Petastorm dataset of its own (``make_reader`` shards by
-    row-group index over the whole dataset, so a split must not share one with others),
-    named ``split=<name>`` so that ``spark.read.parquet(dataset)`` also sees all splits.
-
-    Args:
-        dataset: The prepared dataset directory.
-        split: One of :data:`SPLITS`.
-
-    Returns:
-        ``<dataset>/split=<split>``.
-    """
-    return f"{dataset.rstrip('/')}/{SPLIT}={split}"
 
 
 # --- the image cell: one uint8 array as np.save writes it -----------------------------------
@@ -254,29 +229,13 @@ class Manifest:
         values["image_shape"] = [int(d) for d in data["image_shape"]]
         return cls(**values)
 
-    @classmethod
-    def read(cls, dataset: str | Path) -> Manifest:
-        """Read a prepared dataset's manifest, or fail with a one-line hint.
-
-        Raises:
-            UserError: The dataset has no manifest.
-        """
-        path = Path(dataset) / MANIFEST_FILE
-        if not path.is_file():
-            raise UserError(
-                f"no prepared dataset at {dataset} (missing {path.name}); run 'dlpipe ingest' first"
-            )
-        return cls.from_json(path.read_text())
-
     def manifest_dict(self) -> dict[str, Any]:
         """The manifest's keys and values only (not those a subclass adds)."""
         return {f.name: getattr(self, f.name) for f in fields(Manifest)}
 
-    def write(self, dataset: str | Path) -> Path:
-        """Write ``_manifest.json`` into ``dataset`` (sorted keys, so the bytes are stable)."""
-        path = Path(dataset) / MANIFEST_FILE
-        path.write_text(json.dumps(self.manifest_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+    def to_json(self) -> str:
+        """The manifest file's text (sorted keys, so the bytes are stable)."""
+        return json.dumps(self.manifest_dict(), indent=2, sort_keys=True) + "\n"
 
 
 # --- the scoring table -----------------------------------------------------------------------
@@ -307,17 +266,3 @@ SCORING_TABLE: dict[str, str] = {**SCORED_ROW, **SCORING_PROVENANCE}
 def ddl(columns: Mapping[str, str]) -> str:
     """Spark DDL (``"name type, ..."``) for a column mapping."""
     return ", ".join(f"{name} {kind}" for name, kind in columns.items())
-
-
-# --- the label sidecar of a logged model -------------------------------------------------
-
-#: Where the label sidecar lies inside a logged (or downloaded) model: serving writes it as
-#: an artifact, and MLflow copies every artifact into the model's ``artifacts/``.
-MODEL_ARTIFACTS_DIR = "artifacts"
-LABELS_FILE = "labels.json"
-
-
-def model_label_names(model_dir: str | Path) -> list[str]:
-    """Class names of a downloaded model (the order of ``probabilities``); [] when none."""
-    path = Path(model_dir) / MODEL_ARTIFACTS_DIR / LABELS_FILE
-    return json.loads(path.read_text())["label_names"] if path.is_file() else []

@@ -33,10 +33,20 @@ from pipelines import schema, tracking
 from pipelines.config import Config
 from pipelines.host import cores_per_process, limit_tf_threads, settle_python_worker
 from pipelines.listing import display_path, list_tree, read_file
-from pipelines.locations import is_uri, to_url
 from pipelines.registry import ResolvedModel, resolve_model_uri
 from pipelines.sources import SourceError
 from pipelines.spark import driver_table
+from pipelines.store import (
+    ModelDir,
+    ScoringTable,
+    Store,
+    is_uri,
+    move_into,
+    remove,
+    replace_dir,
+    to_url,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -48,10 +58,6 @@ TABLE_SCHEMA = schema.ddl(schema.SCORING_TABLE)
 TABLE_COLUMNS = tuple(schema.SCORING_TABLE)
 #: Images a scoring task handles at most (beyond one task per slot): bounds retry cost.
 FILES_PER_TASK = 20_000
-#: Sidecar with the class order of ``probabilities``, one file per model version.
-CLASSES_DIR = "_classes"
-#: Partition values Spark writes into folder names as they are (it escapes other characters).
-_PLAIN_PARTITION_VALUE = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ def score(
     table: str | None = None,
     model: str | None = None,
     batch_id: str | None = None,
+    store: Store | None = None,
 ) -> ScoreResult:
     """Score every image of ``source`` into the scoring table.
 
@@ -99,6 +106,8 @@ def score(
         table: Table location (default: ``score.table`` or ``<work_dir>/tables/scores``).
         model: Model URI (default: ``score.model`` or the champion alias).
         batch_id: Partition to (re)write (default: derived from the source folder name).
+        store: The MLflow stores, the model cache and the default table (default: the
+            config's).
 
     Returns:
         Table location and counts.
@@ -110,23 +119,23 @@ def score(
     from pyspark.sql import functions as F
 
     started = time.time()
-    where = config.locations
+    store = store or Store.of(config)
     resolved = resolve_model_uri(
         model or config.score.model,
         model_name=config.mlflow.model_name,
         alias=config.mlflow.champion_alias,
-        tracking_uri=where.tracking_uri,
-        registry_uri=where.registry_uri,
+        tracking_uri=store.tracking_uri,
+        registry_uri=store.registry_uri,
     )
-    table = table or where.table
+    table = store.scoring_table(table)
     batch_id = batch_id or default_batch_id(source)
-    log.info("score: %s with %s into %s (batch %s)", source, resolved.uri, table, batch_id)
+    log.info("score: %s with %s into %s (batch %s)", source, resolved.uri, table.location, batch_id)
 
     images, skipped = _read_source(spark, config, source)
     # models:/ URIs are downloaded through the registry.
-    tracking.use_stores(where.tracking_uri, where.registry_uri)
-    local_model = _local_model(resolved, where.model_cache)
-    label_names = schema.model_label_names(local_model)
+    tracking.use_stores(store.tracking_uri, store.registry_uri)
+    local_model = _local_model(resolved, store.model_cache)
+    label_names = ModelDir(str(local_model)).label_names()
     model_name = _ship(spark, local_model)
     threads = cores_per_process(spark.sparkContext.defaultParallelism)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", config.score.arrow_batch_size)
@@ -153,12 +162,12 @@ def score(
             for name, kind in schema.SCORING_PROVENANCE.items()
         ),
     )
-    _write(rows, table, config.score.format, batch_id)
-    classes_file = _write_classes(spark, table, resolved, label_names, config.score.format)
-    counts = _count(spark, table, batch_id, config.score.format)
+    _write(rows, table, batch_id)
+    classes_file = _write_classes(spark, table, resolved, label_names)
+    counts = _count(spark, table, batch_id)
     result = ScoreResult(
-        table=table,
-        format=config.score.format,
+        table=table.location,
+        format=table.format,
         batch_id=batch_id,
         rows=counts["rows"],
         scored=counts["scored"],
@@ -172,7 +181,7 @@ def score(
     )
     log.info(
         "score: %d rows (%d scored, %d errors) in %s, batch %s",
-        result.rows, result.scored, result.errors, table, batch_id,
+        result.rows, result.scored, result.errors, table.location, batch_id,
     )  # fmt: skip
     return result
 
@@ -254,9 +263,9 @@ def _local_model(model: ResolvedModel, cache: Path) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
         try:
             downloaded = mlflow.artifacts.download_artifacts(model.uri, dst_path=str(staging))
-            Path(downloaded).rename(target)
+            replace_dir(downloaded, target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove(staging)
     return target
 
 
@@ -274,10 +283,10 @@ def _ship(spark: SparkSession, model_dir: Path) -> str:
     """
     archive = model_dir.with_name(f"{model_dir.name}.zip")
     if not archive.is_file():
-        staging = Path(
-            shutil.make_archive(str(model_dir.with_name(f".{archive.name}.tmp")), "zip", model_dir)
+        staging = shutil.make_archive(
+            str(model_dir.with_name(f".{archive.name}.tmp")), "zip", model_dir
         )
-        staging.replace(archive)
+        move_into(staging, archive)
     # Spark's list by index: ``SparkContext.listArchives`` iterates it through py4j, whose
     # end of iteration is a converted Java exception (~40 ms of a scoring job's start).
     archives = spark.sparkContext._jsc.sc().listArchives()
@@ -357,58 +366,57 @@ def _predict_batch(model_name: str, threads: int, batch: Any, use_gpu: bool | st
     return pd.DataFrame({schema.PATH: batch["path"].to_numpy(), **columns})
 
 
-def _write(rows: DataFrame, table: str, fmt: str, batch_id: str) -> None:
+def _write(rows: DataFrame, table: ScoringTable, batch_id: str) -> None:
     """Replace this batch's partition only (dynamic partition overwrite / replaceWhere)."""
-    writer = rows.write.mode("overwrite").partitionBy("batch_id")
-    if fmt == "delta":
+    writer = rows.write.mode("overwrite").partitionBy(ScoringTable.PARTITION_COLUMN)
+    if table.format == "delta":
         # Delta replaces exactly the rows of this batch, atomically.
-        writer = writer.format("delta").option("replaceWhere", f"batch_id = '{batch_id}'")
-        if "/" in table:
-            writer.save(table)
+        writer = writer.format("delta").option(
+            "replaceWhere", f"{ScoringTable.PARTITION_COLUMN} = '{batch_id}'"
+        )
+        if table.is_catalog_table:
+            writer.saveAsTable(table.location)
         else:
-            writer.saveAsTable(table)
+            writer.save(table.location)
         return
     # Parquet: Spark stages the new partition and swaps only it in; other batches stay.
-    writer.option("partitionOverwriteMode", "dynamic").parquet(to_url(table))
+    writer.option("partitionOverwriteMode", "dynamic").parquet(table.url)
 
 
 def _write_classes(
-    spark: SparkSession, table: str, model: ResolvedModel, label_names: list[str], fmt: str
+    spark: SparkSession, table: ScoringTable, model: ResolvedModel, label_names: list[str]
 ) -> str | None:
     """Record the class order of ``probabilities`` beside the table, per model version.
 
     A table given as a URI (``s3a://``, ``dbfs:/``, ``file://``) gets the file through
     Hadoop's file system, as Spark wrote the table.
     """
-    if fmt != "parquet" or not label_names:
+    if table.format != "parquet" or not label_names:
         return None
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model.name or 'model'}-v{model.version or 'x'}")
     text = json.dumps({"model_uri": model.uri, "label_names": label_names}) + "\n"
-    if is_uri(table):
-        uri = f"{table.rstrip('/')}/{CLASSES_DIR}/{stem}.json"
-        hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(uri)
+    location = table.classes_file(stem)
+    if is_uri(location):
+        hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(location)
         fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
         stream = fs.create(hadoop_path, True)
         try:
             stream.write(bytearray(text.encode()))
         finally:
             stream.close()
-        return uri
-    folder = Path(table) / CLASSES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.json"
-    path.write_text(text)
-    return str(path)
+        return location
+    write_atomic(location, text)
+    return location
 
 
-def _count(spark: SparkSession, table: str, batch_id: str, fmt: str) -> dict[str, int]:
+def _count(spark: SparkSession, table: ScoringTable, batch_id: str) -> dict[str, int]:
     """Count this batch's rows as written (read back, so the numbers are the table's).
 
     A local Parquet table is counted from its files' ``error`` column with pyarrow, on the
     driver: a Spark job over the table cost about a sixth of a small batch's scoring time.
     """
-    folder = Path(table) / f"batch_id={batch_id}"
-    if fmt == "parquet" and not is_uri(table) and _PLAIN_PARTITION_VALUE.fullmatch(batch_id):
+    folder = table.local_partition(batch_id)
+    if folder is not None:
         import pyarrow.parquet as pq
 
         rows = errors = 0
@@ -420,8 +428,8 @@ def _count(spark: SparkSession, table: str, batch_id: str, fmt: str) -> dict[str
         from pyspark.sql import functions as F
 
         counted = (
-            read_table(spark, table, fmt)
-            .where(F.col("batch_id") == batch_id)
+            read_table(spark, table.location, table.format)
+            .where(F.col(ScoringTable.PARTITION_COLUMN) == batch_id)
             .agg(F.count("*").alias("rows"), F.count("error").alias("errors"))
             .first()
         )
@@ -431,6 +439,9 @@ def _count(spark: SparkSession, table: str, batch_id: str, fmt: str) -> dict[str
 
 def read_table(spark: SparkSession, table: str, fmt: str = "parquet") -> DataFrame:
     """The scoring table as a DataFrame (for users and tests)."""
+    where = ScoringTable(table, fmt)
     if fmt == "delta":
-        return spark.read.format("delta").load(table) if "/" in table else spark.table(table)
-    return spark.read.parquet(to_url(table))
+        return (
+            spark.table(table) if where.is_catalog_table else spark.read.format("delta").load(table)
+        )
+    return spark.read.parquet(where.url)

@@ -1,7 +1,7 @@
 """MLflow set-up in one place: which stores the process talks to, and the client for them.
 
 In: a tracking URI and, where the registry is elsewhere (``databricks-uc``), a registry URI,
-usually from :class:`pipelines.locations.Locations`. Out: MLflow's fluent API pointed at them
+usually from :class:`pipelines.store.Store`. Out: MLflow's fluent API pointed at them
 (:func:`use_stores`, or :func:`pointed_at` for one block), :func:`client` for the same
 stores, and :func:`use_experiment`. No other module calls ``mlflow.set_tracking_uri``,
 ``mlflow.set_registry_uri`` or builds an ``MlflowClient``. MLflow is imported inside the
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from pipelines.locations import Locations
+    from pipelines.store import Store
 
 
 def client(tracking_uri: str | None = None, registry_uri: str | None = None) -> MlflowClient:
@@ -94,18 +94,18 @@ def _registry_uri(uri: str | None) -> Iterator[None]:
             os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
-def use_experiment(locations: Locations, name: str) -> str:
-    """Point the fluent API at ``locations``' stores and experiment ``name``; return its id.
+def use_experiment(store: Store, name: str) -> str:
+    """Point the fluent API at the store's MLflow stores and experiment ``name``; return its id.
 
     The experiment is created if needed. With a local sqlite store MLflow would put
     artifacts in ``./mlruns`` of whatever directory the job started in; an experiment
-    created here keeps them in the work directory (:attr:`Locations.artifacts`) instead.
+    created here keeps them in the work directory (:attr:`Store.artifacts`) instead.
     """
     import mlflow
 
-    use_stores(locations.tracking_uri, locations.registry_uri)
-    if locations.local_store:
-        store = client(locations.tracking_uri)
-        if store.get_experiment_by_name(name) is None:
-            store.create_experiment(name, artifact_location=locations.artifacts.as_uri())
+    use_stores(store.tracking_uri, store.registry_uri)
+    if store.local_store:
+        tracking = client(store.tracking_uri)
+        if tracking.get_experiment_by_name(name) is None:
+            tracking.create_experiment(name, artifact_location=store.artifacts.as_uri())
     return mlflow.set_experiment(name).experiment_id

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import schema
 from pipelines.config import Config, IngestConfig, SplitConfig
 from pipelines.errors import UserError
+from pipelines.store import DatasetDir, Store, replace_dir
 
 log = logging.getLogger("pipelines.bench")
 
@@ -41,7 +41,7 @@ DATASET_IMAGES = 5000
 
 def bench_dir(config: Config) -> Path:
     """``<work_dir>/bench``: the cache of generated data, and scratch space."""
-    return config.locations.bench
+    return Store.of(config).bench
 
 
 @contextmanager
@@ -115,7 +115,7 @@ def generate_jpegs(out: Path, count: int, size: int = 256, classes: int = 4, see
             image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
             image.save(tmp / f"class_{i % classes}" / f"img_{i:06d}.jpg", quality=90)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -149,7 +149,7 @@ class PreparedDataset:
 
     def split(self, name: str) -> str:
         """The location of split ``name``."""
-        return schema.split_path(str(self.path), name)
+        return DatasetDir(str(self.path)).split(name)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready facts for a measurement's details."""
@@ -197,7 +197,7 @@ def prepared_dataset(config: Config, images: int) -> PreparedDataset:
     side, channels = DATASET_IMAGE_SIZE, DATASET_CHANNELS
     name = f"prepared-v{GENERATOR_VERSION}-{images}x{side}x{channels}-rg{rows_per_group}"
     path = bench_dir(config) / name
-    manifest_file = path / schema.MANIFEST_FILE
+    manifest_file = path / DatasetDir.MANIFEST_FILE
     if not manifest_file.is_file():
         from pipelines.ingest import ingest
         from pipelines.spark import get_spark
@@ -205,7 +205,7 @@ def prepared_dataset(config: Config, images: int) -> PreparedDataset:
         cfg = replace(folder_ingest_config(config, side, channels), splits=SplitConfig())
         log.info("bench: ingesting %d generated images into %s (cached)", images, path)
         ingest(get_spark(config.spark), cfg, source, path)
-    manifest = schema.Manifest.read(path)
+    manifest = DatasetDir(str(path)).read_manifest()
     if manifest.splits.get("train", 0) == 0:
         raise UserError(f"bench: {images} images give no training rows; use more --images")
     return PreparedDataset(

@@ -44,7 +44,7 @@ from pipelines.bench.machine import installed_version, load_average
 from pipelines.bench.stats import Measurement, pair
 from pipelines.config import Config
 from pipelines.errors import UserError
-from pipelines.locations import sqlite_store
+from pipelines.store import DatasetDir, replace_dir, sqlite_store
 
 log = logging.getLogger("pipelines.bench")
 
@@ -221,11 +221,8 @@ def peer_env(
         versions = json.loads(out.strip().splitlines()[-1])
         marker = {"requirements": list(requirements), "wheel": str(wheel), "versions": versions}
         (staging / ENV_MARKER).write_text(json.dumps(marker, indent=2))
-        try:
-            staging.rename(final)
-        except OSError:  # another build finished first: use that one
-            if not (final / ENV_MARKER).is_file():
-                raise
+        if not (final / ENV_MARKER).is_file():  # else another build finished first: use it
+            replace_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
@@ -627,10 +624,9 @@ def _warm_up(python: Path) -> None:
 
 def _model_json(config: Config, dataset: Path, seed: int) -> str:
     """Our model for ``seed`` as Keras JSON (initialiser seeds included)."""
-    from pipelines import schema
     from pipelines.models import build_model
 
-    manifest = schema.Manifest.read(dataset)
+    manifest = DatasetDir(str(dataset)).read_manifest()
     cfg = replace(config.train, seed=seed)
     model = build_model(cfg, tuple(manifest.image_shape), len(manifest.label_names))
     return model.to_json()

@@ -58,7 +58,7 @@ def bench_reader(
     """
     check_sizes("reader", images, repeats)
     data = prepared_dataset(config, images)
-    from pipelines.locations import to_url
+    from pipelines.store import to_url
 
     url = to_url(data.split("train"))
     rows = data.rows["train"]

@@ -40,7 +40,7 @@ from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes
 from pipelines.config import Config, SplitConfig
 from pipelines.errors import UserError
-from pipelines.locations import sqlite_store
+from pipelines.store import DatasetDir, replace_dir, sqlite_store
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -384,7 +384,6 @@ def _train_config(config: Config, work: Path) -> Config:
 
 def digits_dataset(config: Config, count: int, copies: int) -> tuple[Path, dict[str, int]]:
     """``count`` digits (every class), each file ``copies`` times, ingested once (cached)."""
-    from pipelines import schema
     from pipelines.demo import write_demo_digits
     from pipelines.ingest import ingest
     from pipelines.spark import get_spark
@@ -398,11 +397,11 @@ def digits_dataset(config: Config, count: int, copies: int) -> tuple[Path, dict[
     channels = config.ingest.channels
     rows_per_group = config.ingest.rows_per_row_group
     path = root / f"prepared-digits-{count}x{copies}-{side}x{channels}-rg{rows_per_group}"
-    if not (path / schema.MANIFEST_FILE).is_file():
+    if not (path / DatasetDir.MANIFEST_FILE).is_file():
         cfg = replace(folder_ingest_config(config, side, channels), splits=SplitConfig())
         log.info("bench scale: ingesting %d digits x%d into %s (cached)", count, copies, path)
         ingest(get_spark(config.spark), cfg, source, path)
-    return path, dict(schema.Manifest.read(path).splits)
+    return path, dict(DatasetDir(str(path)).read_manifest().splits)
 
 
 def _repeat_files(digits: Path, out: Path, count: int, copies: int) -> None:
@@ -426,7 +425,7 @@ def _repeat_files(digits: Path, out: Path, count: int, copies: int) -> None:
                     os.link(path, target)
                 except OSError:  # another file system, or no hard links: copy
                     shutil.copyfile(path, target)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

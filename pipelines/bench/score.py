@@ -39,7 +39,7 @@ from pipelines.bench.processes import ProcessSampler
 from pipelines.bench.stats import Measurement, pair, with_parallel_efficiency
 from pipelines.bench.timing import check_sizes, interleaved, timed
 from pipelines.config import Config
-from pipelines.locations import sqlite_store
+from pipelines.store import sqlite_store
 
 log = logging.getLogger("pipelines.bench")
 

@@ -31,6 +31,7 @@ from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes, epoch_timer, interleaved
 from pipelines.config import HOROVOD_ENV_VARIABLES, Config, SplitConfig, TrainConfig
 from pipelines.demo import DEMO_IMAGES
+from pipelines.store import DatasetDir
 from pipelines.train.worker import RankSpec
 
 log = logging.getLogger("pipelines.bench")
@@ -104,7 +105,7 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
     import tensorflow as tf
 
     from pipelines.keras_api import keras
-    from pipelines.train.launcher import distribution
+    from pipelines.train.distributions import distribution
     from pipelines.train.layer_stats import layer_stats_callback, probe_batch
     from pipelines.train.worker import prepared_rank, weights_digest
 
@@ -216,7 +217,8 @@ def bench_train(
     data = prepared_dataset(config, images)
 
     from pipelines.spark import get_spark
-    from pipelines.train.launcher import HorovodSparkLauncher, LocalLauncher
+    from pipelines.train.horovod_launcher import HorovodSparkLauncher
+    from pipelines.train.launchers import LocalLauncher
 
     spark = get_spark(config.spark)
     slots = spark.sparkContext.defaultParallelism
@@ -394,7 +396,7 @@ def bench_layer_stats(data: PreparedDataset, *, repeats: int = 3) -> Measurement
     Returns:
         The measurement (target ``<= 1.05``).
     """
-    from pipelines.train.launcher import LocalLauncher
+    from pipelines.train.launchers import LocalLauncher
 
     spec = _step_spec(data, DIGITS_ROWS_PER_RANK, measured_epochs=LAYER_STATS_EPOCHS)
     launches = {"plain": spec, "layer_stats": replace(spec, layer_stats=True)}
@@ -440,7 +442,7 @@ def _step_spec(data: PreparedDataset, train_rows: int, **epochs: int) -> StepSpe
     return StepSpec(
         train=bench_model_config(),
         launcher="local",
-        dataset=str(data.path),
+        dataset=DatasetDir(str(data.path)),
         image_shape=data.image_shape,
         num_classes=len(data.label_names),
         rows={"train": train_rows},

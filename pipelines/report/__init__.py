@@ -83,7 +83,6 @@ from pipelines.report.plots import DPI
 from pipelines.report.probe import activation_layers, layer_outputs
 from pipelines.report.render import (
     REPORT_HTML,
-    default_out_dir,
     render_comparison,
     render_run_report,
 )
@@ -100,7 +99,6 @@ __all__ = [
     "activation_layers",
     "classification_report",
     "confusion_matrix",
-    "default_out_dir",
     "layer_outputs",
     "log_training_report",
     "most_confident_errors",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from pipelines import tracking
 from pipelines.errors import UserError
 from pipelines.report.artifacts import REPORT_DIR
 from pipelines.report.pages import comparison_page, run_page
+from pipelines.store import MANIFEST_ARTIFACT, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,11 @@ _RUN_LEVEL_METRICS = frozenset({"epochs_run", "seconds_training"})
 _EPOCH_METRICS = frozenset({"loss", "accuracy", "reconstruction_error", "lr"})
 
 
-def default_out_dir() -> Path:
-    """Where HTML pages go when no directory is given: ``./reports``.
-
-    The CLI passes ``<work_dir>/reports`` instead.
-    """
-    return Path.cwd() / "reports"
-
-
 def render_run_report(
     run_id: str,
     *,
     tracking_uri: str,
-    out_dir: str | Path | None = None,
+    out_dir: str | Path,
     log_to_run: bool = True,
 ) -> Path:
     """Write one self-contained HTML page about a run, and log it to the run.
@@ -59,7 +51,7 @@ def render_run_report(
     Args:
         run_id: MLflow run id.
         tracking_uri: Tracking server or store, e.g. ``http://127.0.0.1:5000``.
-        out_dir: Directory for ``run-<run_id>.html`` (default: :func:`default_out_dir`).
+        out_dir: Directory for ``run-<run_id>.html``.
         log_to_run: Also log the page to the run as ``report/report.html``.
 
     Returns:
@@ -82,8 +74,7 @@ def render_run_report(
             version=_model_version(client, run),
             histories=_epoch_histories(client, run),
         )
-    out = Path(out_dir) if out_dir is not None else default_out_dir()
-    path = write_atomic(out / f"run-{run_id}.html", page)
+    path = _write_page(Path(out_dir) / f"run-{run_id}.html", page)
     if log_to_run:
         with tempfile.TemporaryDirectory(prefix="dlpipe-report-") as tmp:
             copy = Path(tmp) / REPORT_HTML
@@ -93,9 +84,7 @@ def render_run_report(
     return path
 
 
-def render_comparison(
-    run_ids: Sequence[str], *, tracking_uri: str, out_dir: str | Path | None = None
-) -> Path:
+def render_comparison(run_ids: Sequence[str], *, tracking_uri: str, out_dir: str | Path) -> Path:
     """Write one HTML page comparing runs: overlaid learning curves and a metrics table.
 
     Each run is labelled with its name and the params in which the runs differ (e.g.
@@ -106,7 +95,7 @@ def render_comparison(
     Args:
         run_ids: Two or more MLflow run ids (duplicates are dropped).
         tracking_uri: Tracking server or store.
-        out_dir: Directory for ``compare-<ids>.html`` (default: :func:`default_out_dir`).
+        out_dir: Directory for ``compare-<ids>.html``.
 
     Returns:
         Path of the HTML file.
@@ -131,9 +120,7 @@ def render_comparison(
     name = "-".join(run_id[:8] for run_id in ids[:4])
     if len(ids) > 4:
         name += f"-and-{len(ids) - 4}-more"
-    path = write_atomic(
-        (Path(out_dir) if out_dir is not None else default_out_dir()) / f"compare-{name}.html", page
-    )
+    path = _write_page(Path(out_dir) / f"compare-{name}.html", page)
     log.info("report: wrote %s", path)
     return path
 
@@ -180,11 +167,11 @@ def _read_manifest(
 
     try:
         names = [info.path for info in client.list_artifacts(run_id, "dataset")]
-        if "dataset/_manifest.json" not in names:
+        if MANIFEST_ARTIFACT not in names:
             return None
         local = mlflow.artifacts.download_artifacts(
             run_id=run_id,
-            artifact_path="dataset/_manifest.json",
+            artifact_path=MANIFEST_ARTIFACT,
             dst_path=str(dest / "manifest"),
             tracking_uri=tracking_uri,
         )
@@ -256,16 +243,7 @@ def _model_version(client: Any, run: Any) -> str | None:
     return ", ".join(f"{v.name} version {v.version}" for v in versions) or None
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename: whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_page(path: Path, text: str) -> Path:
+    """Write a page whole or not at all; its absolute path."""
+    write_atomic(path, text)
     return path.resolve()

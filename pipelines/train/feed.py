@@ -44,7 +44,7 @@ import numpy as np
 
 from pipelines import schema
 from pipelines.errors import UserError
-from pipelines.locations import local_path, to_url
+from pipelines.store import DatasetDir, local_path, to_url
 from pipelines.train.streams import GENERATOR_WORK, RowGroupStream, close_readers_at_exit, closing
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def make_dataset(
     when ``fit``/``evaluate`` return) and, at the latest, when the process exits.
 
     Args:
-        url: The split, e.g. ``schema.split_path(dataset, "train")``; a path or a URL.
+        url: The split, e.g. ``DatasetDir(root).split("train")``; a path or a URL.
         image_shape: ``(height, width, channels)`` the dataset was ingested at.
         batch_size: Images per batch; every batch is full.
         cur_shard: This rank (``hvd.rank()``).
@@ -296,7 +296,7 @@ def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
     sometimes return no rows (a race at the end of the read).
 
     Args:
-        url: The split, e.g. ``schema.split_path(dataset, "test")``; a path or a URL.
+        url: The split, e.g. ``DatasetDir(root).split("test")``; a path or a URL.
         image_shape: ``(height, width, channels)`` the dataset was ingested at.
 
     Returns:
@@ -501,20 +501,9 @@ def _decode_cells(cells: Sequence[bytes], url: str, shape: tuple[int, int, int])
 
 
 def _manifest_label_names(url: str) -> list[str] | None:
-    """Label names from ``_manifest.json`` next to the split, None when it cannot be read."""
-    manifest = url.rstrip("/").rsplit("/", 1)[0] + "/" + schema.MANIFEST_FILE
+    """Label names from the manifest of the split's dataset, None when it cannot be read."""
     try:
-        path = local_path(manifest)
-        if path is not None:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        else:
-            from pyarrow import fs
-
-            filesystem, inner = fs.FileSystem.from_uri(manifest)
-            with filesystem.open_input_stream(inner) as stream:
-                text = stream.read().decode("utf-8")
-        return schema.Manifest.from_json(text).label_names
+        return DatasetDir.of_split(url).read_manifest().label_names
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

@@ -1,56 +1,46 @@
 """The training rank: what every Horovod process (or the one local process) runs.
 
-In: a :class:`WorkerSpec` (pickled to the executors). Out: a small dict per rank with the
-epoch history, a digest of the final weights (identical on every rank when gradients were
-really averaged) and timings. Rank 0 alone writes checkpoints and the final model into
-``spec.out_dir``, which must be visible to the driver (local disk locally, a shared mount
-on a cluster).
+In: a :class:`WorkerSpec` (pickled to the executors). Out: a :class:`RankResult` per rank
+with the epoch history, a digest of the final weights (identical on every rank when
+gradients were really averaged) and timings. Rank 0 alone writes checkpoints and the final
+model into the run's folder (:mod:`pipelines.train.checkpoint`), which must be visible to
+the driver (local disk locally, a shared mount on a cluster).
 
 :func:`prepared_rank` sets a rank up for ``model.fit`` (device, threads, seed, model, sharded
 feed, the Distribution's callbacks); training and ``dlpipe bench train`` both run it, so the
 benchmark measures this code.
 
-Distributed-only steps go through :mod:`pipelines.train.launcher`'s Distribution, so this
-module never imports Horovod.
+Distributed-only steps go through :mod:`pipelines.train.distributions`' Distribution, so
+this module never imports Horovod.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import TrainConfig
 from pipelines.devices import CPU, pin_device, precision
 from pipelines.errors import NoGpuError
 from pipelines.host import cores_per_process, limit_tf_threads
-from pipelines.schema import split_path
+from pipelines.store import DatasetDir, RunDir
+from pipelines.train.checkpoint import (
+    LAYER_RECORDS,
+    Checkpoint,
+    announce_rank,
+    checkpoint_callback,
+    placement,
+    read_checkpoint,
+    save_final_model,
+)
 
 if TYPE_CHECKING:
-    from pipelines.train.launcher import Distribution
-
-#: Files rank 0 writes into the run's output directory.
-CHECKPOINT_MODEL = "checkpoint.h5"  # legacy: the one model file of older checkpoints
-#: The checkpoint's commit point: {"epoch": completed epochs, "history": {...}, "model":
-#: "checkpoint-<epoch>.h5", "model_sha256": ..., "layer_stats": {...}, "layer_histograms":
-#: {...}} (the last two: see :mod:`pipelines.train.layer_stats`; absent in older
-#: checkpoints and with ``train.layer_stats`` off). Each epoch's model (full, with optimizer
-#: state) gets a new file, written before this state is replaced in one os.replace, so the
-#: state always names a complete model of its own epoch.
-CHECKPOINT_STATE = "checkpoint.json"
-FINAL_MODEL = "model.h5"  # best weights, no optimizer: what gets evaluated and logged
-#: ``rank-<n>.json`` per rank: its host and pid, so the driver can name a rank that died.
-RANKS_DIR = "ranks"
-#: Rank 0's per-layer records (see :mod:`pipelines.train.layer_stats`): keys of its result
-#: and of the checkpoint state.
-LAYER_RECORDS = ("layer_stats", "layer_histograms")
+    from pipelines.train.distributions import Distribution
 
 
 @dataclass(frozen=True)
@@ -60,7 +50,7 @@ class RankSpec:
     Attributes:
         train: Hyper-parameters.
         launcher: ``horovod`` or ``local`` (selects the Distribution).
-        dataset: Prepared dataset directory.
+        dataset: The prepared dataset.
         image_shape: (H, W, C) of the stored images.
         num_classes: Number of labels.
         rows: Rows per split, from the manifest; without ``val`` rows no validation is read.
@@ -68,7 +58,7 @@ class RankSpec:
 
     train: TrainConfig
     launcher: str
-    dataset: str
+    dataset: DatasetDir
     image_shape: tuple[int, int, int]
     num_classes: int
     rows: dict[str, int]
@@ -79,12 +69,56 @@ class WorkerSpec(RankSpec):
     """Everything a training rank needs: a :class:`RankSpec` and where its run is kept.
 
     Attributes:
-        out_dir: Where rank 0 writes checkpoints and the final model.
-        resume: Continue from the checkpoint in ``out_dir`` if there is one.
+        run_dir: Where rank 0 writes checkpoints and the final model.
+        resume: Continue from the checkpoint in ``run_dir`` if there is one.
     """
 
-    out_dir: str
+    run_dir: RunDir
     resume: bool = False
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """What one rank returns to the driver.
+
+    Attributes:
+        rank: This rank (in the last world, for elastic training).
+        size: The world's size at the end.
+        history: Per-epoch metrics of every epoch run so far (averaged across ranks).
+        epochs: Epochs completed.
+        initial_epoch: The epoch this start resumed at.
+        stopped_early: Early stopping ended training before ``train.epochs``.
+        steps_per_epoch: Training steps per epoch in the last world.
+        world_sizes: ``[{"epoch", "size"}]``: the world size from each epoch on where it
+            changed (the first entry is the start).
+        learning_rate: The rank-scaled learning rate.
+        weights_sha256: Digest of the final weights (equal on every rank iff in step).
+        seconds: The rank's whole time.
+        fit_seconds: Its time in ``fit`` (checkpoints and layer statistics included).
+        placement: Host, pid and executor folder.
+        device: What the rank computed on (``GPU:<n> ...`` or ``CPU``).
+        precision: The Keras dtype policy it trained under.
+        layer_stats: Rank 0's per-layer statistics per epoch (empty elsewhere).
+        layer_histograms: Rank 0's per-layer histograms per epoch (empty elsewhere).
+    """
+
+    rank: int
+    size: int
+    history: dict[str, list[float]]
+    epochs: int
+    initial_epoch: int
+    stopped_early: bool
+    steps_per_epoch: int
+    world_sizes: list[dict[str, int]]
+    learning_rate: float
+    weights_sha256: str
+    seconds: float
+    fit_seconds: float
+    placement: dict[str, str]
+    device: str
+    precision: str
+    layer_stats: dict[str, list[float]] = field(default_factory=dict)
+    layer_histograms: dict[str, list[list[list[float]]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,7 +130,7 @@ class PreparedRank:
         policy: The Keras dtype policy in force: ``mixed_float16`` or ``float32``.
         model: The compiled model: built with the Distribution's optimizer wrapper, or
             reloaded (optimizer state included) from the checkpoint resumed.
-        resumed: The checkpoint state the model was reloaded from, or None.
+        resumed: The checkpoint the model was reloaded from, or None.
         scaled_lr: The learning rate scaled to this world's size.
         steps_per_epoch: Training steps per epoch, the same on every rank.
         train_data: This rank's shard of the training split (infinite, shuffled).
@@ -107,7 +141,7 @@ class PreparedRank:
     device: str
     policy: str
     model: Any
-    resumed: dict[str, Any] | None
+    resumed: Checkpoint | None
     scaled_lr: float
     steps_per_epoch: int
     train_data: Any
@@ -122,33 +156,32 @@ class PreparedRank:
         return replace(self, **_world(spec, dist))
 
 
-def train_worker(spec: WorkerSpec) -> dict[str, Any]:
+def train_worker(spec: WorkerSpec) -> RankResult:
     """Train on this rank's shard; return its history, final-weights digest and device.
 
     Raises:
         NoGpuError: ``train.use_gpu`` is true and a rank's host has no GPU (every rank
             raises it, so none waits in a collective for one that stopped).
     """
-    from pipelines.train.launcher import distribution
+    from pipelines.train.distributions import distribution
 
     started = time.time()
     # Checkpoints are HDF5 on purpose: hvd.load_model restores legacy optimizers from it.
     warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
     dist = distribution(spec.launcher, elastic=spec.train.elastic, knobs=spec.train.horovod)
-    out = Path(spec.out_dir)
-    _announce(out, dist.rank)
+    announce_rank(spec.run_dir, dist.rank)
     try:
         return _train(spec, dist, started)
     except BaseException as exc:
         # Horovod: a rank that raised (e.g. its peer's socket closed) says so; one that was
         # killed cannot, which tells the driver which rank really died.
-        _announce(out, dist.rank, failed=f"{type(exc).__name__}: {exc}"[:500])
+        announce_rank(spec.run_dir, dist.rank, failed=f"{type(exc).__name__}: {exc}"[:500])
         raise
 
 
 @contextmanager
 def prepared_rank(
-    spec: RankSpec, dist: Distribution, *, resume_from: Path | None = None
+    spec: RankSpec, dist: Distribution, *, resume_from: RunDir | None = None
 ) -> Iterator[PreparedRank]:
     """Set this rank up for ``model.fit``: what training and its benchmark both run.
 
@@ -161,8 +194,8 @@ def prepared_rank(
     Args:
         spec: Hyper-parameters, dataset and its shape.
         dist: This rank's Distribution.
-        resume_from: A run's output directory whose committed checkpoint, if any, the
-            model continues from; None always builds a new model.
+        resume_from: A run's folder whose committed checkpoint, if any, the model
+            continues from; None always builds a new model.
 
     Yields:
         The prepared rank.
@@ -190,9 +223,9 @@ def prepared_rank(
         state, model = None, None
         if resume_from is not None:
             # Horovod: every rank resumes from the same epoch as rank 0.
-            state = dist.broadcast(read_checkpoint_state(resume_from), "resume_state")
+            state = dist.broadcast(read_checkpoint(resume_from), "resume_state")
             if state:
-                model = dist.load_model(str(resume_from / state.get("model", CHECKPOINT_MODEL)))
+                model = dist.load_model(str(resume_from.checkpoint_model(name=state.model)))
         if model is None:
             model = build_model(
                 cfg,
@@ -230,13 +263,11 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
         "autoencoder": is_autoencoder(cfg),
     }
     augment = Augmentation(cfg.augment_shift, cfg.augment_rotation_deg)
-    train_data = make_dataset(
-        split_path(spec.dataset, "train"), shuffle=True, augment=augment, **feed
-    )
+    train_data = make_dataset(spec.dataset.split("train"), shuffle=True, augment=augment, **feed)
     validation: dict[str, Any] = {}
     if spec.rows.get("val", 0) > 0:
         validation = {
-            "validation_data": make_dataset(split_path(spec.dataset, "val"), shuffle=False, **feed),
+            "validation_data": make_dataset(spec.dataset.split("val"), shuffle=False, **feed),
             "validation_steps": steps_per_epoch(spec.rows["val"], dist.size, cfg.batch_size),
         }
     callbacks = dist.callbacks(
@@ -251,21 +282,21 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
     }
 
 
-def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, Any]:
+def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
     """The rank's training proper: fit, checkpoints, the final model, the result."""
     from pipelines.keras_api import keras
     from pipelines.models import as_float32
 
     k = keras()
     cfg = spec.train
-    out = Path(spec.out_dir)
-    with prepared_rank(spec, dist, resume_from=out if spec.resume else None) as rank:
+    with prepared_rank(spec, dist, resume_from=spec.run_dir if spec.resume else None) as rank:
+        # Rank 0's per-layer statistics (pipelines.train.layer_stats), resumed like history.
         if rank.resumed:
-            initial_epoch, history = rank.resumed["epoch"], rank.resumed["history"]
+            initial_epoch, history = rank.resumed.epoch, rank.resumed.history
+            layers = rank.resumed.layers()
         else:
             initial_epoch, history = 0, {}
-        # Rank 0's per-layer statistics (pipelines.train.layer_stats), resumed like history.
-        layers = {key: (rank.resumed or {}).get(key, {}) for key in LAYER_RECORDS}
+            layers = {key: {} for key in LAYER_RECORDS}
 
         fit_started = time.time()
         if cfg.elastic:
@@ -277,31 +308,30 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> dict[str, An
 
         model = rank.model
         if dist.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f".{FINAL_MODEL}.tmp"
             # Mixed precision is a training setting: the model evaluated, logged and served
             # is float32, so it runs at full speed on CPU executors too.
-            final = as_float32(model, cfg, spec.image_shape, spec.num_classes)
-            final.save(tmp, include_optimizer=False, save_format="h5")
-            os.replace(tmp, out / FINAL_MODEL)
+            save_final_model(
+                spec.run_dir, as_float32(model, cfg, spec.image_shape, spec.num_classes)
+            )
         epochs_done = len(next(iter(history.values()), []))
-        result = {
-            "rank": dist.rank,
-            "size": dist.size,
-            "history": history,
-            "epochs": epochs_done,
-            "initial_epoch": initial_epoch,
-            "stopped_early": epochs_done < cfg.epochs,
-            "steps_per_epoch": steps,
-            "world_sizes": world_sizes,
-            "learning_rate": rank.scaled_lr,
-            "weights_sha256": weights_digest(model),
-            "seconds": round(time.time() - started, 2),
-            "fit_seconds": round(fit_seconds, 2),
-            "placement": placement(),
+        return RankResult(
+            rank=dist.rank,
+            size=dist.size,
+            history=history,
+            epochs=epochs_done,
+            initial_epoch=initial_epoch,
+            stopped_early=epochs_done < cfg.epochs,
+            steps_per_epoch=steps,
+            world_sizes=world_sizes,
+            learning_rate=rank.scaled_lr,
+            weights_sha256=weights_digest(model),
+            seconds=round(time.time() - started, 2),
+            fit_seconds=round(fit_seconds, 2),
+            placement=placement(),
+            device=rank.device,
+            precision=rank.policy,
             **layers,  # filled on rank 0 only
-        }
-    return {**result, "device": rank.device, "precision": rank.policy}
+        )
 
 
 def _fit(
@@ -341,7 +371,7 @@ def _fit(
         callbacks.append(layer_stats_callback(k, probe, *(layers[key] for key in LAYER_RECORDS)))
     if dist.rank == 0:
         # Horovod: checkpoints only on rank 0, so ranks never write the same file.
-        callbacks.append(_Checkpoint(Path(spec.out_dir), history, k, layers))
+        callbacks.append(checkpoint_callback(spec.run_dir, history, k, layers))
     rank.model.fit(
         rank.train_data,
         epochs=cfg.epochs,
@@ -408,84 +438,11 @@ def _fit_elastic(
     return steps[-1], list(state.world_sizes)
 
 
-def _announce(out: Path, rank: int, failed: str | None = None) -> None:
-    """Write this rank's host and pid where the driver can read them should the rank die.
-
-    Args:
-        out: The run's output directory.
-        rank: This rank.
-        failed: The exception the rank is raising, if it is.
-    """
-    folder = out / RANKS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".rank-{rank}.{os.getpid()}.tmp"
-    info: dict[str, Any] = {"rank": rank, **placement(), "started": time.time()}
-    if failed is not None:
-        info["failed"] = failed
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, folder / f"rank-{rank}.json")
-
-
-def read_rank_placements(out_dir: str | Path) -> dict[int, dict[str, Any]]:
-    """What each rank of the last start wrote about itself (see :data:`RANKS_DIR`)."""
-    placements = {}
-    for path in sorted((Path(out_dir) / RANKS_DIR).glob("rank-*.json")):
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        placements[int(info["rank"])] = info
-    return placements
-
-
-def placement() -> dict[str, str]:
-    """Where this rank runs: host, process id and its Spark executor's working folder.
-
-    Horovod on Spark records the executor's folder for the rank (a standalone worker's
-    ``work/<app>/<executor id>``, a YARN container's folder); elsewhere it is the cwd.
-    """
-    import socket
-
-    return {
-        "host": socket.gethostname(),
-        "pid": str(os.getpid()),
-        "executor_dir": os.environ.get("HOROVOD_SPARK_WORK_DIR") or os.getcwd(),
-    }
-
-
 def weights_digest(model: Any) -> str:
     """SHA-256 over every weight array: equal on all ranks iff the ranks stayed in sync."""
     digest = hashlib.sha256()
     for array in model.get_weights():
         digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def read_checkpoint_state(out_dir: str | Path) -> dict[str, Any] | None:
-    """The last committed epoch and history in ``out_dir``.
-
-    Returns:
-        The state, or None without a checkpoint or when its model is not the one it names.
-    """
-    out = Path(out_dir)
-    path = out / CHECKPOINT_STATE
-    if not path.is_file():
-        return None
-    state = json.loads(path.read_text())
-    model = out / state.get("model", CHECKPOINT_MODEL)
-    if not model.is_file():
-        return None
-    expected = state.get("model_sha256")
-    if expected is not None and _file_digest(model) != expected:
-        return None
-    return state
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -509,43 +466,3 @@ def _Record(history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802
                 history.setdefault(key, []).append(float(value))
 
     return Record()
-
-
-def _Checkpoint(  # noqa: N802
-    out: Path,
-    history: dict[str, list[float]],
-    k: Any,
-    layers: dict[str, dict[str, list]] | None = None,
-) -> Any:
-    """A Keras callback saving the full model and the whole history after every epoch.
-
-    The model goes to a new file per epoch; the state naming it (and its digest) is then
-    replaced in one ``os.replace``: a run killed at any point leaves the last complete
-    epoch's model and state, never a model of one epoch with the counter of another.
-    Runs after :func:`_Record` and the layer-stats callback, so ``history`` and ``layers``
-    (saved beside it, when given) already hold the epoch.
-    """
-
-    class Checkpoint(k.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            out.mkdir(parents=True, exist_ok=True)
-            name = f"checkpoint-{epoch + 1:04d}.h5"
-            model_tmp = out / f".{name}.tmp"
-            self.model.save(model_tmp, save_format="h5")
-            os.replace(model_tmp, out / name)
-            state = {
-                "epoch": epoch + 1,
-                "history": history,
-                "model": name,
-                "model_sha256": _file_digest(out / name),
-                **(layers or {}),
-            }
-            state_tmp = out / f".{CHECKPOINT_STATE}.tmp"
-            state_tmp.write_text(json.dumps(state))
-            os.replace(state_tmp, out / CHECKPOINT_STATE)  # the commit point
-            for old in out.glob("checkpoint-*.h5"):
-                if old.name != name:
-                    old.unlink(missing_ok=True)
-            (out / CHECKPOINT_MODEL).unlink(missing_ok=True)
-
-    return Checkpoint()

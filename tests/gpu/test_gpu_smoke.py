@@ -47,11 +47,11 @@ def digits(spark, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed_float16"])
 def test_two_ranks_on_gpus_end_with_identical_weights(spark, digits, tmp_path, mixed):
     from pipelines.config import TrainConfig
-    from pipelines.train.driver import load_manifest
-    from pipelines.train.launcher import HorovodSparkLauncher
+    from pipelines.store import DatasetDir, RunDir
+    from pipelines.train.horovod_launcher import HorovodSparkLauncher
     from pipelines.train.worker import WorkerSpec, train_worker
 
-    manifest = load_manifest(digits)
+    manifest = DatasetDir(str(digits)).read_manifest()
     cfg = dataclasses.replace(
         TrainConfig(),
         model="mnist_cnn",
@@ -63,26 +63,25 @@ def test_two_ranks_on_gpus_end_with_identical_weights(spark, digits, tmp_path, m
     spec = WorkerSpec(
         train=cfg,
         launcher="horovod",
-        dataset=str(digits),
+        dataset=DatasetDir(str(digits)),
         image_shape=tuple(manifest.image_shape),
         num_classes=len(manifest.label_names),
         rows=manifest.splits,
-        out_dir=str(tmp_path / "out"),
+        run_dir=RunDir(str(tmp_path / "out")),
     )
-    ranks = sorted(
-        HorovodSparkLauncher(spark, 2).run(train_worker, [spec]), key=lambda r: r["rank"]
-    )
-    print({r["rank"]: r["device"] for r in ranks})
-    assert all(r["device"].startswith("GPU:") for r in ranks)
+    ranks = sorted(HorovodSparkLauncher(spark, 2).run(train_worker, [spec]), key=lambda r: r.rank)
+    print({r.rank: r.device for r in ranks})
+    assert all(r.device.startswith("GPU:") for r in ranks)
     if _gpus() >= 2:  # one GPU per local rank
-        assert ranks[0]["device"] != ranks[1]["device"]
+        assert ranks[0].device != ranks[1].device
     assert {r["precision"] for r in ranks} == {"mixed_float16" if mixed else "float32"}
-    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0].weights_sha256 == ranks[1].weights_sha256
     assert ranks[0]["history"]["loss"][0] < 2.5  # it learned something in one epoch
 
 
 PLACEMENT = """
 from pipelines.devices import pin_device
+from pipelines.store import DatasetDir
 device = pin_device(True, index=1)
 import tensorflow as tf
 x = tf.random.uniform((256, 256))

@@ -10,7 +10,7 @@ import pytest
 
 
 @dataclass(frozen=True)
-class Store:
+class TrackingStore:
     """A private MLflow tracking store with one experiment."""
 
     uri: str
@@ -35,7 +35,7 @@ def digits(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Store]:
+) -> Iterator[TrackingStore]:
     """A sqlite store in a temporary directory, set as the tracking URI for the module.
 
     The experiment is named after the test module; artifacts go under the same directory.
@@ -54,5 +54,5 @@ def store(
             request.module.__name__.rsplit(".", 1)[-1],
             artifact_location=(root / "artifacts").as_uri(),
         )
-        yield Store(uri=uri, experiment_id=experiment_id, root=root)
+        yield TrackingStore(uri=uri, experiment_id=experiment_id, root=root)
         mlflow.set_tracking_uri(None)

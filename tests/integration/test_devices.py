@@ -16,8 +16,9 @@ import pytest
 from pipelines.config import Config, IngestConfig, load_config
 from pipelines.devices import CPU, pin_device
 from pipelines.errors import NoGpuError, UserError
+from pipelines.store import Store
 from pipelines.train.driver import train
-from pipelines.train.launcher import LocalLauncher
+from pipelines.train.launchers import LocalLauncher
 
 
 def _has_gpu() -> bool:
@@ -74,7 +75,7 @@ def test_use_gpu_true_fails_the_run_with_the_one_line_error(tmp_path, monkeypatc
     with pytest.raises(NoGpuError) as info:
         train(config, LocalLauncher(), _manifest_only(tmp_path / "data"))
     assert all(part in str(info.value) for part in MESSAGE)
-    mlflow.set_tracking_uri(config.locations.tracking_uri)
+    mlflow.set_tracking_uri(Store.of(config).tracking_uri)
     runs = mlflow.search_runs(experiment_names=[config.mlflow.experiment])
     assert list(runs["status"]) == ["FAILED"]
     assert runs["tags.error"][0].startswith("NoGpuError: train.use_gpu is true")

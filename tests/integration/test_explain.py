@@ -34,7 +34,7 @@ from pipelines.registry import register_and_promote
 from pipelines.report.attribution import grad_cam, peak, saliency
 from pipelines.report.probe import activation_layers, layer_outputs
 from tests.integration.chromium import needs_chromium, screenshot
-from tests.integration.conftest import Store
+from tests.integration.conftest import TrackingStore
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +58,13 @@ def _patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Registered:
-    store: Store
+    store: TrackingStore
     model_uri: str  # models:/<name>/<version>
     run_id: str
 
 
 @pytest.fixture(scope="module")
-def registered(store: Store) -> Registered:
+def registered(store: TrackingStore) -> Registered:
     images, labels = _patches(400, 1)
     cfg = TrainConfig(model="mnist_cnn", activation="relu", epochs=3, learning_rate=0.002, seed=2)
     model = build_model(cfg, (SIZE, SIZE, 1), len(NAMES))
@@ -209,7 +209,7 @@ def test_bad_inputs_are_one_line_user_errors(
 
 
 def test_a_model_without_convolution_gets_saliency_only(
-    store: Store, patch_file: Path, tmp_path: Path
+    store: TrackingStore, patch_file: Path, tmp_path: Path
 ) -> None:
     images, labels = _patches(100, 3)
     cfg = TrainConfig(model="mlp", hidden_units=16, epochs=1, learning_rate=0.002, seed=2)

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pipelines.config import HorovodConfig, load_config
-from pipelines.train.launcher import HorovodSparkLauncher
+from pipelines.train.horovod_launcher import HorovodSparkLauncher
 from pipelines.train.worker import train_worker
 from tests.integration.test_train import _config, _spec
 
@@ -54,10 +54,10 @@ def test_two_ranks_with_fp16_compression_and_two_passes_per_step_agree(
     ranks = HorovodSparkLauncher(spark, 2).run(
         train_worker, [_spec(config, digits, tmp_path / "out", "horovod")]
     )
-    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    assert sorted(r.rank for r in ranks) == [0, 1]
     # float16 gradients are still averaged: every rank holds the same weights.
-    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
-    losses = ranks[0]["history"]["loss"]
+    assert ranks[0].weights_sha256 == ranks[1].weights_sha256
+    losses = ranks[0].history["loss"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]  # it still learns
     assert "HOROVOD_FUSION_THRESHOLD" not in os.environ  # set in the ranks, not the driver

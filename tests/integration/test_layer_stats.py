@@ -25,6 +25,7 @@ from pipelines.report.layers import (
     plot_layer_stats,
     write_layer_section,
 )
+from pipelines.store import Store
 from pipelines.train.layer_stats import STATS, histogram_rows, layer_stats_callback
 from tests.unit.test_plot_text_fits import assert_text_fits
 
@@ -286,8 +287,8 @@ def test_the_driver_logs_layer_metrics_per_epoch_and_resume_keeps_them(
     import mlflow
 
     from pipelines.config import load_config
-    from pipelines.train.driver import checkpoint_dir, train
-    from pipelines.train.launcher import LocalLauncher
+    from pipelines.train.driver import train
+    from pipelines.train.launchers import LocalLauncher
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -316,7 +317,11 @@ def test_the_driver_logs_layer_metrics_per_epoch_and_resume_keeps_them(
 
     resumed = train(config(3), LocalLauncher(), digits, resume=True)
     assert resumed.run_id == first.run_id
-    state = json.loads((checkpoint_dir(config(3)) / "checkpoint.json").read_text())
+    state = json.loads(
+        (
+            Store.of(config(3)).run_dir(config(3).mlflow.model_name).path / "checkpoint.json"
+        ).read_text()
+    )
     assert all(len(v) == 3 for v in state["layer_stats"].values())
     mlflow.set_tracking_uri(resumed.tracking_uri)
     client = mlflow.MlflowClient()

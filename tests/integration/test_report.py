@@ -38,7 +38,7 @@ from pipelines.report.layers import LayerRecords
 from pipelines.train.feed import SplitArrays
 from pipelines.train.layer_stats import layer_stats_callback
 from tests.integration.chromium import needs_chromium, screenshot
-from tests.integration.conftest import Store
+from tests.integration.conftest import TrackingStore
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ class Logged:
 
 
 def _train(
-    store: Store,
+    store: TrackingStore,
     cfg: TrainConfig,
     *,
     autoencoder: bool = False,
@@ -188,19 +188,19 @@ def _train(
 
 
 @pytest.fixture(scope="module")
-def classifier(store: Store) -> Logged:
+def classifier(store: TrackingStore) -> Logged:
     cfg = TrainConfig(model="lenet5", activation="relu", epochs=4, learning_rate=0.001, seed=3)
     return _train(store, cfg, tsne=True)
 
 
 @pytest.fixture(scope="module")
-def sigmoid_run(store: Store) -> Logged:
+def sigmoid_run(store: TrackingStore) -> Logged:
     cfg = TrainConfig(model="lenet5", activation="sigmoid", epochs=4, learning_rate=0.001, seed=3)
     return _train(store, cfg, report=False)
 
 
 @pytest.fixture(scope="module")
-def autoencoder(store: Store) -> Logged:
+def autoencoder(store: TrackingStore) -> Logged:
     cfg = TrainConfig(model="autoencoder", latent_dim=8, epochs=2, learning_rate=0.005, seed=3)
     return _train(store, cfg, autoencoder=True)
 
@@ -448,7 +448,7 @@ def _assert_self_contained(page: str, min_images: int, scripts: int = 0) -> None
 
 
 def test_run_report_is_one_self_contained_page(
-    store: Store, classifier: Logged, tmp_path: Path
+    store: TrackingStore, classifier: Logged, tmp_path: Path
 ) -> None:
     path = render_run_report(classifier.run_id, tracking_uri=store.uri, out_dir=tmp_path)
     assert path == (tmp_path / f"run-{classifier.run_id}.html").resolve()
@@ -485,7 +485,7 @@ def _final_metrics(page: str) -> list[str]:
 
 
 def test_a_vanishing_gradient_is_a_visible_warning_on_the_page(
-    store: Store, tmp_path: Path
+    store: TrackingStore, tmp_path: Path
 ) -> None:
     cfg = TrainConfig(model="lenet5", activation="sigmoid", epochs=2, learning_rate=0.001, seed=3)
     logged = _train(store, cfg, vanish_below=999.0)  # every real gradient norm is below it
@@ -498,7 +498,7 @@ def test_a_vanishing_gradient_is_a_visible_warning_on_the_page(
 
 
 def test_autoencoder_page_shows_reconstructions(
-    store: Store, autoencoder: Logged, tmp_path: Path
+    store: TrackingStore, autoencoder: Logged, tmp_path: Path
 ) -> None:
     path = render_run_report(
         autoencoder.run_id, tracking_uri=store.uri, out_dir=tmp_path, log_to_run=False
@@ -511,7 +511,7 @@ def test_autoencoder_page_shows_reconstructions(
     assert len(data["index"]) == len(autoencoder.arrays)
 
 
-def test_a_failed_run_without_report_still_renders(store: Store, tmp_path: Path) -> None:
+def test_a_failed_run_without_report_still_renders(store: TrackingStore, tmp_path: Path) -> None:
     with mlflow.start_run(experiment_id=store.experiment_id) as run:
         mlflow.log_param("train.model", "lenet5")
         mlflow.log_metric("loss", 2.0, step=0)
@@ -526,7 +526,7 @@ def test_a_failed_run_without_report_still_renders(store: Store, tmp_path: Path)
     _assert_self_contained(page, min_images=1)  # learning curves from the metric history
 
 
-def test_an_unknown_run_is_a_one_line_user_error(store: Store, tmp_path: Path) -> None:
+def test_an_unknown_run_is_a_one_line_user_error(store: TrackingStore, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no MLflow run 'f00d'") as info:
         render_run_report("f00d", tracking_uri=store.uri, out_dir=tmp_path)
     assert "\n" not in str(info.value)
@@ -535,7 +535,7 @@ def test_an_unknown_run_is_a_one_line_user_error(store: Store, tmp_path: Path) -
 
 
 def test_comparison_puts_sigmoid_and_relu_side_by_side(
-    store: Store, classifier: Logged, sigmoid_run: Logged, tmp_path: Path
+    store: TrackingStore, classifier: Logged, sigmoid_run: Logged, tmp_path: Path
 ) -> None:
     ids = [sigmoid_run.run_id, classifier.run_id]
     path = render_comparison(ids, tracking_uri=store.uri, out_dir=tmp_path)
@@ -551,7 +551,7 @@ def test_comparison_puts_sigmoid_and_relu_side_by_side(
 @needs_chromium
 @pytest.mark.parametrize("page", ["run", "comparison"])
 def test_pages_render_in_headless_chromium_without_console_errors(
-    page: str, store: Store, classifier: Logged, sigmoid_run: Logged, tmp_path: Path
+    page: str, store: TrackingStore, classifier: Logged, sigmoid_run: Logged, tmp_path: Path
 ) -> None:
     if page == "run":
         html = render_run_report(

@@ -18,8 +18,9 @@ from pipelines.registry import ModelNotFoundError
 from pipelines.rest_server import serve_command
 from pipelines.score import TABLE_COLUMNS, read_table, score
 from pipelines.sources import SourceError
+from pipelines.store import Store
 from pipelines.train.driver import train
-from pipelines.train.launcher import LocalLauncher
+from pipelines.train.launchers import LocalLauncher
 from tests.integration.rest import free_port, post_images, stop, wait_until_serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -83,7 +84,7 @@ def test_one_row_per_file_matching_the_in_process_model(spark, trained, incoming
     assert sorted(Path(p).name for p in errors.path) == ["corrupt.png", "empty.jpg", "gone.png"]
     assert errors.predicted_label.isna().all() and errors.probabilities.isna().all()
 
-    mlflow.set_tracking_uri(config.locations.tracking_uri)
+    mlflow.set_tracking_uri(Store.of(config).tracking_uri)
     model = mlflow.pyfunc.load_model("models:/digits-classifier@champion")
     good = rows[rows.error.isna()].sort_values("path")
     expected = model.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in good.path]}))
@@ -138,7 +139,7 @@ def test_missing_model_or_alias_is_a_one_line_error(spark, trained, incoming, tm
     code = main(
         [
             "score", "--source", str(incoming), "--output", str(tmp_path / "t"),
-            "--set", f"mlflow.tracking_uri={config.locations.tracking_uri}",
+            "--set", f"mlflow.tracking_uri={Store.of(config).tracking_uri}",
             "--model", "models:/digits-classifier@nope",
         ]
     )  # fmt: skip
@@ -157,7 +158,7 @@ def test_a_folder_without_images_is_a_one_line_error(spark, trained, tmp_path, c
     code = main(
         [
             "score", "--source", str(folder), "--output", str(tmp_path / "t"),
-            "--set", f"mlflow.tracking_uri={config.locations.tracking_uri}",
+            "--set", f"mlflow.tracking_uri={Store.of(config).tracking_uri}",
         ]
     )  # fmt: skip
     assert code != 0 and "no image files" in capsys.readouterr().err.strip().splitlines()[-1]
@@ -178,7 +179,7 @@ def test_rest_server_answers_like_the_in_process_model(trained, incoming):
         served = post_images(base, [p.read_bytes() for p in images], timeout=60)
     finally:
         stop(server, 30)
-    mlflow.set_tracking_uri(config.locations.tracking_uri)
+    mlflow.set_tracking_uri(Store.of(config).tracking_uri)
     local = mlflow.pyfunc.load_model(uri).predict(
         pd.DataFrame({"image": [p.read_bytes() for p in images]})
     )

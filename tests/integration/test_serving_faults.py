@@ -33,7 +33,7 @@ from pipelines.keras_api import keras
 from pipelines.models import build_model
 from pipelines.registry import register_and_promote
 from pipelines.rest_server import serve_command
-from tests.integration.conftest import Store
+from tests.integration.conftest import TrackingStore
 from tests.integration.rest import (
     alive,
     free_port,
@@ -77,7 +77,7 @@ def _images(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def registered(store: Store) -> str:
+def registered(store: TrackingStore) -> str:
     """A tiny MLP registered as the champion of MODEL; its pinned URI."""
     labels = np.arange(300) % 3
     x = _images(labels, seed=1)
@@ -106,7 +106,7 @@ def registered(store: Store) -> str:
     return done.model_uri
 
 
-def _sets(store: Store, *items: str) -> list[str]:
+def _sets(store: TrackingStore, *items: str) -> list[str]:
     pairs = [
         f"work_dir={store.root / 'work'}",
         f"mlflow.tracking_uri={store.uri}",
@@ -125,7 +125,7 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
 
 
 @pytest.fixture(scope="module")
-def served(store: Store, registered: str, tmp_path_factory) -> Iterator[Served]:
+def served(store: TrackingStore, registered: str, tmp_path_factory) -> Iterator[Served]:
     """``dlpipe serve`` (the console script) on a free port, max body MAX_BODY_MB."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
@@ -280,7 +280,7 @@ def test_sigterm_stops_the_whole_server_and_frees_the_port(served: Served) -> No
 
 
 def test_sigint_stops_the_server_of_serve_command(
-    store: Store, registered: str, tmp_path: Path
+    store: TrackingStore, registered: str, tmp_path: Path
 ) -> None:
     port = free_port()
     config = load_config(None, _sets(store)[1::2])

@@ -40,7 +40,7 @@ from pipelines.registry import (
     register_and_promote,
     resolve_model_uri,
 )
-from tests.integration.conftest import Store
+from tests.integration.conftest import TrackingStore
 from tests.integration.rest import free_port, post_images, stop, strict_json, wait_until_serving
 
 LABELS = ["dark", "mid", "bright"]
@@ -69,7 +69,7 @@ def _jpeg(pixels: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def classifier(store: Store) -> Logged:
+def classifier(store: TrackingStore) -> Logged:
     labels = np.arange(300) % 3
     x = _images(labels, seed=1)
     cfg = TrainConfig(model="mlp", hidden_units=16, epochs=1, dropout=0.0, learning_rate=0.01)
@@ -85,7 +85,9 @@ def scorer(classifier: Logged) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(classifier.model_uri)
 
 
-def _log(store: Store, model, metric: dict[str, float], autoencoder: bool = False) -> Logged:
+def _log(
+    store: TrackingStore, model, metric: dict[str, float], autoencoder: bool = False
+) -> Logged:
     example = encode_png(_images(np.array([0]), seed=0)[0])
     with mlflow.start_run(experiment_id=store.experiment_id) as run:
         info = log_image_model(
@@ -202,7 +204,7 @@ def test_logged_model_signature_requirements_and_code(scorer, classifier: Logged
 
 
 def test_a_model_logged_before_the_rename_still_loads_and_predicts(
-    store: Store, classifier: Logged
+    store: TrackingStore, classifier: Logged
 ) -> None:
     """Models logged by earlier versions pickle ``pipelines.serving.ImageModel``."""
     import pipelines.image_model as image_model
@@ -257,7 +259,7 @@ def test_scoring_server_accepts_base64_json(scorer) -> None:
 # --- autoencoder --------------------------------------------------------------------------
 
 
-def test_autoencoder_reports_reconstruction_error(store: Store) -> None:
+def test_autoencoder_reports_reconstruction_error(store: TrackingStore) -> None:
     cfg = TrainConfig(model="autoencoder", hidden_units=16, latent_dim=4, learning_rate=0.01)
     model = build_model(cfg, (SIZE, SIZE, 1), 0)
     x, _ = _test_set()
@@ -277,7 +279,7 @@ def test_autoencoder_reports_reconstruction_error(store: Store) -> None:
 # --- registry -----------------------------------------------------------------------------
 
 
-def _register(store: Store, logged: Logged, name: str, metric: str = "test_accuracy", **kw):
+def _register(store: TrackingStore, logged: Logged, name: str, metric: str = "test_accuracy", **kw):
     return register_and_promote(
         logged.model_uri,
         logged.run_id,
@@ -289,7 +291,7 @@ def _register(store: Store, logged: Logged, name: str, metric: str = "test_accur
     )
 
 
-def test_alias_moves_only_on_strict_improvement(store: Store, classifier: Logged) -> None:
+def test_alias_moves_only_on_strict_improvement(store: TrackingStore, classifier: Logged) -> None:
     name = "digits-promotion"
     client = MlflowClient(store.uri)
 
@@ -318,7 +320,7 @@ def test_alias_moves_only_on_strict_improvement(store: Store, classifier: Logged
     assert client.get_model_version(name, "2").tags[DECISION_TAG] == better.decision
 
 
-def test_lower_is_better_metric_promotes_on_a_lower_value(store: Store, classifier: Logged):
+def test_lower_is_better_metric_promotes_on_a_lower_value(store: TrackingStore, classifier: Logged):
     name = "digits-autoencoder"
     metric = "test_reconstruction_error"
     kw = {"metric": metric, "higher_is_better": False}
@@ -332,7 +334,7 @@ def test_lower_is_better_metric_promotes_on_a_lower_value(store: Store, classifi
     assert higher.champion_version == "2"
 
 
-def test_missing_metric_fails_before_registering(store: Store, classifier: Logged) -> None:
+def test_missing_metric_fails_before_registering(store: TrackingStore, classifier: Logged) -> None:
     name = "digits-no-metric"
     with pytest.raises(MissingMetricError, match="test_accuracy") as caught:
         _register(store, classifier, name, metric="val_f1")
@@ -342,7 +344,7 @@ def test_missing_metric_fails_before_registering(store: Store, classifier: Logge
 
 
 def test_register_uses_the_given_tracking_uri_and_restores_the_global_one(
-    store: Store, classifier: Logged, tmp_path: Path
+    store: TrackingStore, classifier: Logged, tmp_path: Path
 ) -> None:
     elsewhere = f"sqlite:///{tmp_path}/other.db"
     mlflow.set_tracking_uri(elsewhere)
@@ -358,7 +360,7 @@ def test_register_uses_the_given_tracking_uri_and_restores_the_global_one(
     )
 
 
-def test_resolve_pins_alias_and_version(store: Store, classifier: Logged) -> None:
+def test_resolve_pins_alias_and_version(store: TrackingStore, classifier: Logged) -> None:
     name = "digits-resolve"
     _register(store, classifier, name)
     _register(store, _log(store, classifier.model, {"test_accuracy": 0.5}), name)
@@ -395,7 +397,9 @@ def test_resolve_pins_alias_and_version(store: Store, classifier: Logged) -> Non
         ("models:/digits-missing/Production", "neither a version number nor an alias"),
     ],
 )
-def test_resolve_missing_model_alias_or_version(store: Store, classifier, uri, needle) -> None:
+def test_resolve_missing_model_alias_or_version(
+    store: TrackingStore, classifier, uri, needle
+) -> None:
     client = MlflowClient(store.uri)
     if not client.search_registered_models("name = 'digits-missing'"):
         _register(store, classifier, "digits-missing")
@@ -411,7 +415,7 @@ def test_resolve_missing_model_alias_or_version(store: Store, classifier, uri, n
 
 @pytest.mark.slow
 def test_mlflow_models_serve_scores_base64_images(
-    store: Store, classifier: Logged, tmp_path: Path
+    store: TrackingStore, classifier: Logged, tmp_path: Path
 ) -> None:
     model_dir = mlflow.artifacts.download_artifacts(classifier.model_uri)
     port = free_port()

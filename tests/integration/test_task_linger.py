@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from pipelines.train.horovod_launcher import HorovodSparkLauncher
 from pipelines.train.horovod_patches import TASK_LINGER_S, lingering
-from pipelines.train.launcher import HorovodSparkLauncher
 
 pytestmark = pytest.mark.spark
 

@@ -13,8 +13,10 @@ import pytest
 from pipelines.config import Config, load_config
 from pipelines.errors import UserError
 from pipelines.pipeline import log_run_report
-from pipelines.train.driver import checkpoint_dir, load_manifest, train
-from pipelines.train.launcher import HorovodSparkLauncher, LocalLauncher
+from pipelines.store import DatasetDir, RunDir, Store
+from pipelines.train.driver import train
+from pipelines.train.horovod_launcher import HorovodSparkLauncher
+from pipelines.train.launchers import LocalLauncher
 from pipelines.train.worker import WorkerSpec, train_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -39,15 +41,15 @@ def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) ->
 
 
 def _spec(config: Config, dataset: Path, out: Path, launcher: str) -> WorkerSpec:
-    manifest = load_manifest(dataset)
+    manifest = DatasetDir(str(dataset)).read_manifest()
     return WorkerSpec(
         train=config.train,
         launcher=launcher,
-        dataset=str(dataset),
+        dataset=DatasetDir(str(dataset)),
         image_shape=tuple(manifest.image_shape),
         num_classes=len(manifest.label_names),
         rows=manifest.splits,
-        out_dir=str(out),
+        run_dir=RunDir(str(out)),
     )
 
 
@@ -56,13 +58,13 @@ def test_two_horovod_ranks_end_with_identical_weights(spark, digits, tmp_path, m
     ranks = HorovodSparkLauncher(spark, 2).run(
         train_worker, [_spec(config, digits, tmp_path / "out", "horovod")]
     )
-    assert sorted(r["rank"] for r in ranks) == [0, 1]
-    assert all(r["size"] == 2 for r in ranks)
+    assert sorted(r.rank for r in ranks) == [0, 1]
+    assert all(r.size == 2 for r in ranks)
     # The one guard against silently un-averaged gradients (e.g. Keras 3): same weights.
-    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0].weights_sha256 == ranks[1].weights_sha256
     # Metrics were averaged across ranks, so both saw the same epoch numbers.
-    assert ranks[0]["history"]["val_loss"] == pytest.approx(ranks[1]["history"]["val_loss"])
-    assert ranks[0]["steps_per_epoch"] == ranks[1]["steps_per_epoch"]
+    assert ranks[0].history["val_loss"] == pytest.approx(ranks[1].history["val_loss"])
+    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch
     assert (tmp_path / "out" / "model.h5").is_file()
 
 
@@ -70,7 +72,6 @@ def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_pat
     import mlflow
 
     from pipelines.images import encode_png
-    from pipelines.schema import split_path
     from pipelines.train.feed import read_split
 
     config = _config(tmp_path, monkeypatch, "train.num_proc=2")
@@ -85,18 +86,18 @@ def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_pat
     assert all(seconds >= 0 for seconds in phases.values()) and phases["fit"] > 0
     assert sum(phases.values()) == pytest.approx(result.seconds, abs=0.5)
 
-    mlflow.set_tracking_uri(config.locations.tracking_uri)
+    mlflow.set_tracking_uri(Store.of(config).tracking_uri)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.model"] == "mlp"
     assert run.data.params["world_size"] == "2"
     assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "val_loss")) == 3
 
-    test = read_split(split_path(str(digits), "test"), (16, 16, 1))
+    test = read_split(DatasetDir(str(digits)).split("test"), (16, 16, 1))
     model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
     frame = pd.DataFrame({"image": [encode_png(img) for img in test.images]})
     predicted = model.predict(frame)
-    names = load_manifest(digits).label_names
+    names = DatasetDir(str(digits)).read_manifest().label_names
     accuracy = np.mean(predicted["predicted_label"] == [names[i] for i in test.labels])
     assert accuracy == pytest.approx(result.test_metrics["test_accuracy"], abs=1e-9)
 
@@ -118,12 +119,16 @@ def test_resume_continues_from_the_saved_epoch(digits, tmp_path, monkeypatch):
         digits,
     )
     config = _config(tmp_path, monkeypatch, "train.epochs=4", "train.launcher=local")
-    state = json.loads((checkpoint_dir(config) / "checkpoint.json").read_text())
+    state = json.loads(
+        (Store.of(config).run_dir(config.mlflow.model_name).path / "checkpoint.json").read_text()
+    )
     assert state["epoch"] == 2
     resumed = train(config, LocalLauncher(), digits, resume=True)
     assert resumed.run_id == first.run_id  # the same MLflow run goes on
     assert resumed.epochs == 4
-    state = json.loads((checkpoint_dir(config) / "checkpoint.json").read_text())
+    state = json.loads(
+        (Store.of(config).run_dir(config.mlflow.model_name).path / "checkpoint.json").read_text()
+    )
     assert state["epoch"] == 4 and len(state["history"]["loss"]) == 4
 
 
@@ -153,7 +158,7 @@ def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch):
     config = _config(tmp_path, monkeypatch, "train.launcher=local", "train.model=lenet5")
     bad = digits.parent / "tiny"
     if not bad.exists():
-        manifest = load_manifest(digits)
+        manifest = DatasetDir(str(digits)).read_manifest()
         bad.mkdir()
         for child in digits.iterdir():
             (bad / child.name).symlink_to(child)
@@ -161,7 +166,7 @@ def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch):
         dataclasses.replace(manifest, image_shape=[8, 8, 1]).write(bad)
     with pytest.raises(ValueError):
         train(config, LocalLauncher(), bad)
-    mlflow.set_tracking_uri(config.locations.tracking_uri)
+    mlflow.set_tracking_uri(Store.of(config).tracking_uri)
     runs = mlflow.search_runs(experiment_names=[config.mlflow.experiment])
     assert list(runs["status"]) == ["FAILED"]
     assert "lenet5" in runs["tags.error"][0]

@@ -22,8 +22,9 @@ import psutil
 import pytest
 
 from pipelines.config import Config, load_config
-from pipelines.train.driver import RankDiedError, checkpoint_dir, train
-from pipelines.train.launcher import HorovodSparkLauncher
+from pipelines.store import Store
+from pipelines.train.driver import RankDiedError, train
+from pipelines.train.horovod_launcher import HorovodSparkLauncher
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -195,7 +196,7 @@ def test_a_dead_running_run_is_marked_failed_by_the_next_train(
 
 
 def _local() -> Any:
-    from pipelines.train.launcher import LocalLauncher
+    from pipelines.train.launchers import LocalLauncher
 
     return LocalLauncher()
 
@@ -205,7 +206,7 @@ def _local() -> Any:
 def test_a_killed_rank_ends_the_job_with_a_one_line_error(spark, digits, tmp_path, monkeypatch):
     timeout_s = 20
     config = _config(tmp_path, monkeypatch, "train.epochs=40", f"train.rank_timeout_s={timeout_s}")
-    out = checkpoint_dir(config)
+    out = Store.of(config).run_dir(config.mlflow.model_name).path
     seen: dict[str, Any] = {}
 
     def kill_rank_1() -> None:
@@ -232,7 +233,7 @@ def test_a_killed_rank_ends_the_job_with_a_one_line_error(spark, digits, tmp_pat
 
     import mlflow
 
-    mlflow.set_tracking_uri(config.locations.tracking_uri)
+    mlflow.set_tracking_uri(Store.of(config).tracking_uri)
     (run,) = mlflow.search_runs(experiment_names=[config.mlflow.experiment], output_format="list")
     assert run.info.status == "FAILED" and "rank 1 (pid" in run.data.tags["error"]
     assert _left(seen["ranks"], timeout=30) == [], "rank processes were left behind"
@@ -277,20 +278,21 @@ def test_elastic_training_carries_on_without_a_killed_rank(digits, tmp_path, dlp
 def test_the_checkpoint_state_only_ever_names_a_complete_model_of_its_epoch(
     digits, tmp_path, monkeypatch
 ):
-    from pipelines.train.worker import read_checkpoint_state
+    from pipelines.train.checkpoint import read_checkpoint
 
     config = _config(tmp_path, monkeypatch, "train.launcher=local", "train.epochs=2")
     train(config, _local(), digits)
-    out = checkpoint_dir(config)
-    state = read_checkpoint_state(out)
-    assert state["epoch"] == 2 and state["model"] == "checkpoint-0002.h5"
+    run_dir = Store.of(config).run_dir(config.mlflow.model_name)
+    out = run_dir.path
+    state = read_checkpoint(run_dir)
+    assert state.epoch == 2 and state.model == "checkpoint-0002.h5"
     assert sorted(p.name for p in out.glob("checkpoint*.h5")) == ["checkpoint-0002.h5"]
     # Killed while the next epoch's model was being written, before the state moved on:
     # the committed epoch and its own model are still what --resume reads.
     (out / "checkpoint-0003.h5").write_bytes(b"half a model")
-    assert read_checkpoint_state(out)["epoch"] == 2
+    assert read_checkpoint(run_dir).epoch == 2
     # A model that is not the one the state recorded is no checkpoint, never a wrong one.
     with (out / "checkpoint-0002.h5").open("r+b") as model:
         model.seek(2048)
         model.write(b"\0" * 16)
-    assert read_checkpoint_state(out) is None
+    assert read_checkpoint(run_dir) is None

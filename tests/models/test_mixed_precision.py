@@ -106,7 +106,7 @@ HOROVOD_ORDER = textwrap.dedent(
     from pipelines.config import TrainConfig
     from pipelines.keras_api import keras
     from pipelines.models import build_model
-    from pipelines.train.launcher import HorovodDistribution
+    from pipelines.train.horovod_distribution import HorovodDistribution
 
     k = keras()
     k.mixed_precision.set_global_policy("mixed_float16")

@@ -32,6 +32,7 @@ from pipelines.bench import (
 from pipelines.bench.stats import meets, pair
 from pipelines.config import Config, IngestConfig
 from pipelines.errors import UserError
+from pipelines.store import Store
 
 pytestmark = pytest.mark.spark
 
@@ -109,7 +110,7 @@ def _check_ceiling_and_fixed_cost(m, jobs: int) -> None:
 
 
 def test_outputs_are_cleaned_up_and_the_data_is_cached(ingest_config, measurements):
-    bench = ingest_config.locations.bench
+    bench = Store.of(ingest_config).bench
     assert not [p for p in bench.iterdir() if p.name.startswith(("tmp-", "."))]
     sets = sorted(p.name for p in bench.iterdir())
     assert len(sets) == 2  # the measured set and the warm-up set
@@ -270,7 +271,7 @@ def test_score_compares_spark_scoring_with_in_process_predict(config):
     for kind in ("driver", "jvm", "python_worker"):
         assert processes[kind]["cpu_seconds"] > 0 and processes[kind]["peak_rss_mib"] > 0
     # The temporary MLflow store and the tables are gone; the caller's store is back.
-    assert not list(config.locations.bench.glob("tmp-*"))
+    assert not list(Store.of(config).bench.glob("tmp-*"))
     assert mlflow.get_tracking_uri() == before
 
 

@@ -24,6 +24,7 @@ from pipelines.bench.scale import check_disk, scale_sizes
 from pipelines.bench.stats import meets
 from pipelines.config import Config, IngestConfig
 from pipelines.errors import UserError
+from pipelines.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -105,7 +106,7 @@ def test_outputs_are_measured_and_grow_with_the_data(measurements, config):
     for m in _points(measurements, "train"):
         assert m.details["output_bytes"] > 0 and m.details["dataset_bytes"] > 0
     # Outputs and temporary stores are gone; generated data stays cached.
-    bench = config.locations.bench
+    bench = Store.of(config).bench
     assert not [p for p in bench.iterdir() if p.name.startswith(("tmp-", "."))]
     assert (bench / f"jpeg-v1-{IMAGES}x256-c4-s0").is_dir()
 

@@ -18,7 +18,7 @@ from PIL import Image
 from pipelines.config import IngestConfig
 from pipelines.images import normalise
 from pipelines.ingest import ingest
-from pipelines.schema import MANIFEST_FILE, split_path
+from pipelines.store import DatasetDir
 from pipelines.train.feed import (
     Augmentation,
     ImageShapeError,
@@ -56,7 +56,7 @@ def prepared(spark, tmp_path_factory):
 @pytest.fixture(scope="module")
 def train(prepared):
     output, _, _ = prepared
-    return split_path(str(output), "train")
+    return DatasetDir(str(output)).split("train")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_steps_per_epoch_is_equal_for_every_rank():
 
 def test_read_split_returns_every_row_sorted_with_labels(prepared, arrays):
     output, values, result = prepared
-    manifest = json.loads((output / MANIFEST_FILE).read_text())
+    manifest = json.loads((output / DatasetDir.MANIFEST_FILE).read_text())
     assert len(arrays) == result.splits["train"] == manifest["splits"]["train"]
     assert arrays.paths == sorted(arrays.paths)
     assert arrays.images.shape == (len(arrays), *SHAPE) and arrays.images.dtype == np.uint8
@@ -206,7 +206,7 @@ def test_wrong_image_shape_fails_with_url_and_shape(train):
 
 
 def test_missing_split_fails_with_the_path(tmp_path):
-    missing = split_path(str(tmp_path), "val")
+    missing = DatasetDir(str(tmp_path)).split("val")
     with pytest.raises(FileNotFoundError, match=f"split not found: {missing}"):
         read_split(missing, SHAPE)
     with pytest.raises(SplitNotFoundError, match="split=val"):

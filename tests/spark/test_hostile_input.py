@@ -23,7 +23,7 @@ from PIL import Image
 from pipelines.config import IngestConfig
 from pipelines.ingest import ingest
 from pipelines.listing import display_path
-from pipelines.schema import MANIFEST_FILE, QUARANTINE_DIR
+from pipelines.store import DatasetDir, Store
 
 pytestmark = pytest.mark.spark
 
@@ -133,7 +133,7 @@ def write_corpus(root: Path) -> dict[str, str]:
 
 
 def _quarantine(dataset: Path) -> dict[str, str]:
-    table = pq.read_table(dataset / QUARANTINE_DIR).to_pylist()
+    table = pq.read_table(dataset / DatasetDir.QUARANTINE_DIR).to_pylist()
     return {row["path"]: row["reason"] for row in table}
 
 
@@ -170,7 +170,7 @@ def test_hostile_corpus_is_ingested_or_quarantined_and_the_counts_add_up(spark, 
 
     # The odd names cross Spark, Parquet and JSON in their display form.
     assert f"{root}/names/{LATIN1_DISPLAY}" in set(rows.path)
-    manifest = json.loads((output / MANIFEST_FILE).read_text())
+    manifest = json.loads((output / DatasetDir.MANIFEST_FILE).read_text())
     assert "latin\\xe9-class" in manifest["label_names"]
     assert "empty-class" not in manifest["label_names"]  # no file, so no class
     assert manifest["files_seen"] == result.files_seen
@@ -210,7 +210,7 @@ def test_scoring_the_hostile_corpus_gives_one_row_per_image_file(spark, tmp_path
     )
     # An untrained model: what is scored here is the input handling, not the accuracy.
     model = build_model(TrainConfig(model="mlp", hidden_units=8), (16, 16, 3), 2)
-    mlflow.set_tracking_uri(config.locations.tracking_uri)
+    mlflow.set_tracking_uri(Store.of(config).tracking_uri)
     try:
         # An experiment of this store: the active one an earlier test set is not in it.
         experiment = mlflow.MlflowClient().create_experiment(

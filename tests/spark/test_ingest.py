@@ -16,8 +16,9 @@ from PIL import Image
 
 from pipelines.config import IngestConfig, SplitConfig
 from pipelines.ingest import IngestError, ingest
-from pipelines.schema import MANIFEST_FILE, QUARANTINE_DIR, SPLITS, split_path
+from pipelines.schema import SPLITS
 from pipelines.sources import SourceError, write_cifar10_batch, write_cifar10_meta, write_idx
+from pipelines.store import DatasetDir
 
 pytestmark = pytest.mark.spark
 
@@ -85,7 +86,7 @@ def test_counts_add_up_and_nothing_is_lost(prepared):
 
 def test_quarantine_table_has_every_rejected_file_with_a_reason(prepared):
     _, output, _ = prepared
-    table = pq.read_table(output / QUARANTINE_DIR).to_pandas()
+    table = pq.read_table(output / DatasetDir.QUARANTINE_DIR).to_pandas()
     reasons = dict(zip((Path(p).name for p in table.path), table.reason, strict=True))
     assert set(reasons) == {"corrupt.png", "truncated.jpg", "zero.jpeg", "loose.png"}
     assert reasons["zero.jpeg"] == "empty file"
@@ -95,7 +96,7 @@ def test_quarantine_table_has_every_rejected_file_with_a_reason(prepared):
 
 def test_manifest_records_counts_shape_and_label_order(prepared):
     result, output, _ = prepared
-    manifest = json.loads((output / MANIFEST_FILE).read_text())
+    manifest = json.loads((output / DatasetDir.MANIFEST_FILE).read_text())
     for key in ("files_seen", "ingested", "quarantined", "skipped", "splits", "classes"):
         assert manifest[key] == getattr(result, key)
     assert manifest["image_shape"] == [16, 16, 1]
@@ -112,7 +113,7 @@ def test_petastorm_make_reader_reads_every_split(prepared):
     for split in SPLITS:
         if result.splits[split] == 0:
             continue
-        url = "file://" + split_path(str(output), split)
+        url = "file://" + DatasetDir(str(output)).split(split)
         with make_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
             rows = list(reader)
         assert len(rows) == result.splits[split]
@@ -127,7 +128,7 @@ def test_petastorm_make_reader_reads_every_split(prepared):
 
 def test_row_groups_are_small_enough_to_shard(spark, prepared):
     result, output, _ = prepared
-    train = Path(split_path(str(output), "train"))
+    train = Path(DatasetDir(str(output)).split("train"))
     files = [pq.ParquetFile(f).metadata for f in sorted(train.glob("*.parquet"))]
     sizes = [meta.num_rows for meta in files]
     assert sum(sizes) == result.splits["train"]
@@ -149,7 +150,7 @@ def test_row_groups_mix_the_classes(spark, tmp_path):
             path.write_bytes(_image_bytes(label * 60 + i, "PNG"))
     output = tmp_path / "out"
     ingest(spark, replace(CONFIG, rows_per_row_group=16), source, output)
-    train = Path(split_path(str(output), "train"))
+    train = Path(DatasetDir(str(output)).split("train"))
     groups = [
         pq.read_table(f, columns=["label"]).column("label").to_pylist()
         for f in sorted(train.glob("*.parquet"))
@@ -163,7 +164,11 @@ def test_each_split_is_a_complete_petastorm_dataset_and_nothing_else_is_left(pre
 
     result, output, _ = prepared
     datasets = {f"split={s}" for s, n in result.splits.items() if n}
-    assert {p.name for p in output.iterdir()} == {*datasets, QUARANTINE_DIR, MANIFEST_FILE}
+    assert {p.name for p in output.iterdir()} == {
+        *datasets,
+        DatasetDir.QUARANTINE_DIR,
+        DatasetDir.MANIFEST_FILE,
+    }
     for name in datasets:
         assert (output / name / "_common_metadata").is_file()
         stored = get_schema_from_dataset_url(f"file://{output / name}")
@@ -177,7 +182,7 @@ def test_row_groups_stay_under_the_size_bound_and_petastorm_reads_them_all(spark
     # 600x600 RGB is about 1 MB a row: with a 1 MB bound every row is a row group of its own.
     config = replace(CONFIG, image_size=600, channels=3, rows_per_row_group=4, row_group_size_mb=1)
     result = ingest(spark, config, source, tmp_path / "out")
-    train = split_path(str(tmp_path / "out"), "train")
+    train = DatasetDir(str(tmp_path / "out")).split("train")
     files = [pq.ParquetFile(f).metadata for f in Path(train).glob("*.parquet")]
     assert all(meta.num_row_groups == meta.num_rows for meta in files)
     assert max(meta.num_rows for meta in files) <= config.rows_per_row_group
@@ -196,7 +201,7 @@ def test_only_files_reported_by_successful_tasks_are_committed(tmp_path):
         pq.write_table(table, staging / attempt / "train-part-00000-00000.parquet")
     staged = str(staging / "8" / "train-part-00000-00000.parquet")
     written = [_WrittenFile("train", "part-00000-00000.parquet", staged, 1, 1)]
-    counts = _commit_splits(written, tmp_path, prepared_schema(16, 16, 1))
+    counts = _commit_splits(written, DatasetDir(str(tmp_path)), prepared_schema(16, 16, 1))
     assert counts == {"train": 1, "val": 0, "test": 0}
     assert [p.name for p in (tmp_path / "split=train").glob("*.parquet")] == [
         "part-00000-00000.parquet"
@@ -217,7 +222,7 @@ def test_batch_reader_and_spark_see_the_same_rows(spark, prepared):
     from petastorm import make_batch_reader
 
     result, output, _ = prepared
-    url = "file://" + split_path(str(output), "train")
+    url = "file://" + DatasetDir(str(output)).split("train")
     with make_batch_reader(url, num_epochs=1, reader_pool_type="dummy") as reader:
         batch_rows = sum(len(batch.path) for batch in reader)
     assert batch_rows == result.splits["train"]
@@ -235,7 +240,7 @@ def test_spark_converter_reads_the_dataset(spark, prepared, tmp_path):
     spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, f"file://{tmp_path}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        converter = make_spark_converter(spark.read.parquet(split_path(str(output), "train")))
+        converter = make_spark_converter(spark.read.parquet(DatasetDir(str(output)).split("train")))
     assert len(converter) == result.splits["train"]
     converter.delete()
 
@@ -292,13 +297,13 @@ def test_failed_run_leaves_the_previous_dataset_intact(spark, tmp_path):
     make_tree(source, per_class=6)
     output = tmp_path / "out"
     ingest(spark, CONFIG, source, output)
-    manifest = (output / MANIFEST_FILE).read_text()
+    manifest = (output / DatasetDir.MANIFEST_FILE).read_text()
     bad = tmp_path / "bad"
     (bad / "cat").mkdir(parents=True)
     (bad / "cat" / "x.png").write_bytes(b"not a png")
     with pytest.raises(IngestError, match=f"no decodable image in {bad}"):
         ingest(spark, CONFIG, bad, output)
-    assert (output / MANIFEST_FILE).read_text() == manifest
+    assert (output / DatasetDir.MANIFEST_FILE).read_text() == manifest
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -309,7 +314,7 @@ def test_unreadable_files_are_quarantined_with_the_reason(spark, tmp_path):
     result = ingest(spark, CONFIG, source, tmp_path / "out")
     assert result.ingested == 8
     assert result.files_seen == result.ingested + result.quarantined + result.skipped
-    table = pq.read_table(tmp_path / "out" / QUARANTINE_DIR).to_pandas()
+    table = pq.read_table(tmp_path / "out" / DatasetDir.QUARANTINE_DIR).to_pandas()
     reasons = dict(zip((Path(p).name for p in table.path), table.reason, strict=True))
     assert reasons["broken link.png"] == "cannot read file: No such file or directory"
 
@@ -349,7 +354,7 @@ def test_mnist_idx_source(spark, tmp_path):
     assert result.ingested == result.files_seen == 50
     assert result.label_names == [str(d) for d in range(10)]
     with make_reader(
-        "file://" + split_path(str(output), "train"), num_epochs=1, reader_pool_type="dummy"
+        "file://" + DatasetDir(str(output)).split("train"), num_epochs=1, reader_pool_type="dummy"
     ) as reader:
         row = next(iter(reader))
     part, index = Path(row.path).name.split("#")

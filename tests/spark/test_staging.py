@@ -6,6 +6,7 @@ files of processes that really are alive (this test's) or really gone (an exited
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,10 @@ from PIL import Image
 
 from pipelines.config import IngestConfig
 from pipelines.images import encode_png
-from pipelines.ingest import _OWNER_FILE, _process_identity, ingest
+from pipelines.ingest import ingest
+from pipelines.store import Owner, Staging
+
+_OWNER_FILE = Staging.OWNER_FILE
 
 pytestmark = pytest.mark.spark
 
@@ -36,11 +40,11 @@ def _write_images(root: Path, count: int) -> None:
         (folder / f"{i:05d}.png").write_bytes(png)
 
 
-def _staging(folder: Path, owner: dict | None, age_s: float = 0.0) -> Path:
+def _staging(folder: Path, owner: Owner | None, age_s: float = 0.0) -> Path:
     folder.mkdir()
-    (folder / "_staging").mkdir()
+    (folder / Staging.ATTEMPTS_DIR).mkdir()
     if owner is not None:
-        (folder / _OWNER_FILE).write_text(json.dumps(owner))
+        (folder / _OWNER_FILE).write_text(owner.to_json())
     if age_s:
         then = time.time() - age_s
         os.utime(folder, (then, then))
@@ -57,17 +61,18 @@ def _gone_pid() -> int:
 def test_stale_staging_folders_are_removed_and_live_ones_kept(spark, tmp_path):
     source, output = tmp_path / "src", tmp_path / "out"
     _write_images(source, 6)
-    me = _process_identity()
+    me = Owner.me()
     here = socket.gethostname()
-    dead = _staging(tmp_path / ".out.tmp-dead", {**me, "pid": _gone_pid(), "pid_start": None})
-    reused = _staging(tmp_path / ".out.tmp-reused", {**me, "pid_start": -1})
-    rebooted = _staging(tmp_path / ".out.tmp-rebooted", {**me, "boot_id": "another-boot"})
+    gone = dataclasses.replace(me, pid=_gone_pid(), started=None)
+    dead = _staging(tmp_path / ".out.tmp-dead", gone)
+    reused = _staging(tmp_path / ".out.tmp-reused", dataclasses.replace(me, started=1.0))
+    rebooted = _staging(tmp_path / ".out.tmp-rebooted", dataclasses.replace(me, boot=1.0))
     ancient = _staging(tmp_path / ".out.tmp-ancient", None, age_s=3 * 24 * 3600)
     live = _staging(tmp_path / ".out.tmp-live", me)
-    foreign = {**me, "host": f"not-{here}", "pid": 1}
+    foreign = dataclasses.replace(me, host=f"not-{here}", pid=1)
     remote = _staging(tmp_path / ".out.tmp-remote", foreign)
     fresh = _staging(tmp_path / ".out.tmp-fresh", None)
-    other_output = _staging(tmp_path / ".other.tmp-dead", {**me, "pid": _gone_pid()})
+    other_output = _staging(tmp_path / ".other.tmp-dead", dataclasses.replace(me, pid=_gone_pid()))
     output.mkdir()  # a previous dataset, and the one before it, left by a killed swap
     swapped = _staging(tmp_path / ".out.old-0123abcd", None)
 

@@ -14,6 +14,7 @@ import pytest
 
 from pipelines.bench import peer, peer_runner
 from pipelines.errors import UserError
+from pipelines.store import Store
 
 MARKS = {
     "launched": 100.0,
@@ -186,12 +187,12 @@ def test_peer_runner_trains_one_epoch_in_the_built_environment(tmp_path: Path) -
     from pipelines.config import load_config
 
     config = load_config(None)
-    built = sorted(config.locations.bench.glob("peer-env-*/" + peer.ENV_MARKER))
+    built = sorted(Store.of(config).bench.glob("peer-env-*/" + peer.ENV_MARKER))
     if not built:
-        pytest.skip(f"no peer environment under {config.locations.bench} (bench_peer builds it)")
-    digits = sorted(config.locations.bench.glob("prepared-digits-*x1-*/_manifest.json"))
+        pytest.skip(f"no peer environment under {Store.of(config).bench} (bench_peer builds it)")
+    digits = sorted(Store.of(config).bench.glob("prepared-digits-*x1-*/_manifest.json"))
     if not digits:
-        pytest.skip(f"no prepared digits under {config.locations.bench}")
+        pytest.skip(f"no prepared digits under {Store.of(config).bench}")
     env = peer.PeerEnv(built[0].parent, built[0].parent / "bin" / "python", {}, 0.0)
     dataset = digits[0].parent
     model_json = tmp_path / "model.json"

@@ -14,6 +14,7 @@ from pipelines.config import (
     TrainConfig,
     load_config,
 )
+from pipelines.store import Store
 
 
 def test_base_yaml_matches_dataclass_defaults():
@@ -101,16 +102,16 @@ def test_missing_and_malformed_files(tmp_path: Path):
 def test_work_dir_drives_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = load_config(overrides=[f"work_dir={tmp_path}"])
-    assert config.locations.work == tmp_path
-    assert config.locations.prepared == tmp_path / "datasets" / "prepared"
-    assert config.locations.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert Store.of(config).work == tmp_path
+    assert Store.of(config).prepared == tmp_path / "datasets" / "prepared"
+    assert Store.of(config).tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert load_config().locations.tracking_uri == "http://127.0.0.1:5999"
+    assert Store.of(load_config()).tracking_uri == "http://127.0.0.1:5999"
     explicit = load_config(overrides=["mlflow.tracking_uri=sqlite:///x.db"])
-    assert explicit.locations.tracking_uri == "sqlite:///x.db"
+    assert Store.of(explicit).tracking_uri == "sqlite:///x.db"
 
 
 def test_shipped_overlays_load():

@@ -10,6 +10,7 @@ import pytest
 
 from pipelines import schema
 from pipelines.errors import UserError
+from pipelines.store import DatasetDir
 
 
 def _manifest() -> schema.Manifest:
@@ -31,14 +32,16 @@ def _manifest() -> schema.Manifest:
 
 def test_manifest_round_trips_with_the_keys_ingest_has_always_written(tmp_path: Path) -> None:
     manifest = _manifest()
-    path = manifest.write(tmp_path)
-    assert path == tmp_path / schema.MANIFEST_FILE
+    dataset = DatasetDir(str(tmp_path))
+    dataset.write_manifest(manifest)
+    path = Path(dataset.manifest_path)
+    assert path == tmp_path / "_manifest.json"
     assert set(json.loads(path.read_text())) == {
         "source", "format", "files_seen", "ingested", "quarantined", "skipped",
         "splits", "classes", "label_names", "image_shape", "started_at", "finished_at",
     }  # fmt: skip
     assert path.read_text().endswith("}\n")
-    assert schema.Manifest.read(tmp_path) == manifest
+    assert dataset.read_manifest() == manifest
 
 
 def test_manifest_reads_minimal_files_and_ignores_unknown_keys() -> None:
@@ -56,7 +59,7 @@ def test_manifest_without_label_names_is_not_a_manifest() -> None:
 
 def test_missing_manifest_is_a_one_line_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="missing _manifest.json.*dlpipe ingest"):
-        schema.Manifest.read(tmp_path)
+        DatasetDir(str(tmp_path)).read_manifest()
 
 
 def test_cells_round_trip_through_the_codec() -> None:

@@ -1,0 +1,110 @@
+"""The driver side of distributed training: what starts the ranks and collects their results.
+
+In: a rank function with its arguments. Out: the function's return value from every rank,
+in rank order. :class:`Launcher` is the seam (``train.launcher``): :class:`LocalLauncher`
+here runs one rank in this process (tests, notebooks, machines without Horovod);
+:class:`~pipelines.train.horovod_launcher.HorovodSparkLauncher` runs Horovod's ranks on the
+Spark executors. :func:`make_launcher` picks one.
+
+What a rank does is :mod:`pipelines.train.worker`'s; what it asks of its runtime is
+:mod:`pipelines.train.distributions`'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+class RankLostError(RuntimeError):
+    """A rank's process exited abnormally, which ends a non-elastic Horovod job.
+
+    Attributes:
+        rank: The first rank to exit abnormally (Horovod's own account).
+        exit_code: Its exit status (137 or -9 for SIGKILL).
+    """
+
+    def __init__(self, rank: int, exit_code: int, detail: str) -> None:
+        super().__init__(f"rank {rank} exited with status {exit_code}: {detail}")
+        self.rank = rank
+        self.exit_code = exit_code
+
+
+class Launcher(Protocol):
+    """Starts the training ranks."""
+
+    kind: str
+    num_proc: int
+
+    def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
+        """Fail (after a bounded wait) unless every rank can get a task slot at once."""
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        *,
+        elastic: bool = False,
+        min_num_proc: int = 1,
+        rank_timeout_s: float | None = None,
+    ) -> list[Any]:
+        """Run ``fn(*args)`` on every rank; return the results in rank order.
+
+        Raises:
+            RankLostError: A rank died and the job (not elastic) ended.
+        """
+
+
+class LocalLauncher:
+    """One rank, in this process."""
+
+    kind, num_proc = "local", 1
+
+    def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
+        """Nothing to wait for: the one rank runs here, not in a Spark task."""
+
+    def run(self, fn: Callable[..., Any], args: Sequence[Any], **_faults: Any) -> list[Any]:
+        """Call ``fn(*args)`` here (one rank: nothing to be elastic about, nothing to time)."""
+        return [fn(*args)]
+
+
+class RankUserError:
+    """A rank's :class:`UserError`, returned instead of raised so the driver can re-raise it.
+
+    Raised in a rank it would reach the driver only as Horovod's "process exited with
+    non-zero status"; the ranks raise together (e.g. after an allgather), so none is left
+    waiting in a collective.
+    """
+
+    def __init__(self, error: UserError) -> None:
+        self.error = error
+
+
+def returning_user_errors(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, with a :class:`UserError` it raises returned as a :class:`RankUserError`."""
+    try:
+        return fn(*args)
+    except UserError as exc:
+        return RankUserError(exc)
+
+
+def make_launcher(
+    kind: str,
+    spark: SparkSession | None,
+    num_proc: int,
+    nics: Sequence[str] = (),
+    slots_timeout_s: float = 120.0,
+) -> Launcher:
+    """The launcher for ``train.launcher``; ``local`` ignores everything but ``kind``."""
+    if kind == "local":
+        return LocalLauncher()
+    if spark is None:
+        raise ValueError(f"the {kind} launcher needs a SparkSession")
+    from pipelines.train.horovod_launcher import HorovodSparkLauncher
+
+    return HorovodSparkLauncher(spark, num_proc, nics, slots_timeout_s)
