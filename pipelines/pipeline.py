@@ -130,7 +130,7 @@ def train_stage(
     cfg = config.train
     launcher = make_launcher(cfg.launcher, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s)
     launcher.wait_for_slots(cfg.elastic, cfg.min_num_proc)  # before a run is opened in MLflow
-    return train(config, store, launcher, store.dataset(dataset), resume, report=log_run_report)
+    return train(config, launcher, dataset, resume, report=log_run_report, store=store)
 
 
 def log_run_report(config: Config, trained: Trained) -> None:
