@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.errors import UserError
+from pipelines.store import write_atomic
+from pipelines.tasks import task_of_image_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -175,8 +177,9 @@ def _load(uri: str, tracking_uri: str, registry_uri: str | None) -> _Loaded:
     # Duck typing: the class may come from the model's own copy of the package (code_paths).
     if not all(hasattr(python_model, a) for a in ("model", "label_names", "image_shape")):
         raise UserError(f"model {uri} is not an image model logged by dlpipe (no Keras model)")
-    if getattr(python_model, "autoencoder", False):
-        raise UserError(f"model {uri} is an autoencoder: it has no labels to explain")
+    task = task_of_image_model(python_model)
+    if not task.uses_labels:
+        raise UserError(f"model {uri} is a {task.name} model: it has no labels to explain")
     return _Loaded(
         pyfunc=pyfunc,
         keras_model=python_model.model,
@@ -457,9 +460,9 @@ def _stem(path: Path) -> str:
 
 
 def _write_page(path: Path, text: str) -> Path:
-    from pipelines.report.render import write_atomic
-
-    return write_atomic(path, text)
+    """Write the page whole or not at all; its absolute path."""
+    write_atomic(path, text)
+    return path.resolve()
 
 
 # --- command line ----------------------------------------------------------------------------

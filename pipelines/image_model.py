@@ -12,7 +12,8 @@ order, with the columns of :data:`OUTPUT_COLUMNS`::
 
 A row whose image cannot be decoded is neither dropped nor fatal: it gets ``error`` set and
 a null label, probability and probabilities, and the other rows are scored as usual.
-An autoencoder model has no labels: ``predicted_label`` and ``probability`` are null, and the
+What the columns hold is the model's task's (:mod:`pipelines.tasks`): a reconstruction model
+(the autoencoder) has no labels, so ``predicted_label`` and ``probability`` are null, and the
 extra column ``reconstruction_error`` (``Float64``) holds each image's mean absolute error.
 Unknown numbers are ``pd.NA`` in nullable ``Float64`` columns, not NaN: MLflow's scoring
 server writes them as JSON ``null`` (NaN is not JSON, and strict parsers reject the whole
@@ -59,6 +60,7 @@ from pipelines import schema
 from pipelines.images import ImageDecodeError, decode_image, normalise, prepare_array
 from pipelines.keras_api import keras
 from pipelines.store import ModelDir
+from pipelines.tasks import CLASSIFICATION, Task, task_of_record
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -70,9 +72,6 @@ IMAGE_COLUMN = "image"
 
 #: Output columns of a classifier, in order (the contract is :data:`schema.MODEL_OUTPUTS`).
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(schema.MODEL_OUTPUTS)
-
-#: The extra output column of an autoencoder.
-RECONSTRUCTION_COLUMN = "reconstruction_error"
 
 #: Artifact keys of the logged model.
 KERAS_ARTIFACT = "keras_model"
@@ -102,7 +101,7 @@ class ImageModel(mlflow.pyfunc.PythonModel):
     """Pyfunc model: raw image bytes (or base64, or arrays) in, label and probabilities out.
 
     Artifacts: ``keras_model``, an ``.h5`` file, and ``labels``, a JSON file with
-    ``label_names``, ``image_shape`` (``[height, width, channels]``) and ``autoencoder``.
+    ``label_names``, ``image_shape`` (``[height, width, channels]``) and ``task``.
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -116,7 +115,7 @@ class ImageModel(mlflow.pyfunc.PythonModel):
         self.label_names: list[str] = [str(name) for name in meta["label_names"]]
         height, width, channels = (int(d) for d in meta["image_shape"])
         self.image_shape: tuple[int, int, int] = (height, width, channels)
-        self.autoencoder: bool = bool(meta["autoencoder"])
+        self.task: Task = task_of_record(meta)
         self.model = keras().models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
         self._forward = _compiled_forward(self.model)
 
@@ -135,8 +134,7 @@ class ImageModel(mlflow.pyfunc.PythonModel):
             params: Unused.
 
         Returns:
-            One row per input row, same index, columns :data:`OUTPUT_COLUMNS` (plus
-            ``reconstruction_error`` for an autoencoder).
+            One row per input row, same index, the task's output columns.
 
         Raises:
             ValueError: ``model_input`` has no ``image`` column.
@@ -155,31 +153,18 @@ class ImageModel(mlflow.pyfunc.PythonModel):
                 errors[position] = str(exc)
 
         rows = len(images)
-        labels: list[str | None] = [None] * rows
-        probability = pd.array([pd.NA] * rows, dtype="Float64")
-        probabilities: list[list[float] | None] = [None] * rows
-        columns: dict[str, Any] = {}
-        if self.autoencoder:
-            reconstruction = pd.array([pd.NA] * rows, dtype="Float64")
-            if good:
-                batch = normalise(np.stack(pixels))
-                output = self._predict(batch)
-                reconstruction[good] = np.abs(output - batch).reshape(len(good), -1).mean(axis=1)
-            columns[RECONSTRUCTION_COLUMN] = reconstruction
-        elif good:
-            scores = self._predict(normalise(np.stack(pixels))).astype(np.float64)
-            best = scores.argmax(axis=1)
-            probability[good] = scores[np.arange(len(good)), best]
-            for row, position in enumerate(good):
-                labels[position] = self.label_names[best[row]]
-                probabilities[position] = scores[row].tolist()
+        columns: dict[str, Any] = {name: [None] * rows for name in self.task.output_columns}
+        columns["error"] = errors
+        if good:
+            batch = normalise(np.stack(pixels))
+            values = self.task.output_values(self._predict(batch), batch, self.label_names)
+            for name, column in values.items():
+                for position, value in zip(good, column, strict=True):
+                    columns[name][position] = value
         result = pd.DataFrame(
             {
-                "predicted_label": pd.Series(labels, dtype=object),
-                "probability": probability,
-                "probabilities": pd.Series(probabilities, dtype=object),
-                "error": pd.Series(errors, dtype=object),
-                **columns,
+                name: _column(values, self.task.output_columns[name])
+                for name, values in columns.items()
             }
         )
         result.index = images.index
@@ -192,6 +177,13 @@ class ImageModel(mlflow.pyfunc.PythonModel):
             for start in range(0, len(batch), PREDICT_BATCH_SIZE)
         ]
         return np.concatenate(chunks)
+
+
+def _column(values: list[Any], kind: str) -> Any:
+    """One output column: doubles as nullable ``Float64`` (JSON ``null``, never NaN)."""
+    if kind == "double":
+        return pd.array([pd.NA if v is None else v for v in values], dtype="Float64")
+    return pd.Series(values, dtype=object)
 
 
 def _compiled_forward(model: KerasModel) -> Any:
@@ -271,7 +263,7 @@ def save_keras_artifacts(
     model: KerasModel,
     label_names: Sequence[str],
     image_shape: Sequence[int],
-    autoencoder: bool,
+    task: Task,
     directory: str | Path,
 ) -> dict[str, str]:
     """Write the artifacts of :class:`ImageModel`: the Keras model and its labels.
@@ -279,11 +271,11 @@ def save_keras_artifacts(
     Args:
         model: The trained Keras model; its optimizer is not saved (a Horovod-wrapped
             optimizer cannot be deserialised without Horovod, and scoring needs none).
-        label_names: Class names in the order of the model's output units (ignored, but
-            still recorded, for an autoencoder).
+        label_names: Class names in the order of the model's output units (unused, but
+            still recorded, by a task that learns no labels).
         image_shape: ``(height, width, channels)`` of the model input; height equals width
             and channels is 1 or 3, as ingest produces.
-        autoencoder: Whether the model reconstructs its input instead of classifying.
+        task: What the model does.
         directory: Existing directory to write ``model.h5`` and ``labels.json`` into.
 
     Returns:
@@ -298,7 +290,7 @@ def save_keras_artifacts(
     if len(shape) != 3 or shape[0] != shape[1] or shape[0] < 1 or shape[2] not in (1, 3):
         raise ValueError(f"image_shape must be (size, size, 1 or 3), got {tuple(image_shape)!r}")
     names = [str(name) for name in label_names]
-    if not autoencoder:
+    if task.uses_labels:
         units = int(model.output_shape[-1])
         if units != len(names):
             raise ValueError(
@@ -311,23 +303,24 @@ def save_keras_artifacts(
         # Keras calls HDF5 "legacy"; it is the one format that loads without custom objects.
         warnings.filterwarnings("ignore", message=".*HDF5 file.*", category=UserWarning)
         model.save(model_path, include_optimizer=False, save_format="h5")
-    meta = {"label_names": names, "image_shape": shape, "autoencoder": bool(autoencoder)}
+    meta = {"label_names": names, "image_shape": shape, "task": task.name}
     labels_path.write_text(json.dumps(meta, indent=2) + "\n")
     return {KERAS_ARTIFACT: str(model_path), LABELS_ARTIFACT: str(labels_path)}
 
 
-def model_signature(num_classes: int, *, autoencoder: bool = False) -> ModelSignature:
-    """Return the signature of :class:`ImageModel`.
+def model_signature(num_classes: int, task: Task = CLASSIFICATION) -> ModelSignature:
+    """Return the signature of :class:`ImageModel`, derived from the task's output columns.
 
-    Input: ``image`` binary (base64 in JSON requests). Output: ``predicted_label`` string,
-    ``probability`` double, ``probabilities`` array of ``num_classes`` doubles (MLflow
-    schemas carry no array length), ``error`` string, plus ``reconstruction_error`` double
-    for an autoencoder. Every output may be null (a row whose image cannot be used, or an
-    autoencoder's probability) and is marked optional.
+    Input: ``image`` binary (base64 in JSON requests). Output: the task's columns
+    (:attr:`~pipelines.tasks.Task.output_columns`): for a classifier ``predicted_label``
+    string, ``probability`` double, ``probabilities`` array of ``num_classes`` doubles (MLflow
+    schemas carry no array length), ``error`` string; a reconstruction adds
+    ``reconstruction_error`` double. Every output may be null (a row whose image cannot be
+    used, or a reconstruction's probability) and is marked optional.
 
     Args:
         num_classes: Number of classes (at least 2 for a classifier).
-        autoencoder: Add ``reconstruction_error``.
+        task: What the model does.
 
     Returns:
         The signature; ``mlflow.pyfunc.spark_udf`` derives its struct result type from it.
@@ -336,12 +329,13 @@ def model_signature(num_classes: int, *, autoencoder: bool = False) -> ModelSign
         ValueError: A classifier with fewer than 2 classes.
 
     """
-    if not autoencoder and num_classes < 2:
+    if task.uses_labels and num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
     kinds = {"string": DataType.string, "double": DataType.double}
     kinds["array<double>"] = Array(DataType.double)
-    columns = {**schema.MODEL_OUTPUTS, **({RECONSTRUCTION_COLUMN: "double"} if autoencoder else {})}
-    outputs = [ColSpec(kinds[kind], name, required=False) for name, kind in columns.items()]
+    outputs = [
+        ColSpec(kinds[kind], name, required=False) for name, kind in task.output_columns.items()
+    ]
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]), outputs=Schema(outputs)
     )
@@ -363,7 +357,7 @@ def log_image_model(
     *,
     label_names: Sequence[str],
     image_shape: Sequence[int],
-    autoencoder: bool,
+    task: Task,
     input_example_png: bytes,
     name: str = "model",
 ) -> ModelInfo:
@@ -376,7 +370,7 @@ def log_image_model(
         model: The trained Keras model.
         label_names: Class names in output order.
         image_shape: ``(height, width, channels)`` of the model input.
-        autoencoder: Whether the model is the autoencoder.
+        task: What the model does.
         input_example_png: One image file, stored as the model's input example.
         name: Name of the logged model within the run.
 
@@ -395,7 +389,7 @@ def log_image_model(
         root = Path(tmp)
         (root / ModelDir.ARTIFACTS_DIR).mkdir()
         artifacts = save_keras_artifacts(
-            model, label_names, image_shape, autoencoder, root / ModelDir.ARTIFACTS_DIR
+            model, label_names, image_shape, task, root / ModelDir.ARTIFACTS_DIR
         )
         code_copy = root / "code" / __package__
         _copy_package(importlib.resources.files(__package__), code_copy)
@@ -404,7 +398,7 @@ def log_image_model(
                 name=name,
                 python_model=ImageModel(),
                 artifacts=artifacts,
-                signature=model_signature(num_classes, autoencoder=autoencoder),
+                signature=model_signature(num_classes, task),
                 input_example=pd.DataFrame({IMAGE_COLUMN: [input_example_png]}),
                 code_paths=[str(code_copy)],
                 pip_requirements=pip_requirements(),

@@ -10,13 +10,14 @@ here imports Horovod.
 
 Contract callers rely on:
 
-* Classifiers end in ``Dense(num_classes, softmax)`` named ``"predictions"``, are compiled with
-  ``sparse_categorical_crossentropy`` on integer labels and the metric ``"accuracy"``: history
-  keys ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``.
-* The autoencoder reconstructs its input (sigmoid output of the same shape, layer
-  ``"reconstruction"``), loss ``mse``, metric mean absolute error named
-  ``"reconstruction_error"``: history keys ``loss``, ``reconstruction_error``, ``val_loss``,
-  ``val_reconstruction_error``. Its bottleneck layer is named ``"latent"``.
+* Each model serves a task (:data:`MODEL_TASKS`, :mod:`pipelines.tasks`), which compiles it:
+  classifiers end in ``Dense(num_classes, softmax)`` named ``"predictions"`` (loss
+  ``sparse_categorical_crossentropy`` on integer labels, metric ``"accuracy"``: history keys
+  ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``); the autoencoder reconstructs its
+  input (sigmoid output of the same shape, layer ``"reconstruction"``; loss ``mse``, metric
+  the mean absolute error ``"reconstruction_error"``: history keys ``loss``,
+  ``reconstruction_error``, ``val_loss``, ``val_reconstruction_error``). Its bottleneck layer
+  is named ``"latent"``.
 * Every classifier has a layer named ``"embedding"``: the last hidden dense layer, or the
   global average pooling of ``resnet_small``. ``keras.Model(m.input, m.get_layer("embedding")
   .output)`` extracts embeddings.
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.config import TrainConfig
 from pipelines.keras_api import keras
+from pipelines.tasks import task_for_model
 
 if TYPE_CHECKING:
     from pipelines.keras_api import KerasModel, KerasOptimizer
@@ -58,6 +60,9 @@ if TYPE_CHECKING:
 
 #: The names accepted as ``train.model``.
 MODEL_NAMES: tuple[str, ...] = ("mlp", "lenet5", "mnist_cnn", "resnet_small", "autoencoder")
+
+#: The task of each zoo model that is not a classifier (:mod:`pipelines.tasks`).
+MODEL_TASKS: dict[str, str] = {"autoencoder": "reconstruction"}
 
 #: Smallest image height/width each model can take (valid convolutions and pooling shrink it).
 MIN_IMAGE_SIZE: dict[str, int] = {
@@ -74,19 +79,6 @@ MOMENTUM = 0.9
 #: Filters of ``resnet_small``'s three stages (one basic residual block each: a ResNet-8).
 RESNET_STAGE_FILTERS: tuple[int, ...] = (16, 32, 64)
 RESNET_BLOCKS_PER_STAGE = 1
-
-
-def is_autoencoder(cfg: TrainConfig) -> bool:
-    """Tell whether ``cfg`` selects the autoencoder (trained on images alone, no labels).
-
-    Args:
-        cfg: Training configuration.
-
-    Returns:
-        True for ``model: autoencoder``.
-
-    """
-    return cfg.model == "autoencoder"
 
 
 def build_model(
@@ -121,7 +113,8 @@ def build_model(
             f"train.model: unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}"
         )
     shape = _check_input_shape(cfg.model, input_shape)
-    if not is_autoencoder(cfg) and num_classes < 2:
+    task = task_for_model(cfg.model)
+    if task.uses_labels and num_classes < 2:
         raise ValueError(
             f"model {cfg.model} needs at least 2 classes, got {num_classes}; "
             "check the labels of the prepared dataset"
@@ -146,16 +139,7 @@ def build_model(
         # Horovod wraps the plain optimizer; under mixed_float16, compile() wraps that in a
         # LossScaleOptimizer (Horovod cannot wrap a LossScaleOptimizer itself).
         optimizer = optimizer_wrapper(optimizer)
-    if is_autoencoder(cfg):
-        model.compile(
-            optimizer=optimizer,
-            loss="mse",
-            metrics=[k.metrics.MeanAbsoluteError(name="reconstruction_error")],
-        )
-    else:
-        model.compile(
-            optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-        )
+    task.compile(model, optimizer, k)
     return model
 
 

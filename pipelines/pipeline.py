@@ -141,10 +141,8 @@ def log_run_report(config: Config, trained: Trained) -> None:
     report = log_training_report(
         trained.model,
         history=trained.history,
-        arrays=trained.evaluation.arrays,
-        outputs=trained.evaluation.outputs,
-        label_names=trained.manifest.label_names,
-        autoencoder=trained.autoencoder,
+        evaluation=trained.evaluation,
+        task=trained.task,
         tsne=config.train.tsne,
         layers=LayerRecords(
             trained.layer_stats,

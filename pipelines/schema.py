@@ -249,6 +249,11 @@ MODEL_OUTPUTS: dict[str, str] = {
     "error": "string",
 }
 
+#: What a reconstruction model (the autoencoder) outputs besides: each image's mean absolute
+#: reconstruction error (its classifier columns are null).
+RECONSTRUCTION_ERROR = "reconstruction_error"
+RECONSTRUCTION_OUTPUTS: dict[str, str] = {RECONSTRUCTION_ERROR: "double"}
+
 #: What scoring adds after the model's outputs: where the prediction came from, and when.
 SCORING_PROVENANCE: dict[str, str] = {
     "model_name": "string",
@@ -258,8 +263,9 @@ SCORING_PROVENANCE: dict[str, str] = {
     "batch_id": "string",
 }
 
-#: The scoring table, in column order: the image's path, the model's outputs, provenance.
-SCORED_ROW: dict[str, str] = {PATH: "string", **MODEL_OUTPUTS}
+#: The scoring table, in column order: the image's path, every task's model outputs (null
+#: where a model has no such output), provenance. One schema for every batch of a table.
+SCORED_ROW: dict[str, str] = {PATH: "string", **MODEL_OUTPUTS, **RECONSTRUCTION_OUTPUTS}
 SCORING_TABLE: dict[str, str] = {**SCORED_ROW, **SCORING_PROVENANCE}
 
 

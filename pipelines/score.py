@@ -353,16 +353,20 @@ def _predict_batch(model_name: str, threads: int, batch: Any, use_gpu: bool | st
             if errors[position] is None:
                 contents[position], errors[position] = read_file(file)
     readable = pd.isna(pd.Series(errors, dtype=object)).to_numpy()
-    # Null in the table where there is no prediction (the model's pd.NA too).
-    columns: dict[str, list[Any]] = {name: [None] * len(batch) for name in schema.MODEL_OUTPUTS}
+    # Null in the table where there is no prediction (the model's pd.NA too), and in the
+    # columns of other tasks than the model's.
+    outputs = [name for name in schema.SCORED_ROW if name != schema.PATH]
+    columns: dict[str, list[Any]] = {name: [None] * len(batch) for name in outputs}
     columns["error"] = errors
     if readable.any():
         images = [content for content, ok in zip(contents, readable, strict=True) if ok]
         output = model.predict(pd.DataFrame({"image": images}))
         positions = readable.nonzero()[0]
         for name, values in columns.items():
+            if name not in output.columns:
+                continue
             for position, value in zip(positions, output[name].tolist(), strict=True):
-                values[position] = value
+                values[position] = None if value is pd.NA else value
     return pd.DataFrame({schema.PATH: batch["path"].to_numpy(), **columns})
 
 

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from pipelines.bench.data import DATASET_IMAGES, prepared_dataset
 from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes, epoch_timer, interleaved
 from pipelines.config import Config, TrainConfig
+from pipelines.tasks import CLASSIFICATION, Task
+from pipelines.train.feed import SplitArrays, finish_batches
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 log = logging.getLogger("pipelines.bench")
 
@@ -53,7 +61,7 @@ def bench_feed(
       thread, row-group decode in TensorFlow, shuffle buffer), exactly what training uses;
     - baseline ``in-memory tensors``: the same split read into memory beforehand
       (:func:`~pipelines.train.feed.read_split`) and served by
-      :func:`~pipelines.train.feed.in_memory_dataset` (``from_tensor_slices``, shuffled).
+      :func:`in_memory_dataset` (``from_tensor_slices``, shuffled).
 
     Each feed has its own model (same seeded initial weights), whose train function is
     traced by a short untimed fit first. A run is then one ``fit`` of
@@ -79,7 +87,7 @@ def bench_feed(
 
     from pipelines.keras_api import keras
     from pipelines.models import build_model
-    from pipelines.train.feed import in_memory_dataset, make_dataset, read_split, steps_per_epoch
+    from pipelines.train.feed import make_dataset, read_split, steps_per_epoch
 
     url = data.split("train")
     shape = data.image_shape
@@ -150,3 +158,43 @@ def bench_feed(
             details=details,
         ),
     ]
+
+
+def in_memory_dataset(
+    arrays: SplitArrays,
+    *,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    task: Task = CLASSIFICATION,
+) -> tf.data.Dataset:
+    """The batches of :func:`~pipelines.train.feed.make_dataset`, served from arrays in memory.
+
+    The baseline of the feed benchmark: what the feed would cost if the split sat in memory.
+    With ``shuffle`` every pass is a fresh permutation of all images.
+
+    Args:
+        arrays: A split read by :func:`read_split`.
+        batch_size: Images per batch; every batch is full (batches run across passes).
+        shuffle: Shuffle the images, anew on every pass.
+        seed: Seed of the shuffle.
+        task: What the model learns (see :func:`~pipelines.train.feed.make_dataset`).
+
+    Returns:
+        An infinite ``tf.data.Dataset`` of ``(float32 (B, H, W, C) in [0, 1], int32 (B,))``.
+
+    Raises:
+        ValueError: The split is empty or the batch size is below 1.
+    """
+    import tensorflow as tf
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(arrays.images) == 0:
+        raise ValueError("in_memory_dataset: the split is empty")
+    data = tf.data.Dataset.from_tensor_slices(
+        (arrays.images, np.asarray(arrays.labels, dtype=np.int32))
+    )
+    if shuffle:
+        data = data.shuffle(len(arrays.images), seed=seed, reshuffle_each_iteration=True)
+    return finish_batches(data.repeat(), batch_size, False, 0, seed, task)

@@ -40,6 +40,7 @@ from pipelines.bench.stats import Measurement, pair, with_parallel_efficiency
 from pipelines.bench.timing import check_sizes, interleaved, timed
 from pipelines.config import Config
 from pipelines.store import sqlite_store
+from pipelines.tasks import CLASSIFICATION
 
 log = logging.getLogger("pipelines.bench")
 
@@ -322,7 +323,7 @@ def _log_model(tracking_uri: str, artifacts: Path) -> str:
             model,
             label_names=[f"class_{k}" for k in range(DATASET_CLASSES)],
             image_shape=list(shape),
-            autoencoder=False,
+            task=CLASSIFICATION,
             input_example_png=encode_png(np.zeros(shape, np.uint8)),
         )
     return info.model_uri

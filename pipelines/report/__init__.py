@@ -1,9 +1,10 @@
 """Run reports: what the network learned, as MLflow artifacts and as one offline HTML page.
 
 In, at training time (:func:`log_training_report`, on the driver inside the active MLflow run,
-after evaluation): the trained Keras model, rank 0's per-epoch ``history``, the evaluation split
-in memory (:class:`~pipelines.train.feed.SplitArrays`) and the model's outputs on it (class
-probabilities, or reconstructions for the autoencoder).
+after evaluation): the trained Keras model, rank 0's per-epoch ``history``, its
+:class:`~pipelines.tasks.Evaluation` (the split's metrics, and a bounded sample of its images
+with the model's outputs: class probabilities, or reconstructions) and its
+:class:`~pipelines.tasks.Task`, which says which sections apply.
 Out: artifacts under ``report/`` of the run, each plot as a PNG beside the numbers it shows:
 
 ===============================  ===============================================================
@@ -24,9 +25,9 @@ Out: artifacts under ``report/`` of the run, each plot as a PNG beside the numbe
 ``activations.png/.json``        every conv/pool/activation map for a few sample images, each
                                  layer with its shape and min/max activation (as ConvNetJS shows)
 ``embeddings.png/.csv``          2-D PCA (and optionally t-SNE) of the ``embedding`` layer
-                                 (``latent`` for the autoencoder), coloured by class
+                                 (the task's embedding layer), coloured by class
 ``embeddings_sprite.png/.json``  thumbnails of the points of the page's interactive plot
-``reconstructions.png/.csv``     originals beside reconstructions (autoencoder)
+``reconstructions.png/.csv``     originals beside reconstructions (reconstruction task)
 ``tensorboard/``                 TensorBoard logs: scalars (``train/``, ``validation/``), graph,
                                  weight and gradient histograms (``histograms/``) and the
                                  embedding projector (``projector_config.pbtxt``, ``projector/``)
@@ -62,9 +63,7 @@ them, so importing this package costs numpy only.
 """
 
 from pipelines.report.artifacts import (
-    EMBEDDING_LAYER,
     FILTERS_SHOWN,
-    LATENT_LAYER,
     MISCLASSIFIED_SHOWN,
     RECONSTRUCTIONS_SHOWN,
     REPORT_DIR,
@@ -89,9 +88,7 @@ from pipelines.report.render import (
 
 __all__ = [
     "DPI",
-    "EMBEDDING_LAYER",
     "FILTERS_SHOWN",
-    "LATENT_LAYER",
     "MISCLASSIFIED_SHOWN",
     "RECONSTRUCTIONS_SHOWN",
     "REPORT_DIR",

@@ -1,9 +1,11 @@
 """Training-time report: compute every section and write (or log) it as run artifacts.
 
 In (:func:`log_training_report`, on the driver inside the active MLflow run, after
-evaluation): the trained Keras model, rank 0's per-epoch ``history``, the evaluation split in
-memory (:class:`~pipelines.train.feed.SplitArrays`) and the model's outputs on it (class
-probabilities, or reconstructions for the autoencoder).
+evaluation): the trained Keras model, rank 0's per-epoch ``history``, the model's
+:class:`~pipelines.tasks.Evaluation` (the whole split's metrics and summary, and a bounded
+sample of its images with the model's outputs on them) and its :class:`~pipelines.tasks.Task`,
+which says which sections apply. Sections that draw images use the sample; what counts
+the whole split (metrics, the confusion matrix) uses the split.
 Out: the files listed in :mod:`pipelines.report` under the run's :data:`REPORT_DIR`
 (:func:`write_training_report` writes the same files to a local directory and logs nothing),
 and the summary dict also stored as ``summary.json``. Each section is computed with
@@ -32,7 +34,6 @@ from pipelines.report.layers import LayerRecords, write_layer_section
 from pipelines.report.numeric import (
     class_name,
     classification_report,
-    confusion_matrix,
     jsonable,
     most_confident_errors,
     pca_2d,
@@ -53,15 +54,13 @@ from pipelines.report.probe import activation_layers, layer_outputs
 
 if TYPE_CHECKING:
     from pipelines.keras_api import KerasModel
+    from pipelines.tasks import Evaluation, Task
     from pipelines.train.feed import SplitArrays
 
 log = logging.getLogger(__name__)
 
 #: Artifact directory of the run that holds the report.
 REPORT_DIR = "report"
-#: Layer whose outputs are projected for classifiers, and for the autoencoder.
-EMBEDDING_LAYER = "embedding"
-LATENT_LAYER = "latent"
 #: How many of the most confident errors the misclassified grid shows.
 MISCLASSIFIED_SHOWN = 16
 #: How many images the reconstruction figure shows.
@@ -74,29 +73,25 @@ def log_training_report(
     model: KerasModel,
     *,
     history: Mapping[str, Sequence[float]],
-    arrays: SplitArrays,
-    outputs: np.ndarray,
-    label_names: Sequence[str],
-    autoencoder: bool,
+    evaluation: Evaluation,
+    task: Task,
     tsne: bool = False,
     samples: int = 4,
     layers: LayerRecords | None = None,
 ) -> dict[str, Any]:
     """Compute the training report and log it to the active MLflow run under ``report/``.
 
-    Call it on the driver inside ``mlflow.start_run()``, after evaluating ``model`` on
-    ``arrays``. A section that fails (a plot bug, an odd custom model) is logged as a warning
-    and listed under ``errors`` in the result; it never fails the training run.
+    Call it on the driver inside ``mlflow.start_run()``, after evaluating ``model``. A
+    section that fails (a plot bug, an odd custom model) is logged as a warning and listed
+    under ``errors`` in the result; it never fails the training run.
 
     Args:
         model: The trained Keras model (layer names as :mod:`pipelines.models` documents).
         history: Per-epoch metrics of rank 0, e.g. ``loss``, ``accuracy``, ``val_loss``,
-            ``val_accuracy``, ``lr`` (``reconstruction_error`` ... for the autoencoder).
-        arrays: The evaluation split (test, or val when test is empty) in memory.
-        outputs: ``model``'s predictions on ``arrays``: class probabilities ``(N, K)`` or
-            reconstructions ``(N, H, W, C)`` in [0, 1].
-        label_names: Class name of each label index.
-        autoencoder: The model reconstructs its input instead of classifying.
+            ``val_accuracy``, ``lr`` (``reconstruction_error`` ... for a reconstruction).
+        evaluation: The model's evaluation on the test split (the val split when test is
+            empty): metrics, summary, and the sample the image sections draw.
+        task: What the model does: which sections apply.
         tsne: Also project the embeddings with t-SNE (scikit-learn; minutes for 10,000 images).
         samples: Number of sample images whose activation maps are drawn.
         layers: Rank 0's per-layer statistics and histograms per epoch and the gradient
@@ -104,9 +99,10 @@ def log_training_report(
 
     Returns:
         The summary also stored as ``report/summary.json``: ``artifacts`` (relative names),
-        ``notes`` and ``errors`` per section, ``test_rows`` and, for classifiers,
-        ``accuracy``, ``correct`` and ``confusion_matrix`` (a list of rows), for the
-        autoencoder ``reconstruction_error``; plus ``embedding`` and ``activation_layers``.
+        ``notes`` and ``errors`` per section, ``task``, ``test_rows``, ``sample`` (the images
+        the image sections drew, of how many) and, for classifiers, ``accuracy``,
+        ``correct`` and ``confusion_matrix`` (a list of rows), for a reconstruction
+        ``reconstruction_error``; plus ``embedding`` and ``activation_layers``.
 
     """
     import mlflow
@@ -116,10 +112,8 @@ def log_training_report(
             tmp,
             model,
             history=history,
-            arrays=arrays,
-            outputs=outputs,
-            label_names=label_names,
-            autoencoder=autoencoder,
+            evaluation=evaluation,
+            task=task,
             tsne=tsne,
             samples=samples,
             layers=layers,
@@ -133,10 +127,8 @@ def write_training_report(
     model: KerasModel,
     *,
     history: Mapping[str, Sequence[float]],
-    arrays: SplitArrays,
-    outputs: np.ndarray,
-    label_names: Sequence[str],
-    autoencoder: bool,
+    evaluation: Evaluation,
+    task: Task,
     tsne: bool = False,
     samples: int = 4,
     layers: LayerRecords | None = None,
@@ -147,10 +139,8 @@ def write_training_report(
         out_dir: Directory to write into (created if missing).
         model: See :func:`log_training_report`.
         history: See :func:`log_training_report`.
-        arrays: See :func:`log_training_report`.
-        outputs: See :func:`log_training_report`.
-        label_names: See :func:`log_training_report`.
-        autoencoder: See :func:`log_training_report`.
+        evaluation: See :func:`log_training_report`.
+        task: See :func:`log_training_report`.
         tsne: See :func:`log_training_report`.
         samples: See :func:`log_training_report`.
         layers: See :func:`log_training_report`.
@@ -159,51 +149,50 @@ def write_training_report(
         The summary, as :func:`log_training_report` returns it.
 
     Raises:
-        ValueError: ``outputs`` does not fit ``arrays`` (row count, number of classes).
+        ValueError: The evaluation's outputs do not fit its sample (row count, classes).
 
     """
     from pipelines.images import normalise
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    outputs = np.asarray(outputs)
+    arrays = evaluation.sample
+    outputs = np.asarray(evaluation.outputs)
     labels = np.asarray(arrays.labels, dtype=np.int64)
-    names = [str(name) for name in label_names]
-    _check_outputs(outputs, arrays, names, autoencoder)
+    names = [str(name) for name in arrays.label_names]
+    _check_outputs(outputs, arrays, names, task)
     x = normalise(arrays.images)
 
     summary: dict[str, Any] = {
         "model": str(getattr(model, "name", "model")),
-        "autoencoder": bool(autoencoder),
-        "test_rows": len(labels),
+        "task": task.name,
+        "test_rows": evaluation.rows,
+        "sample": {"images": len(arrays), "of": evaluation.rows},
         "label_names": names,
         "notes": {},
         "errors": {},
     }
+    if evaluation.sampled:
+        summary["notes"]["sample"] = (
+            f"the sections that draw images use {len(arrays)} of the split's "
+            f"{evaluation.rows} images"
+            + (", the mistakes first" if task.uses_labels else ", drawn at random")
+        )
+    writers: dict[str, Callable[[], dict[str, Any]]] = {
+        "confusion_matrix": lambda: _confusion(out, evaluation.summary, names),
+        "misclassified": lambda: _misclassified(out, arrays, outputs, names, evaluation),
+        "attribution": lambda: write_attribution(
+            out, model, arrays.images, x, labels, outputs, names
+        ),
+        "reconstructions": lambda: _reconstructions(out, arrays, x, outputs, names, evaluation),
+    }
     sections: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("learning_curves", lambda: _learning_curves(out, history)),
-    ]
-    if autoencoder:
-        sections.append(
-            ("reconstructions", lambda: _reconstructions(out, arrays, x, outputs, names))
-        )
-    else:
-        sections += [
-            ("confusion_matrix", lambda: _confusion(out, labels, outputs, names)),
-            ("misclassified", lambda: _misclassified(out, arrays, outputs, names)),
-            (
-                "attribution",
-                lambda: write_attribution(out, model, arrays.images, x, labels, outputs, names),
-            ),
-        ]
-    sections += [
+        *((name, writers[name]) for name in task.report_sections),
         ("filters_layer1", lambda: _filters(out, model)),
         ("filters_topk", lambda: write_filter_topk(out, model, arrays.images, x)),
         ("activations", lambda: _activations(out, model, arrays, x, names, samples)),
-        (
-            "embeddings",
-            lambda: _embeddings(out, model, arrays, x, outputs, names, autoencoder, tsne),
-        ),
+        ("embeddings", lambda: _embeddings(out, model, arrays, x, outputs, names, task, tsne)),
         ("layer_stats", lambda: write_layer_section(out, layers or LayerRecords())),
         ("tensorboard", lambda: _tensorboard(out / "tensorboard", model, history, x)),
     ]
@@ -239,11 +228,9 @@ def _learning_curves(out: Path, history: Mapping[str, Sequence[float]]) -> dict[
     return {"epochs": epochs}
 
 
-def _confusion(
-    out: Path, labels: np.ndarray, probabilities: np.ndarray, names: list[str]
-) -> dict[str, Any]:
-    predicted = probabilities.argmax(axis=1)
-    cm = confusion_matrix(labels, predicted, len(names))
+def _confusion(out: Path, split: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
+    """The whole split's confusion matrix (counted by the evaluation) and class scores."""
+    cm = np.asarray(split["confusion_matrix"], dtype=np.int64)
     _write_csv(
         out / "confusion_matrix.csv",
         ["true \\ predicted", *names],
@@ -260,11 +247,16 @@ def _confusion(
 
 
 def _misclassified(
-    out: Path, arrays: SplitArrays, probabilities: np.ndarray, names: list[str]
+    out: Path,
+    arrays: SplitArrays,
+    probabilities: np.ndarray,
+    names: list[str],
+    evaluation: Evaluation,
 ) -> dict[str, Any]:
+    """The most confident mistakes: the sample holds the split's, most confident first."""
     labels = np.asarray(arrays.labels)
     predicted = probabilities.argmax(axis=1)
-    errors = int(np.sum(predicted != labels))
+    errors = int(evaluation.summary.get("errors", np.sum(predicted != labels)))
     shown = most_confident_errors(labels, probabilities, MISCLASSIFIED_SHOWN)
     rows = [
         [
@@ -281,7 +273,7 @@ def _misclassified(
     header = ["rank", "index", "path", "true", "predicted", "probability", "true_probability"]
     _write_csv(out / "misclassified.csv", header, rows)
     save_png(
-        plot_misclassified(arrays.images, rows, errors, len(labels)), out / "misclassified.png"
+        plot_misclassified(arrays.images, rows, errors, evaluation.rows), out / "misclassified.png"
     )
     result: dict[str, Any] = {"misclassified": errors}
     if not errors:
@@ -421,7 +413,7 @@ def _embeddings(
     x: np.ndarray,
     outputs: np.ndarray,
     names: list[str],
-    autoencoder: bool,
+    task: Task,
     tsne: bool,
 ) -> dict[str, Any]:
     """The 2-D projections (CSV, PNG), the page's thumbnails and the projector files.
@@ -431,7 +423,7 @@ def _embeddings(
     of the JSON's ``indices``; ``tensorboard/`` gets the projector's vectors, metadata,
     sprite and config.
     """
-    wanted = LATENT_LAYER if autoencoder else EMBEDDING_LAYER
+    wanted = task.embedding_layer
     layer_names = [layer.name for layer in model.layers]
     notes = []
     if wanted in layer_names:
@@ -451,13 +443,20 @@ def _embeddings(
         else:
             notes.append("t-SNE skipped: it needs at least 4 images")
     labels = np.asarray(arrays.labels)
-    predicted = None if autoencoder else outputs.argmax(axis=1)
+    predicted = outputs.argmax(axis=1) if task.uses_labels else None
     _write_csv(
         out / "embeddings.csv",
         *_embedding_rows(arrays.paths, labels, predicted, outputs, names, projections),
     )
     fig = plot_embeddings(
-        projections, labels, predicted, names, layer_name, features.shape[1], ratio, autoencoder
+        projections,
+        labels,
+        predicted,
+        names,
+        layer_name,
+        features.shape[1],
+        ratio,
+        task.label_caption,
     )
     save_png(fig, out / "embeddings.png")
     shown = embeddings.sample_points(labels, predicted, embeddings.EMBEDDINGS_SHOWN)
@@ -511,7 +510,12 @@ def _embedding_rows(
 
 
 def _reconstructions(
-    out: Path, arrays: SplitArrays, x: np.ndarray, outputs: np.ndarray, names: list[str]
+    out: Path,
+    arrays: SplitArrays,
+    x: np.ndarray,
+    outputs: np.ndarray,
+    names: list[str],
+    evaluation: Evaluation,
 ) -> dict[str, Any]:
     outputs = outputs.reshape(x.shape)
     errors = np.abs(outputs - x).reshape(len(x), -1).mean(axis=1)
@@ -530,7 +534,7 @@ def _reconstructions(
     ]
     _write_csv(out / "reconstructions.csv", ["index", "path", "label", "mae", "mse"], rows)
     save_png(plot_reconstructions(x, outputs, shown, errors), out / "reconstructions.png")
-    return {"reconstruction_error": float(errors.mean()) if len(errors) else 0.0}
+    return {"reconstruction_error": evaluation.metrics.get("test_reconstruction_error", 0.0)}
 
 
 def _tensorboard(
@@ -572,12 +576,10 @@ def _tensorboard(
     }
 
 
-def _check_outputs(
-    outputs: np.ndarray, arrays: SplitArrays, names: list[str], autoencoder: bool
-) -> None:
+def _check_outputs(outputs: np.ndarray, arrays: SplitArrays, names: list[str], task: Task) -> None:
     if len(outputs) != len(arrays.labels):
         raise ValueError(f"{len(outputs)} outputs for {len(arrays.labels)} images")
-    if autoencoder:
+    if not task.uses_labels:
         if outputs.size != arrays.images.size:
             raise ValueError(
                 f"reconstructions {outputs.shape} do not match images {arrays.images.shape}"

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.report.plots import class_colours_hex, plot_curves, save_png
+from pipelines.tasks import task_of_record
 
 if TYPE_CHECKING:
     import jinja2
@@ -483,7 +484,7 @@ def _embeddings_section(
             "dimensions": emb["dimensions"],
             "methods": ", ".join(emb["methods"]),
             "explained": [f"{ratio[0]:.1%}", f"{ratio[1]:.1%}"],
-            "autoencoder": bool(summary.get("autoencoder")),
+            "predicts_labels": task_of_record(summary).uses_labels,
         }
     return section
 

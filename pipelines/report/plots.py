@@ -343,19 +343,20 @@ def plot_embeddings(
     layer: str,
     dims: int,
     ratio: np.ndarray,
-    autoencoder: bool,
+    label_caption: str = "true class",
 ) -> Figure:
     """Scatter plots of the 2-D projections, coloured by class, errors marked with a cross.
 
     Args:
         projections: ``(N, 2)`` coordinates per method (``pca``, optionally ``tsne``).
         labels: True class index of each row.
-        predicted: Predicted class index of each row; None for the autoencoder.
+        predicted: Predicted class index of each row; None when the model predicts none.
         names: Class names.
         layer: Name of the projected layer.
         dims: Its number of dimensions.
         ratio: Explained-variance ratio of the two principal components.
-        autoencoder: Labels are dataset labels the model never saw.
+        label_caption: What the labels are to the model (the task's
+            :attr:`~pipelines.tasks.Task.label_caption`).
 
     Returns:
         The figure, one panel per method.
@@ -391,8 +392,10 @@ def plot_embeddings(
         if wrong.any():
             handles.append(Line2D([], [], marker="x", ls="", color="black", label="misclassified"))
         fig.legend(handles=handles, loc="outside right center", fontsize=8, title="true class")
-    what = "dataset label (not used for training)" if autoencoder else "true class"
-    suptitle(fig, f"Embeddings of the evaluation split ({len(labels)} images), coloured by {what}")
+    suptitle(
+        fig,
+        f"Embeddings of the evaluation split ({len(labels)} images), coloured by {label_caption}",
+    )
     return fig
 
 

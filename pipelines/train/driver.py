@@ -26,6 +26,7 @@ from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
 from pipelines.store import MANIFEST_ARTIFACT, DatasetDir, RunDir, Store
+from pipelines.tasks import Evaluation, Task, task_for_model
 from pipelines.train.checkpoint import load_final_model, read_checkpoint, read_rank_placements
 from pipelines.train.runs import log_new_epochs, training_run
 from pipelines.train.worker import RankResult, WorkerSpec, train_worker
@@ -165,7 +166,6 @@ def _train_in_run(
     import mlflow
 
     from pipelines import image_model, registry
-    from pipelines.models import is_autoencoder
 
     spec = WorkerSpec(
         train=config.train,
@@ -222,9 +222,9 @@ def _train_in_run(
     )
 
     model = load_final_model(run_dir)
-    autoencoder = is_autoencoder(config.train)
+    task = task_for_model(config.train.model)
     clock.lap("log_register")
-    evaluation = evaluate(model, dataset, manifest, autoencoder)
+    evaluation = evaluate(model, dataset, manifest, task)
     clock.lap("evaluate")
     mlflow.log_metrics(evaluation.metrics)
     mlflow.log_text(_summary(model), "model_summary.txt")
@@ -234,7 +234,7 @@ def _train_in_run(
             rank0.history,
             evaluation,
             manifest,
-            autoencoder,
+            task,
             layer_stats=layer_stats,
             layer_histograms=rank0.layer_histograms,
         )
@@ -246,17 +246,16 @@ def _train_in_run(
         model,
         label_names=manifest.label_names,
         image_shape=list(manifest.image_shape),
-        autoencoder=autoencoder,
+        task=task,
         input_example_png=evaluation.example_png,
     )
-    metric = "test_reconstruction_error" if autoencoder else "test_accuracy"
     registration = registry.register_and_promote(
         info.model_uri,
         run_id,
         model_name=config.mlflow.model_name,
         alias=config.mlflow.champion_alias,
-        metric=metric,
-        higher_is_better=not autoencoder,
+        metric=task.test_metric,
+        higher_is_better=task.higher_is_better,
         tracking_uri=store.tracking_uri,
         registry_uri=store.registry_uri,
     )
@@ -284,17 +283,6 @@ def _train_in_run(
 
 
 @dataclass(frozen=True)
-class Evaluation:
-    """Test-split metrics, predictions for reports, and one example image for the signature."""
-
-    metrics: dict[str, float]
-    labels: Any  # np.ndarray (N,) true label indices
-    outputs: Any  # np.ndarray: class probabilities (N, K) or reconstructions
-    example_png: bytes
-    arrays: Any = None  # SplitArrays: the evaluated split, for the report
-
-
-@dataclass(frozen=True)
 class Trained:
     """The evaluated model in memory, for a step run in the training run (the report)."""
 
@@ -302,7 +290,7 @@ class Trained:
     history: dict[str, list[float]]  # rank 0's per-epoch metrics
     evaluation: Evaluation
     manifest: schema.Manifest  # the prepared dataset's manifest
-    autoencoder: bool
+    task: Task
     #: Rank 0's per-layer statistics and histograms per epoch (empty with
     #: ``train.layer_stats`` off); formats in :mod:`pipelines.train.layer_stats`.
     layer_stats: dict[str, list[float]] = field(default_factory=dict)
@@ -313,31 +301,24 @@ class Trained:
 ReportStep = Callable[[Config, Trained], None]
 
 
-def evaluate(
-    model: Any, dataset: DatasetDir, manifest: schema.Manifest, autoencoder: bool
-) -> Evaluation:
-    """Score the test split (the val split if test is empty) in this process."""
-    import numpy as np
+def evaluate(model: Any, dataset: DatasetDir, manifest: schema.Manifest, task: Task) -> Evaluation:
+    """Evaluate the model on the test split (the val split if test is empty), streaming.
 
-    from pipelines.images import encode_png, normalise
-    from pipelines.train.feed import read_split
+    The split is read one row group at a time: the driver holds one row group and the
+    report's bounded sample (:data:`~pipelines.tasks.REPORT_SAMPLE_IMAGES`), whatever the
+    split's size.
+    """
+    from pipelines.images import normalise
+    from pipelines.train.feed import iter_split
 
     split = "test" if manifest.splits.get("test", 0) else "val"
     if not manifest.splits.get(split, 0):
         raise UserError(f"{dataset.root} has neither test nor val rows to evaluate on")
-    arrays = read_split(dataset.split(split), tuple(manifest.image_shape))
-    x = normalise(arrays.images)
-    outputs = model.predict(x, batch_size=256, verbose=0)
-    if autoencoder:
-        metrics = {"test_reconstruction_error": float(np.mean(np.abs(outputs - x)))}
-    else:
-        picked = outputs[np.arange(len(arrays.labels)), arrays.labels]
-        metrics = {
-            "test_accuracy": float(np.mean(np.argmax(outputs, axis=1) == arrays.labels)),
-            "test_loss": float(np.mean(-np.log(np.clip(picked, 1e-7, 1.0)))),
-        }
-    metrics["test_rows"] = float(len(arrays.labels))
-    return Evaluation(metrics, arrays.labels, outputs, encode_png(arrays.images[0]), arrays)
+    evaluator = task.evaluator(manifest.label_names)
+    for images, labels, paths in iter_split(dataset.split(split), tuple(manifest.image_shape)):
+        outputs = model.predict(normalise(images), batch_size=256, verbose=0)
+        evaluator.update(images, labels, paths, outputs)
+    return evaluator.result()
 
 
 def _log_inputs(

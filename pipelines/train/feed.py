@@ -7,11 +7,10 @@ Out:
 
 - :func:`make_dataset`: an infinite ``tf.data.Dataset`` of ``(images, labels)`` batches, float32
   images in [0, 1] of shape ``(B, H, W, C)`` and int32 labels ``(B,)`` (``(images, images)``
-  for an autoencoder), read by Petastorm from one shard of the split's row groups;
+  when the task learns no labels), read by Petastorm from one shard of the split's row groups;
+- :func:`iter_split`: a split one row group at a time, for streaming evaluation;
 - :func:`read_split`: a whole split in memory (:class:`SplitArrays`), sorted by path, for
-  evaluation, reports and benchmarks;
-- :func:`in_memory_dataset`: the same batches as :func:`make_dataset` from such arrays, the
-  baseline the feed benchmark compares against;
+  tests and benchmarks;
 - :func:`steps_per_epoch`: the step count every rank must run.
 
 How the feed reads (ARCHITECTURE.md, "Why the stack is pinned"): images are stored with
@@ -45,6 +44,7 @@ import numpy as np
 from pipelines import schema
 from pipelines.errors import UserError
 from pipelines.store import DatasetDir, local_path, to_url
+from pipelines.tasks import CLASSIFICATION, Task
 from pipelines.train.streams import GENERATOR_WORK, RowGroupStream, close_readers_at_exit, closing
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def make_dataset(
     shard_count: int = 1,
     shuffle: bool = True,
     seed: int = 0,
-    autoencoder: bool = False,
+    task: Task = CLASSIFICATION,
     shuffle_buffer: int = 2048,
     reader_workers: int = 1,
     augment: Augmentation | None = None,
@@ -168,11 +168,12 @@ def make_dataset(
             iterator starts from the beginning, so evaluation sees the same rows each time.
         seed: Seed of both shuffles. Petastorm takes ``0`` as "unseeded": the row-group order
             is then random, the image shuffle still seeded.
-        autoencoder: Yield ``(images, images)`` instead of ``(images, labels)``.
+        task: What the model learns: its :meth:`~pipelines.tasks.Task.targets` pair the
+            images with their labels, or with themselves (reconstruction).
         shuffle_buffer: Images in the shuffle buffer.
         reader_workers: Petastorm reader threads; one keeps up with training on two cores.
         augment: Random shifts and rotations of the scaled images (training only; the
-            autoencoder's target is the augmented image too). None or inactive: none.
+            target of a reconstruction is the augmented image too). None or inactive: none.
 
     Returns:
         A ``tf.data.Dataset`` of ``(float32 (B, H, W, C) in [0, 1], int32 (B,))`` batches
@@ -246,47 +247,47 @@ def make_dataset(
     # The reader never ends; repeat() declares the dataset infinite to tf.data and Keras (and
     # ends it at exit, when the generator returns at once).
     data = data.repeat().map(decode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    return _finish(data, batch_size, shuffle, shuffle_buffer, seed, autoencoder, augment)
+    return finish_batches(data, batch_size, shuffle, shuffle_buffer, seed, task, augment)
 
 
-def in_memory_dataset(
-    arrays: SplitArrays,
-    *,
-    batch_size: int,
-    shuffle: bool = True,
-    seed: int = 0,
-    autoencoder: bool = False,
-) -> tf.data.Dataset:
-    """The batches of :func:`make_dataset`, served from arrays in memory.
+def iter_split(
+    url: str, image_shape: tuple[int, int, int]
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """A split's rows one row group at a time, in stored order: memory of one row group.
 
-    The baseline of the feed benchmark, and a convenience for small splits. With ``shuffle``
-    every pass is a fresh permutation of all images.
+    Uses Petastorm's single-threaded ``dummy`` pool, as :func:`read_split` does.
 
     Args:
-        arrays: A split read by :func:`read_split`.
-        batch_size: Images per batch; every batch is full (batches run across passes).
-        shuffle: Shuffle the images, anew on every pass.
-        seed: Seed of the shuffle.
-        autoencoder: Yield ``(images, images)`` instead of ``(images, labels)``.
+        url: The split, e.g. ``DatasetDir(root).split("test")``; a path or a URL.
+        image_shape: ``(height, width, channels)`` the dataset was ingested at.
 
-    Returns:
-        An infinite ``tf.data.Dataset`` of ``(float32 (B, H, W, C) in [0, 1], int32 (B,))``.
+    Yields:
+        ``(images, labels, paths)``: uint8 ``(N, H, W, C)``, int32 ``(N,)``, N paths.
 
     Raises:
-        ValueError: The split is empty or the batch size is below 1.
+        SplitNotFoundError: The split does not exist.
+        ImageShapeError: The stored images are not ``image_shape`` uint8 arrays.
     """
-    import tensorflow as tf
+    from petastorm import make_batch_reader
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if len(arrays.images) == 0:
-        raise ValueError("in_memory_dataset: the split is empty")
-    data = tf.data.Dataset.from_tensor_slices(
-        (arrays.images, np.asarray(arrays.labels, dtype=np.int32))
+    shape = _check_shape(image_shape)
+    url = to_url(url)
+    _require_split(url)
+    _quiet_petastorm()
+    reader = make_batch_reader(
+        url,
+        num_epochs=1,
+        schema_fields=[schema.IMAGE, schema.LABEL, schema.PATH],
+        shuffle_row_groups=False,
+        reader_pool_type="dummy",
     )
-    if shuffle:
-        data = data.shuffle(len(arrays.images), seed=seed, reshuffle_each_iteration=True)
-    return _finish(data.repeat(), batch_size, False, 0, seed, autoencoder)
+    try:
+        for batch in reader:
+            images = _decode_cells(batch.image, url, shape)
+            yield images, batch.label.astype(np.int32), [str(p) for p in batch.path]
+    finally:
+        reader.stop()
+        reader.join()
 
 
 def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
@@ -354,16 +355,19 @@ def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _finish(
+def finish_batches(
     data: tf.data.Dataset,
     batch_size: int,
     shuffle: bool,
     shuffle_buffer: int,
     seed: int,
-    autoencoder: bool,
+    task: Task,
     augment: Augmentation | None = None,
 ) -> tf.data.Dataset:
-    """Shuffle single images, batch, scale to [0, 1], augment and prefetch."""
+    """Shuffle single images, batch, scale to [0, 1], augment and prefetch.
+
+    The end of every feed: the training feed's and the feed benchmark's in-memory baseline.
+    """
     import tensorflow as tf
 
     if shuffle:
@@ -374,11 +378,11 @@ def _finish(
     def scale(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         # Exactly pipelines.images.normalise: float32 x / 255 (a division, not * (1/255)).
         x = tf.cast(images, tf.float32) / tf.constant(255.0, tf.float32)
-        return (x, x) if autoencoder else (x, labels)
+        return task.targets(x, labels)
 
     def change(x: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x = changes(x, training=True)
-        return (x, x) if autoencoder else (x, target)
+        return task.targets(x, target)
 
     data = data.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
     if changes is not None:

@@ -246,7 +246,7 @@ def _scaled_lr(cfg: TrainConfig, dist: Distribution) -> float:
 
 def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
     """The :class:`PreparedRank` fields that follow ``dist.rank`` and ``dist.size`` now."""
-    from pipelines.models import is_autoencoder
+    from pipelines.tasks import task_for_model
     from pipelines.train.feed import Augmentation, make_dataset, steps_per_epoch
 
     cfg = spec.train
@@ -260,7 +260,7 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
         "cur_shard": dist.rank,
         "shard_count": dist.size,
         "seed": cfg.seed,
-        "autoencoder": is_autoencoder(cfg),
+        "task": task_for_model(cfg.model),
     }
     augment = Augmentation(cfg.augment_shift, cfg.augment_rotation_deg)
     train_data = make_dataset(spec.dataset.split("train"), shuffle=True, augment=augment, **feed)

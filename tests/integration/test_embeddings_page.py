@@ -37,6 +37,7 @@ from pipelines.keras_api import keras
 from pipelines.models import build_model
 from pipelines.report import embeddings, write_training_report
 from pipelines.report.pages import run_page
+from pipelines.tasks import CLASSIFICATION
 from pipelines.train.feed import SplitArrays
 from tests.integration.chromium import needs_chromium, run_chromium
 from tests.integration.test_report import LABELS, SIZE, make_split
@@ -85,10 +86,8 @@ def _write(tmp: Path, model, arrays: SplitArrays, outputs: np.ndarray, tsne: boo
         tmp / "report",
         model,
         history={},
-        arrays=arrays,
-        outputs=outputs,
-        label_names=LABELS,
-        autoencoder=False,
+        evaluation=CLASSIFICATION.evaluate(arrays, outputs),
+        task=CLASSIFICATION,
         tsne=tsne,
         samples=3,
     )

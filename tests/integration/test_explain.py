@@ -33,6 +33,7 @@ from pipelines.models import build_model
 from pipelines.registry import register_and_promote
 from pipelines.report.attribution import grad_cam, peak, saliency
 from pipelines.report.probe import activation_layers, layer_outputs
+from pipelines.tasks import CLASSIFICATION
 from tests.integration.chromium import needs_chromium, screenshot
 from tests.integration.conftest import TrackingStore
 
@@ -75,7 +76,7 @@ def registered(store: TrackingStore) -> Registered:
             model,
             label_names=NAMES,
             image_shape=(SIZE, SIZE, 1),
-            autoencoder=False,
+            task=CLASSIFICATION,
             input_example_png=encode_png(images[0]),
         )
     registration = register_and_promote(
@@ -220,7 +221,7 @@ def test_a_model_without_convolution_gets_saliency_only(
             model,
             label_names=NAMES,
             image_shape=(SIZE, SIZE, 1),
-            autoencoder=False,
+            task=CLASSIFICATION,
             input_example_png=encode_png(images[0]),
         )
     uri = f"runs:/{run.info.run_id}/model"  # not registered: a run's model works too

@@ -35,6 +35,7 @@ from pipelines.report import (
     write_training_report,
 )
 from pipelines.report.layers import LayerRecords
+from pipelines.tasks import CLASSIFICATION, RECONSTRUCTION, Task
 from pipelines.train.feed import SplitArrays
 from pipelines.train.layer_stats import layer_stats_callback
 from tests.integration.chromium import needs_chromium, screenshot
@@ -115,7 +116,7 @@ def _train(
     store: TrackingStore,
     cfg: TrainConfig,
     *,
-    autoencoder: bool = False,
+    task: Task = CLASSIFICATION,
     report: bool = True,
     tsne: bool = False,
     vanish_below: float = 1.0e-7,
@@ -128,7 +129,7 @@ def _train(
     train, val, test = make_split(300, 1), make_split(45, 2), make_split(60, 3, flip=0.1)
     model = build_model(cfg, (SIZE, SIZE, 1), len(LABELS))
     x, xv = normalise(train.images), normalise(val.images)
-    y, yv = (x, xv) if autoencoder else (train.labels, val.labels)
+    y, yv = (train.labels, val.labels) if task.uses_labels else (x, xv)
     stats: dict[str, list[float]] = {}
     histograms: dict[str, list] = {}
     recorder = layer_stats_callback(keras(), (xv[:32], yv[:32]), stats, histograms)
@@ -157,7 +158,7 @@ def _train(
         for name, values in history.items():
             for epoch, value in enumerate(values):
                 mlflow.log_metric(name, value, step=epoch)
-        if autoencoder:
+        if not task.uses_labels:
             metrics = {"test_reconstruction_error": float(np.mean(np.abs(outputs - xt)))}
         else:
             metrics = {
@@ -171,10 +172,8 @@ def _train(
             summary = log_training_report(
                 model,
                 history=history,
-                arrays=test,
-                outputs=outputs,
-                label_names=LABELS,
-                autoencoder=autoencoder,
+                evaluation=task.evaluate(test, outputs),
+                task=task,
                 tsne=tsne,
                 samples=3,
                 layers=LayerRecords(stats, histograms, vanish_below, explode_above=1000.0),
@@ -202,7 +201,7 @@ def sigmoid_run(store: TrackingStore) -> Logged:
 @pytest.fixture(scope="module")
 def autoencoder(store: TrackingStore) -> Logged:
     cfg = TrainConfig(model="autoencoder", latent_dim=8, epochs=2, learning_rate=0.005, seed=3)
-    return _train(store, cfg, autoencoder=True)
+    return _train(store, cfg, task=RECONSTRUCTION)
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -403,10 +402,8 @@ def test_mlp_shows_dense_weights_and_says_it_has_no_convolutions(tmp_path: Path)
         tmp_path,
         model,
         history={},
-        arrays=test,
-        outputs=outputs,
-        label_names=LABELS,
-        autoencoder=False,
+        evaluation=CLASSIFICATION.evaluate(test, outputs),
+        task=CLASSIFICATION,
     )
     assert summary["errors"] == {}
     assert "no convolution" in summary["notes"]["filters_layer1"]

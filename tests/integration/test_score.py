@@ -194,3 +194,50 @@ def test_serve_binds_to_localhost_by_default():
 
     args = _parser().parse_args(["serve"])
     assert (args.host, args.port) == ("127.0.0.1", 5000)
+
+
+def test_an_autoencoders_reconstruction_error_reaches_the_scoring_table(
+    spark, trained, incoming, tmp_path
+):
+    """The reconstruction task's own column is in the table; a classifier's batch has it null."""
+    import mlflow
+
+    config, _ = trained
+    store = Store.of(config)
+    prepared = store.work.parent / "prepared"
+    autoencoder = load_config(
+        overrides=[
+            f"work_dir={store.work}",
+            f"mlflow.tracking_uri={store.tracking_uri}",
+            "mlflow.model_name=digits-autoencoder",
+            "train.launcher=local",
+            "train.model=autoencoder",
+            "train.hidden_units=32",
+            "train.latent_dim=8",
+            "train.epochs=2",
+            "train.early_stopping_patience=0",
+        ]
+    )
+    trained_ae = train(autoencoder, LocalLauncher(), prepared)
+    table = str(tmp_path / "scores")
+    score(spark, config, str(incoming), table=table, batch_id="classifier")
+    result = score(spark, autoencoder, str(incoming), table=table, batch_id="autoencoder")
+    assert (result.rows, result.errors) == (43, 3)
+
+    rows = read_table(spark, table).toPandas()
+    assert list(rows.columns) == list(TABLE_COLUMNS)
+    ae = rows[rows.batch_id == "autoencoder"].set_index("path")
+    good = ae[ae.error.isna()]
+    assert len(good) == 40 and good.reconstruction_error.notna().all()
+    assert good.predicted_label.isna().all() and good.probability.isna().all()
+    assert ae[ae.error.notna()].reconstruction_error.isna().all()
+    # The same errors as the logged model computes in this process.
+    model = mlflow.pyfunc.load_model(trained_ae.model_uri)
+    files = sorted(incoming.rglob("img*.png"))[:5]
+    local = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    expected = dict(zip((str(f) for f in files), local.reconstruction_error, strict=True))
+    for path, value in expected.items():
+        assert ae.loc[path, "reconstruction_error"] == pytest.approx(float(value), rel=1e-5)
+    classifier = rows[rows.batch_id == "classifier"]
+    assert classifier.reconstruction_error.isna().all()
+    assert classifier.predicted_label.notna().sum() == 40

@@ -33,6 +33,7 @@ from pipelines.keras_api import keras
 from pipelines.models import build_model
 from pipelines.registry import register_and_promote
 from pipelines.rest_server import serve_command
+from pipelines.tasks import CLASSIFICATION
 from tests.integration.conftest import TrackingStore
 from tests.integration.rest import (
     alive,
@@ -90,7 +91,7 @@ def registered(store: TrackingStore) -> str:
             model,
             label_names=LABELS,
             image_shape=(SIZE, SIZE, 1),
-            autoencoder=False,
+            task=CLASSIFICATION,
             input_example_png=encode_png(x[0]),
         )
         mlflow.log_metric("test_accuracy", 0.9)

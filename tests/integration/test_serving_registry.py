@@ -40,6 +40,7 @@ from pipelines.registry import (
     register_and_promote,
     resolve_model_uri,
 )
+from pipelines.tasks import CLASSIFICATION, RECONSTRUCTION, Task
 from tests.integration.conftest import TrackingStore
 from tests.integration.rest import free_port, post_images, stop, strict_json, wait_until_serving
 
@@ -86,7 +87,7 @@ def scorer(classifier: Logged) -> mlflow.pyfunc.PyFuncModel:
 
 
 def _log(
-    store: TrackingStore, model, metric: dict[str, float], autoencoder: bool = False
+    store: TrackingStore, model, metric: dict[str, float], task: Task = CLASSIFICATION
 ) -> Logged:
     example = encode_png(_images(np.array([0]), seed=0)[0])
     with mlflow.start_run(experiment_id=store.experiment_id) as run:
@@ -94,7 +95,7 @@ def _log(
             model,
             label_names=LABELS,
             image_shape=(SIZE, SIZE, 1),
-            autoencoder=autoencoder,
+            task=task,
             input_example_png=example,
         )
         if metric:
@@ -181,7 +182,7 @@ def test_log_image_model_needs_an_active_run(classifier: Logged) -> None:
             classifier.model,
             label_names=LABELS,
             image_shape=(SIZE, SIZE, 1),
-            autoencoder=False,
+            task=CLASSIFICATION,
             input_example_png=encode_png(_test_set()[0][0]),
         )
 
@@ -200,7 +201,7 @@ def test_logged_model_signature_requirements_and_code(scorer, classifier: Logged
     assert (local / "code" / "pipelines" / "image_model.py").is_file()
     assert not list((local / "code").rglob("__pycache__"))
     meta = json.loads((local / "artifacts" / "labels.json").read_text())
-    assert meta == {"label_names": LABELS, "image_shape": [SIZE, SIZE, 1], "autoencoder": False}
+    assert meta == {"label_names": LABELS, "image_shape": [SIZE, SIZE, 1], "task": "classification"}
 
 
 def test_a_model_logged_before_the_rename_still_loads_and_predicts(
@@ -263,7 +264,7 @@ def test_autoencoder_reports_reconstruction_error(store: TrackingStore) -> None:
     cfg = TrainConfig(model="autoencoder", hidden_units=16, latent_dim=4, learning_rate=0.01)
     model = build_model(cfg, (SIZE, SIZE, 1), 0)
     x, _ = _test_set()
-    logged = _log(store, model, metric={}, autoencoder=True)
+    logged = _log(store, model, metric={}, task=RECONSTRUCTION)
     out = mlflow.pyfunc.load_model(logged.model_uri).predict(
         pd.DataFrame({"image": [encode_png(img) for img in x[:2]] + [b"junk"]})
     )

@@ -163,7 +163,7 @@ def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch):
         for child in digits.iterdir():
             (bad / child.name).symlink_to(child)
         (bad / "_manifest.json").unlink()
-        dataclasses.replace(manifest, image_shape=[8, 8, 1]).write(bad)
+        DatasetDir(str(bad)).write_manifest(dataclasses.replace(manifest, image_shape=[8, 8, 1]))
     with pytest.raises(ValueError):
         train(config, LocalLauncher(), bad)
     mlflow.set_tracking_uri(Store.of(config).tracking_uri)

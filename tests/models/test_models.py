@@ -14,10 +14,10 @@ from pipelines.keras_api import _check_keras_version, keras, keras_version
 from pipelines.models import (
     MODEL_NAMES,
     build_model,
-    is_autoencoder,
     make_optimizer,
     model_summary,
 )
+from pipelines.tasks import CLASSIFICATION, RECONSTRUCTION, task_for_model
 
 CLASSIFIERS = tuple(name for name in MODEL_NAMES if name != "autoencoder")
 SHAPES = ((28, 28, 1), (32, 32, 3))
@@ -75,7 +75,7 @@ def test_builds_and_loss_goes_down(name, shape):
     rng = np.random.RandomState(0)
     cfg = cfg_for(name, learning_rate=0.003)
     model = build_model(cfg, shape, NUM_CLASSES)
-    if is_autoencoder(cfg):
+    if not task_for_model(name).uses_labels:
         assert model.output_shape == (None, *shape)
         prototypes = (rng.rand(4, *shape) > 0.5).astype("float32")
         x = prototypes[np.arange(32) % 4]
@@ -88,7 +88,7 @@ def test_builds_and_loss_goes_down(name, shape):
     losses = history["loss"]
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.9 * losses[0], losses
-    metric = "reconstruction_error" if is_autoencoder(cfg) else "accuracy"
+    metric = task_for_model(name).metric
     assert set(history) == {"loss", metric}
 
 
@@ -287,9 +287,9 @@ def test_same_seed_same_weights(name):
 # --- bad input ------------------------------------------------------------------------------
 
 
-def test_is_autoencoder():
-    assert is_autoencoder(cfg_for("autoencoder"))
-    assert not any(is_autoencoder(cfg_for(name)) for name in CLASSIFIERS)
+def test_the_autoencoder_alone_reconstructs():
+    assert task_for_model("autoencoder") is RECONSTRUCTION
+    assert all(task_for_model(name) is CLASSIFICATION for name in CLASSIFIERS)
 
 
 @pytest.mark.parametrize(

@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.bench.feed import in_memory_dataset
 from pipelines.config import IngestConfig
 from pipelines.images import normalise
 from pipelines.ingest import ingest
 from pipelines.store import DatasetDir
+from pipelines.tasks import RECONSTRUCTION
 from pipelines.train.feed import (
     Augmentation,
     ImageShapeError,
     SplitNotFoundError,
-    in_memory_dataset,
     make_dataset,
     read_split,
     steps_per_epoch,
@@ -122,7 +123,7 @@ def test_augmentation_shifts_training_images_and_keeps_their_labels(train, array
                 train,
                 image_shape=SHAPE,
                 batch_size=4,
-                autoencoder=True,
+                task=RECONSTRUCTION,
                 augment=Augmentation(shift=0.2, rotation_deg=30),
             )
         )
@@ -183,9 +184,9 @@ def test_more_shards_than_row_groups_falls_back_to_the_whole_split(train, arrays
 
 
 def test_autoencoder_yields_images_as_targets(train, arrays):
-    x, y = next(iter(make_dataset(train, image_shape=SHAPE, batch_size=4, autoencoder=True)))
+    x, y = next(iter(make_dataset(train, image_shape=SHAPE, batch_size=4, task=RECONSTRUCTION)))
     np.testing.assert_array_equal(x.numpy(), y.numpy())
-    x, y = next(iter(in_memory_dataset(arrays, batch_size=4, autoencoder=True)))
+    x, y = next(iter(in_memory_dataset(arrays, batch_size=4, task=RECONSTRUCTION)))
     np.testing.assert_array_equal(x.numpy(), y.numpy())
 
 

@@ -24,6 +24,7 @@ from pipelines.config import IngestConfig
 from pipelines.ingest import ingest
 from pipelines.listing import display_path
 from pipelines.store import DatasetDir, Store
+from pipelines.tasks import CLASSIFICATION
 
 pytestmark = pytest.mark.spark
 
@@ -221,7 +222,7 @@ def test_scoring_the_hostile_corpus_gives_one_row_per_image_file(spark, tmp_path
                 model,
                 label_names=["a", "b"],
                 image_shape=(16, 16, 3),
-                autoencoder=False,
+                task=CLASSIFICATION,
                 input_example_png=_save(_gradient(), "PNG"),
             )
     finally:

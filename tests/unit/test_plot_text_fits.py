@@ -63,7 +63,7 @@ def _embeddings(n: int, k: int, tsne: bool, autoencoder: bool, long: bool):
         layer,
         84,
         np.array([0.41, 0.22]),
-        autoencoder,
+        "dataset label (not used for training)" if autoencoder else "true class",
     )
 
 

@@ -86,6 +86,7 @@ def test_scoring_table_is_path_then_model_outputs_then_provenance() -> None:
     assert list(schema.SCORING_TABLE) == [
         schema.PATH,
         *schema.MODEL_OUTPUTS,
+        *schema.RECONSTRUCTION_OUTPUTS,  # every task's outputs: one schema for every batch
         *schema.SCORING_PROVENANCE,
     ]
     assert schema.ddl({"a": "string", "b": "array<double>"}) == "a string, b array<double>"
