@@ -50,11 +50,10 @@ from pipelines.bench.feed import bench_feed
 from pipelines.bench.ingest import bench_ingest
 from pipelines.bench.machine import machine_facts
 from pipelines.bench.output import CSV_COLUMNS, append_csv, format_table
-from pipelines.bench.peer import PeerUnavailable, bench_peer
 from pipelines.bench.reader import bench_reader
 from pipelines.bench.scale import bench_scale, format_scale_table
 from pipelines.bench.score import bench_score
-from pipelines.bench.stats import Measurement
+from pipelines.bench.stats import Measurement, Skipped
 from pipelines.bench.train import bench_train
 from pipelines.config import Config
 from pipelines.errors import UserError
@@ -66,7 +65,6 @@ __all__ = [
     "append_csv",
     "bench_feed",
     "bench_ingest",
-    "bench_peer",
     "bench_reader",
     "bench_scale",
     "bench_score",
@@ -95,8 +93,20 @@ BENCHMARKS: dict[str, Callable[..., list[Measurement]]] = {
 #: processes against a peer built in an environment of its own).
 ON_REQUEST: dict[str, Callable[..., list[Measurement]]] = {
     "scale": bench_scale,
-    "peer": bench_peer,
+    "peer": lambda config, **kwargs: _maintainer_peer().bench_peer(config, **kwargs),
 }
+
+
+def _maintainer_peer() -> Any:
+    """The peer benchmark, which only a checkout has (it is not part of the wheel)."""
+    try:
+        from pipelines.bench.maintainer import peer
+    except ImportError:
+        raise UserError(
+            "bench peer is a maintainer's benchmark and not part of the installed package: "
+            "run it from a checkout of the project (make venv, then .venv/bin/dlpipe bench peer)"
+        ) from None
+    return peer
 
 
 def run_benchmarks(
@@ -149,7 +159,7 @@ def run_benchmarks(
         log.info("bench: running %s", name)
         try:
             results.extend(registry[name](config, **kwargs))
-        except PeerUnavailable as exc:
+        except Skipped as exc:
             log.warning("bench: %s", exc.skip_message)
             skipped.append(exc.skip_message)
     report = {

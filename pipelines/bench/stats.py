@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pipelines.errors import UserError
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -141,3 +143,18 @@ def meets(ratio: float, target: str) -> bool | None:
 
 def _rounded(values: Sequence[float]) -> list[float]:
     return [float(f"{v:.6g}") for v in values]
+
+
+class Skipped(UserError):
+    """A benchmark's row cannot be measured here; the message is the one-line reason.
+
+    The caller reports the row as skipped (see :attr:`skip_message`) and goes on.
+    """
+
+    #: The row's name in the skip message.
+    row = "benchmark"
+
+    @property
+    def skip_message(self) -> str:
+        """``<row> row skipped: <reason>``."""
+        return f"{self.row} row skipped: {self}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.bench import peer, peer_runner
+from pipelines.bench.maintainer import peer, peer_runner
 from pipelines.errors import UserError
 from pipelines.store import Store
 

@@ -7,7 +7,7 @@ seconds of our whole ``dlpipe train`` process over the peer's whole process (tar
 :class:`PeerUnavailable` with a one-line reason when the peer cannot run here.
 
 The peer is ``horovod.spark.keras.KerasEstimator`` (Horovod 0.28.1), driven by
-:mod:`pipelines.bench.peer_runner` in an environment of its own: its estimator requires
+:mod:`pipelines.bench.maintainer.peer_runner` in an environment of its own: its estimator requires
 pyarrow < 11 and ours pins 14. That environment is built once under
 ``<work_dir>/bench/peer-env-<key>`` (see :func:`peer_env`), from the same base Python, the
 same TensorFlow, Keras and PySpark as ours and the cached Horovod wheel (same TensorFlow, so
@@ -38,10 +38,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.bench import peer_runner
 from pipelines.bench.data import bench_dir, scratch
 from pipelines.bench.machine import installed_version, load_average
-from pipelines.bench.stats import Measurement, pair
+from pipelines.bench.maintainer import peer_runner
+from pipelines.bench.stats import Measurement, Skipped, pair
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.store import DatasetDir, replace_dir, sqlite_store
@@ -99,16 +99,10 @@ _IMPORT_CHECK = (
 )
 
 
-class PeerUnavailable(UserError):
-    """The peer cannot run here; the message is the one-line reason.
+class PeerUnavailable(Skipped):
+    """The peer cannot run here; the message is the one-line reason."""
 
-    The caller reports the row as skipped (see :attr:`skip_message`) and goes on.
-    """
-
-    @property
-    def skip_message(self) -> str:
-        """``peer row skipped: <reason>``."""
-        return f"peer row skipped: {self}"
+    row = "peer"
 
 
 @dataclass(frozen=True)
@@ -248,7 +242,7 @@ def bench_peer(
       ranks, evaluation, MLflow logging, registration, run report); its split
       (:func:`our_split`, from the run's times in MLflow): start-up, fit (the Horovod job),
       evaluation, logging/report/registration, exit;
-    - baseline ``KerasEstimator``: :mod:`~pipelines.bench.peer_runner` in the peer
+    - baseline ``KerasEstimator``: :mod:`~pipelines.bench.maintainer.peer_runner` in the peer
       environment; its split (:func:`peer_split`): start-up (interpreter, imports, Spark,
       data decoded to arrays), fit (the estimator's Parquet preparation, the Horovod job,
       the model's reload), evaluation (``KerasModel.transform`` of the test split), exit.
