@@ -282,18 +282,43 @@ def _decide(
     """Compare ``value`` with the champion's metric; return (promote?, one-line reason)."""
     if champion is None:
         return True, "promoted: no champion yet"
-    label = f"champion v{champion.version}"
     previous = _run_metric(client, champion.run_id, metric)
+    return decide(
+        value,
+        previous,
+        metric=metric,
+        champion=f"champion v{champion.version}",
+        higher_is_better=higher_is_better,
+    )
+
+
+def decide(
+    value: float,
+    previous: float | None,
+    *,
+    metric: str,
+    champion: str,
+    higher_is_better: bool,
+) -> tuple[bool, str]:
+    """Whether a new model beats the champion on ``metric``; (promote?, one-line reason).
+
+    Args:
+        value: The new model's metric (NaN never promotes).
+        previous: The champion's; None (unknown) promotes.
+        metric: The metric's name, for the reason.
+        champion: How the reason names the champion, e.g. ``champion v3``.
+        higher_is_better: False for losses and errors.
+    """
     if previous is None:
-        return True, f"promoted: {label} has no {metric}"
+        return True, f"promoted: {champion} has no {metric}"
     if math.isnan(value):
-        return False, f"kept {label}: {metric} is NaN"
+        return False, f"kept {champion}: {metric} is NaN"
     better = value > previous if higher_is_better else value < previous
     if better:
         op = ">" if higher_is_better else "<"
-        return True, f"promoted: {metric} {value:.6g} {op} {label} {previous:.6g}"
+        return True, f"promoted: {metric} {value:.6g} {op} {champion} {previous:.6g}"
     op = "<=" if higher_is_better else ">="
-    return False, f"kept {label}: {metric} {value:.6g} {op} {previous:.6g}"
+    return False, f"kept {champion}: {metric} {value:.6g} {op} {previous:.6g}"
 
 
 def _run_metric(client: MlflowClient, run_id: str | None, metric: str) -> float | None:

@@ -1,4 +1,10 @@
-"""Shared fixtures: one real local SparkSession per test process, small generated images."""
+"""Shared fixtures (one real local SparkSession per test process) and the tests' tiers.
+
+A test's tier comes from its folder (:data:`FOLDER_MARKERS`), and ``spark`` from using the
+``spark`` fixture, so no test file marks itself: ``make test-fast`` deselects ``slow``,
+``pytest -m cluster`` runs the standalone-cluster tests, ``-m spark`` those with a session.
+A test that is slow in a fast folder says so itself (``@pytest.mark.slow``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
+
+#: The markers of every test in a folder: unit, models and spark are the fast tiers.
+FOLDER_MARKERS: dict[str, tuple[str, ...]] = {
+    "integration": ("slow",),
+    "cluster": ("cluster", "slow"),
+    "gpu": ("gpu", "slow"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its folder's tier, and ``spark`` where it uses the session."""
+    for item in items:
+        folder = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        for marker in FOLDER_MARKERS.get(folder, ()):
+            item.add_marker(marker)
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker("spark")
 
 
 @pytest.fixture(scope="session")

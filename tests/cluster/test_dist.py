@@ -12,11 +12,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
-
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def test_packed_environment_runs_the_project_away_from_the_checkout(tmp_path: Path) -> None:

@@ -15,8 +15,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from pipelines.demo import write_demo_digits
 from tests.cluster.standalone import (
     mlflow_server,
@@ -26,8 +24,6 @@ from tests.cluster.standalone import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.cluster]
 
 
 def _build_zip(dist: Path) -> Path:

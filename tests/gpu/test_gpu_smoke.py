@@ -25,11 +25,9 @@ def _gpus() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.spark,
-    pytest.mark.skipif(_gpus() == 0, reason="no GPU visible to TensorFlow (install the gpu extra)"),
-]
+pytestmark = pytest.mark.skipif(
+    _gpus() == 0, reason="no GPU visible to TensorFlow (install the gpu extra)"
+)
 
 
 @pytest.fixture(scope="module")

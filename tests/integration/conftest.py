@@ -8,6 +8,42 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.config import Config, load_config
+
+#: A small, quick training: an MLP, about a second an epoch on two shared cores, no
+#: augmentation (it pays off over the default 40 epochs, not in 2 or 3).
+SMALL_TRAINING = (
+    "train.model=mlp",
+    "train.hidden_units=64",
+    "train.epochs=3",
+    "train.batch_size=32",
+    "train.early_stopping_patience=0",
+    "train.augment_shift=0.0",
+    "train.augment_rotation_deg=0.0",
+)
+
+
+@dataclass(frozen=True)
+class SmallConfig:
+    """Configurations of a small training with its work directory in the test's folder."""
+
+    work: Path
+
+    def sets(self, *overrides: str) -> list[str]:
+        """The ``--set`` values: the work directory, the small training, then ``overrides``."""
+        return [f"work_dir={self.work}", *SMALL_TRAINING, *overrides]
+
+    def __call__(self, *overrides: str) -> Config:
+        """The configuration of :meth:`sets`."""
+        return load_config(overrides=self.sets(*overrides))
+
+
+@pytest.fixture()
+def small_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SmallConfig:
+    """The config factory of the training tests (no tracking URI from the environment)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return SmallConfig(tmp_path / "work")
+
 
 @dataclass(frozen=True)
 class TrackingStore:

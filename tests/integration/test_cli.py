@@ -47,7 +47,6 @@ def test_user_errors_are_one_line_and_exit_1(args, expected, dlpipe_env, tmp_pat
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.slow
 def test_run_does_every_stage_and_report_compares_runs(dlpipe_env, tmp_path):
     """``dlpipe run`` (the README's main command) on the bundled digits, made small."""
     small = [

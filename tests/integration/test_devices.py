@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import Config, IngestConfig, load_config
+from pipelines.config import IngestConfig
 from pipelines.devices import CPU, pin_device
 from pipelines.errors import NoGpuError, UserError
 from pipelines.store import Store
@@ -29,23 +29,11 @@ def _has_gpu() -> bool:
 
 pytestmark = pytest.mark.skipif(_has_gpu(), reason="these tests need a host without a GPU")
 
+#: One small epoch in this process.
+ONE_EPOCH = ("train.launcher=local", "train.hidden_units=32", "train.epochs=1")
+
 #: The whole of the message a user must see, in parts.
 MESSAGE = ("train.use_gpu is true but TensorFlow", "finds no GPU", "set train.use_gpu=auto")
-
-
-def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Config:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return load_config(
-        overrides=[
-            f"work_dir={tmp_path / 'work'}",
-            "train.launcher=local",
-            "train.model=mlp",
-            "train.hidden_units=32",
-            "train.epochs=1",
-            "train.early_stopping_patience=0",
-            *overrides,
-        ]
-    )
 
 
 def _manifest_only(root: Path) -> Path:
@@ -68,10 +56,10 @@ def test_pin_device_on_a_host_without_a_gpu():
         pin_device("maybe")
 
 
-def test_use_gpu_true_fails_the_run_with_the_one_line_error(tmp_path, monkeypatch):
+def test_use_gpu_true_fails_the_run_with_the_one_line_error(tmp_path, monkeypatch, small_config):
     import mlflow
 
-    config = _config(tmp_path, monkeypatch, "train.use_gpu=true")
+    config = small_config(*ONE_EPOCH, "train.use_gpu=true")
     with pytest.raises(NoGpuError) as info:
         train(config, LocalLauncher(), _manifest_only(tmp_path / "data"))
     assert all(part in str(info.value) for part in MESSAGE)
@@ -81,7 +69,6 @@ def test_use_gpu_true_fails_the_run_with_the_one_line_error(tmp_path, monkeypatc
     assert runs["tags.error"][0].startswith("NoGpuError: train.use_gpu is true")
 
 
-@pytest.mark.slow
 def test_dlpipe_train_with_use_gpu_true_on_horovod_ranks_exits_1(dlpipe_env, tmp_path):
     # The default launcher: two Horovod ranks on local Spark both fail device set-up, and
     # the driver re-raises their UserError instead of Horovod's "exited with non-zero status".
@@ -99,9 +86,7 @@ def test_dlpipe_train_with_use_gpu_true_on_horovod_ranks_exits_1(dlpipe_env, tmp
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.spark
-def test_auto_trains_on_the_cpu_and_the_run_says_so(spark, tmp_path, monkeypatch):
+def test_auto_trains_on_the_cpu_and_the_run_says_so(spark, tmp_path, monkeypatch, small_config):
     import mlflow
 
     from pipelines.demo import write_demo_digits
@@ -110,7 +95,7 @@ def test_auto_trains_on_the_cpu_and_the_run_says_so(spark, tmp_path, monkeypatch
     source = write_demo_digits(tmp_path / "png").path
     data = tmp_path / "prepared"
     ingest(spark, IngestConfig(image_size=12, rows_per_row_group=64), source, data)
-    config = _config(tmp_path, monkeypatch, "train.use_gpu=auto", "train.mixed_precision=true")
+    config = small_config(*ONE_EPOCH, "train.use_gpu=auto", "train.mixed_precision=true")
     result = train(config, LocalLauncher(), data)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"

@@ -42,8 +42,6 @@ from pipelines.train.feed import SplitArrays
 from tests.integration.chromium import needs_chromium, run_chromium
 from tests.integration.test_report import LABELS, SIZE, make_split
 
-pytestmark = pytest.mark.slow
-
 #: A path that would end the JSON's script block if it were not escaped.
 HOSTILE_PATH = "/data/bars/</script><script>alert(1)</script>\t&amp;.png"
 _DATA = re.compile(r'<script type="application/json" id="emb-data">(.*?)</script>', re.S)

@@ -37,8 +37,6 @@ from pipelines.tasks import CLASSIFICATION
 from tests.integration.chromium import needs_chromium, screenshot
 from tests.integration.conftest import TrackingStore
 
-pytestmark = pytest.mark.slow
-
 SIZE = 16
 NAMES = ["plain noise", "a bright square patch"]
 MODEL = "explain-patches"

@@ -42,8 +42,6 @@ from pipelines.report.numeric import most_confident_errors
 from pipelines.report.probe import layer_outputs
 from tests.unit.test_plot_text_fits import assert_text_fits
 
-pytestmark = pytest.mark.slow
-
 SIZE = 16
 PATCH = 3
 NAMES = ["plain", "patch"]

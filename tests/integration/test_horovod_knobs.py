@@ -10,9 +10,7 @@ import pytest
 from pipelines.config import HorovodConfig, load_config
 from pipelines.train.horovod_launcher import HorovodSparkLauncher
 from pipelines.train.worker import train_worker
-from tests.integration.test_train import _config, _spec
-
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
+from tests.integration.test_train import _spec
 
 
 def test_settings_become_the_variables_horovod_reads_at_init() -> None:
@@ -39,12 +37,10 @@ def test_the_keys_load_from_yaml_with_their_bounds(monkeypatch: pytest.MonkeyPat
 
 
 def test_two_ranks_with_fp16_compression_and_two_passes_per_step_agree(
-    spark, digits, tmp_path, monkeypatch
+    spark, digits, tmp_path, monkeypatch, small_config
 ):
     monkeypatch.delenv("HOROVOD_FUSION_THRESHOLD", raising=False)
-    config = _config(
-        tmp_path,
-        monkeypatch,
+    config = small_config(
         "train.epochs=2",
         "train.horovod.compression=fp16",
         "train.horovod.backward_passes_per_step=2",

@@ -7,14 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from pipelines.demo import write_demo_digits
 
 REPO = Path(__file__).resolve().parents[2]
 SPARK_SUBMIT = Path(sys.executable).parent / "spark-submit"
-
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
 
 def _submit(env: dict[str, str], job: str, *args: str) -> dict:

@@ -29,8 +29,6 @@ from pipelines.store import Store
 from pipelines.train.layer_stats import STATS, histogram_rows, layer_stats_callback
 from tests.unit.test_plot_text_fits import assert_text_fits
 
-pytestmark = pytest.mark.slow
-
 EPOCHS = 3
 
 
@@ -280,7 +278,6 @@ def test_the_figure_keeps_every_text_inside(layers: int) -> None:
     assert_text_fits(fig)
 
 
-@pytest.mark.spark
 def test_the_driver_logs_layer_metrics_per_epoch_and_resume_keeps_them(
     digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -41,8 +41,6 @@ from pipelines.train.layer_stats import layer_stats_callback
 from tests.integration.chromium import needs_chromium, screenshot
 from tests.integration.conftest import TrackingStore
 
-pytestmark = pytest.mark.slow
-
 LABELS = ["horizontal", "vertical", "diagonal"]
 SIZE = 16
 CLASSIFIER_ARTIFACTS = {

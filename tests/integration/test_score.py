@@ -23,8 +23,6 @@ from pipelines.train.driver import train
 from pipelines.train.launchers import LocalLauncher
 from tests.integration.rest import free_port, post_images, stop, wait_until_serving
 
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
-
 
 @pytest.fixture(scope="module")
 def trained(spark, tmp_path_factory) -> tuple[Config, Path]:

@@ -48,8 +48,6 @@ from tests.integration.rest import (
     wait_until_serving,
 )
 
-pytestmark = pytest.mark.slow
-
 LABELS = ["dark", "mid", "bright"]
 SIZE = 8
 MODEL = "digits-classifier"

@@ -414,7 +414,6 @@ def test_resolve_missing_model_alias_or_version(
 # --- the real REST server -----------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_mlflow_models_serve_scores_base64_images(
     store: TrackingStore, classifier: Logged, tmp_path: Path
 ) -> None:

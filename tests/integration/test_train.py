@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.config import Config, load_config
+from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.pipeline import log_run_report
 from pipelines.store import DatasetDir, RunDir, Store
@@ -18,26 +18,6 @@ from pipelines.train.driver import train
 from pipelines.train.horovod_launcher import HorovodSparkLauncher
 from pipelines.train.launchers import LocalLauncher
 from pipelines.train.worker import WorkerSpec, train_worker
-
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
-
-
-def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Config:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return load_config(
-        overrides=[
-            f"work_dir={tmp_path / 'work'}",
-            "train.model=mlp",
-            "train.hidden_units=64",
-            "train.epochs=3",
-            "train.batch_size=32",
-            "train.early_stopping_patience=0",
-            # Augmentation pays off over the default 40 epochs, not in 2 or 3.
-            "train.augment_shift=0.0",
-            "train.augment_rotation_deg=0.0",
-            *overrides,
-        ]
-    )
 
 
 def _spec(config: Config, dataset: Path, out: Path, launcher: str) -> WorkerSpec:
@@ -53,8 +33,10 @@ def _spec(config: Config, dataset: Path, out: Path, launcher: str) -> WorkerSpec
     )
 
 
-def test_two_horovod_ranks_end_with_identical_weights(spark, digits, tmp_path, monkeypatch):
-    config = _config(tmp_path, monkeypatch, "train.epochs=2")
+def test_two_horovod_ranks_end_with_identical_weights(
+    spark, digits, tmp_path, monkeypatch, small_config
+):
+    config = small_config("train.epochs=2")
     ranks = HorovodSparkLauncher(spark, 2).run(
         train_worker, [_spec(config, digits, tmp_path / "out", "horovod")]
     )
@@ -68,13 +50,15 @@ def test_two_horovod_ranks_end_with_identical_weights(spark, digits, tmp_path, m
     assert (tmp_path / "out" / "model.h5").is_file()
 
 
-def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_path, monkeypatch):
+def test_train_registers_a_model_that_reads_raw_png_bytes(
+    spark, digits, tmp_path, monkeypatch, small_config
+):
     import mlflow
 
     from pipelines.images import encode_png
     from pipelines.train.feed import read_split
 
-    config = _config(tmp_path, monkeypatch, "train.num_proc=2")
+    config = small_config("train.num_proc=2")
     # The run report step, as the orchestrator (dlpipe train, dlpipe run) passes it.
     result = train(config, HorovodSparkLauncher(spark, 2), digits, report=log_run_report)
     assert result.world_size == 2
@@ -112,13 +96,13 @@ def test_train_registers_a_model_that_reads_raw_png_bytes(spark, digits, tmp_pat
     assert np.trace(cm) == round(accuracy * len(test.labels))
 
 
-def test_resume_continues_from_the_saved_epoch(digits, tmp_path, monkeypatch):
+def test_resume_continues_from_the_saved_epoch(digits, tmp_path, monkeypatch, small_config):
     first = train(
-        _config(tmp_path, monkeypatch, "train.epochs=2", "train.launcher=local"),
+        small_config("train.epochs=2", "train.launcher=local"),
         LocalLauncher(),
         digits,
     )
-    config = _config(tmp_path, monkeypatch, "train.epochs=4", "train.launcher=local")
+    config = small_config("train.epochs=4", "train.launcher=local")
     state = json.loads(
         (Store.of(config).run_dir(config.mlflow.model_name).path / "checkpoint.json").read_text()
     )
@@ -132,12 +116,10 @@ def test_resume_continues_from_the_saved_epoch(digits, tmp_path, monkeypatch):
     assert state["epoch"] == 4 and len(state["history"]["loss"]) == 4
 
 
-def test_champion_moves_only_on_improvement(digits, tmp_path, monkeypatch):
-    good = train(_config(tmp_path, monkeypatch, "train.launcher=local"), LocalLauncher(), digits)
+def test_champion_moves_only_on_improvement(digits, tmp_path, monkeypatch, small_config):
+    good = train(small_config("train.launcher=local"), LocalLauncher(), digits)
     worse = train(
-        _config(
-            tmp_path,
-            monkeypatch,
+        small_config(
             "train.launcher=local",
             "train.epochs=1",
             "train.optimizer=sgd",
@@ -151,11 +133,11 @@ def test_champion_moves_only_on_improvement(digits, tmp_path, monkeypatch):
     assert "kept" in worse.decision
 
 
-def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch):
+def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch, small_config):
     import mlflow
 
     # lenet5 needs at least 12x12 input; an 8x8 view of the data cannot be built.
-    config = _config(tmp_path, monkeypatch, "train.launcher=local", "train.model=lenet5")
+    config = small_config("train.launcher=local", "train.model=lenet5")
     bad = digits.parent / "tiny"
     if not bad.exists():
         manifest = DatasetDir(str(digits)).read_manifest()
@@ -172,7 +154,7 @@ def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch):
     assert "lenet5" in runs["tags.error"][0]
 
 
-def test_missing_dataset_is_a_one_line_user_error(tmp_path, monkeypatch):
-    config = _config(tmp_path, monkeypatch, "train.launcher=local")
+def test_missing_dataset_is_a_one_line_user_error(tmp_path, monkeypatch, small_config):
+    config = small_config("train.launcher=local")
     with pytest.raises(UserError, match="no prepared dataset at .*; run 'dlpipe ingest' first"):
         train(config, LocalLauncher(), tmp_path / "nothing")

@@ -21,31 +21,11 @@ from typing import Any
 import psutil
 import pytest
 
-from pipelines.config import Config, load_config
 from pipelines.store import Store
 from pipelines.train.driver import RankDiedError, train
 from pipelines.train.horovod_launcher import HorovodSparkLauncher
 
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
-
-#: Small and quick: about a second an epoch on two shared cores.
-SMALL = [
-    "train.model=mlp",
-    "train.hidden_units=64",
-    "train.batch_size=32",
-    "train.early_stopping_patience=0",
-    "train.num_proc=2",
-]
 RANK_MODULE = "horovod.spark.task.gloo_exec_fn"
-
-
-def _sets(tmp_path: Path, *overrides: str) -> list[str]:
-    return [f"work_dir={tmp_path / 'work'}", *SMALL, *overrides]
-
-
-def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Config:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return load_config(overrides=_sets(tmp_path, *overrides))
 
 
 def _cli_args(dataset: Path, sets: list[str], *extra: str) -> list[str]:
@@ -114,10 +94,10 @@ def _mlflow(tmp_path: Path) -> Any:
 
 
 def test_killed_job_resumes_the_same_run_to_the_configured_epochs(
-    digits, tmp_path, dlpipe_env, started
+    digits, tmp_path, dlpipe_env, started, small_config
 ):
     epochs = 8
-    sets = _sets(tmp_path, f"train.epochs={epochs}")
+    sets = small_config.sets(f"train.epochs={epochs}")
     out = tmp_path / "work" / "training" / "digits-classifier"
     log = (tmp_path / "killed.log").open("w")
     job = subprocess.Popen(
@@ -167,10 +147,10 @@ def test_killed_job_resumes_the_same_run_to_the_configured_epochs(
 
 
 def test_a_dead_running_run_is_marked_failed_by_the_next_train(
-    digits, tmp_path, monkeypatch, dlpipe_env, started
+    digits, tmp_path, monkeypatch, dlpipe_env, started, small_config
 ):
     """A ``dlpipe train`` SIGKILLed mid-training: the next ``train`` marks its run FAILED."""
-    sets = _sets(tmp_path, "train.launcher=local", "train.epochs=200")
+    sets = small_config.sets("train.launcher=local", "train.epochs=200")
     out = tmp_path / "work" / "training" / "digits-classifier"
     job = subprocess.Popen(
         _cli_args(digits, sets),
@@ -187,7 +167,7 @@ def test_a_dead_running_run_is_marked_failed_by_the_next_train(
     client = _mlflow(tmp_path)
     assert client.get_run(dead).info.status == "RUNNING"
 
-    config = _config(tmp_path, monkeypatch, "train.launcher=local", "train.epochs=1")
+    config = small_config("train.launcher=local", "train.epochs=1")
     result = train(config, _local(), digits)
     stale = client.get_run(dead)
     assert stale.info.status == "FAILED"
@@ -203,9 +183,11 @@ def _local() -> Any:
 
 # Horovod's thread collecting the Spark job re-raises the job's cancellation, by design.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_killed_rank_ends_the_job_with_a_one_line_error(spark, digits, tmp_path, monkeypatch):
+def test_a_killed_rank_ends_the_job_with_a_one_line_error(
+    spark, digits, tmp_path, monkeypatch, small_config
+):
     timeout_s = 20
-    config = _config(tmp_path, monkeypatch, "train.epochs=40", f"train.rank_timeout_s={timeout_s}")
+    config = small_config("train.epochs=40", f"train.rank_timeout_s={timeout_s}")
     out = Store.of(config).run_dir(config.mlflow.model_name).path
     seen: dict[str, Any] = {}
 
@@ -240,10 +222,12 @@ def test_a_killed_rank_ends_the_job_with_a_one_line_error(spark, digits, tmp_pat
     assert _rank_processes(os.getpid()) == {}
 
 
-def test_elastic_training_carries_on_without_a_killed_rank(digits, tmp_path, dlpipe_env, started):
+def test_elastic_training_carries_on_without_a_killed_rank(
+    digits, tmp_path, dlpipe_env, started, small_config
+):
     epochs = 6
-    sets = _sets(
-        tmp_path, f"train.epochs={epochs}", "train.elastic=true", "spark.master=local[2,4]"
+    sets = small_config.sets(
+        f"train.epochs={epochs}", "train.elastic=true", "spark.master=local[2,4]"
     )
     out = tmp_path / "work" / "training" / "digits-classifier"
     log = (tmp_path / "elastic.log").open("w")
@@ -276,11 +260,11 @@ def test_elastic_training_carries_on_without_a_killed_rank(digits, tmp_path, dlp
 
 
 def test_the_checkpoint_state_only_ever_names_a_complete_model_of_its_epoch(
-    digits, tmp_path, monkeypatch
+    digits, tmp_path, monkeypatch, small_config
 ):
     from pipelines.train.checkpoint import read_checkpoint
 
-    config = _config(tmp_path, monkeypatch, "train.launcher=local", "train.epochs=2")
+    config = small_config("train.launcher=local", "train.epochs=2")
     train(config, _local(), digits)
     run_dir = Store.of(config).run_dir(config.mlflow.model_name)
     out = run_dir.path

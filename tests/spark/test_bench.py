@@ -34,8 +34,6 @@ from pipelines.config import Config, IngestConfig
 from pipelines.errors import UserError
 from pipelines.store import Store
 
-pytestmark = pytest.mark.spark
-
 IMAGES = 40
 #: Small row groups, so that the tiny training split still has several (two ranks).
 ROWS_PER_ROW_GROUP = 8

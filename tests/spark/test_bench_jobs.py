@@ -8,8 +8,6 @@ import pytest
 
 from pipelines.bench.jobs import JobMark, median_timeline
 
-pytestmark = pytest.mark.spark
-
 
 def _slow_task(rows):
     time.sleep(0.2)

@@ -30,8 +30,6 @@ from pipelines.train.feed import (
     steps_per_epoch,
 )
 
-pytestmark = pytest.mark.spark
-
 SHAPE = (12, 12, 1)
 CONFIG = IngestConfig(image_size=12, channels=1, rows_per_row_group=4)
 

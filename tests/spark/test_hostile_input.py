@@ -26,8 +26,6 @@ from pipelines.listing import display_path
 from pipelines.store import DatasetDir, Store
 from pipelines.tasks import CLASSIFICATION
 
-pytestmark = pytest.mark.spark
-
 CONFIG = IngestConfig(image_size=16, channels=3, rows_per_row_group=8)
 
 #: A name that is not valid UTF-8 (Latin-1 "café.png", as older Windows/Samba shares write).

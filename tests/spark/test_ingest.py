@@ -20,8 +20,6 @@ from pipelines.schema import SPLITS
 from pipelines.sources import SourceError, write_cifar10_batch, write_cifar10_meta, write_idx
 from pipelines.store import DatasetDir
 
-pytestmark = pytest.mark.spark
-
 CONFIG = IngestConfig(image_size=16, channels=1, rows_per_row_group=8)
 
 

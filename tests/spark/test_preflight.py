@@ -7,12 +7,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
 from pipelines import preflight
-
-pytestmark = pytest.mark.spark
 
 
 def test_every_executor_python_worker_reports_the_pinned_stack(spark):

@@ -7,8 +7,6 @@ import pytest
 
 from pipelines.spark import driver_table
 
-pytestmark = pytest.mark.spark
-
 ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 

@@ -27,7 +27,6 @@ from pipelines.store import Owner, Staging
 
 _OWNER_FILE = Staging.OWNER_FILE
 
-pytestmark = pytest.mark.spark
 
 CONFIG = IngestConfig(image_size=8, channels=1, rows_per_row_group=64)
 

@@ -7,8 +7,6 @@ import pytest
 from pipelines.train.horovod_launcher import HorovodSparkLauncher
 from pipelines.train.horovod_patches import TASK_LINGER_S, lingering
 
-pytestmark = pytest.mark.spark
-
 
 def _linger_on_the_executor(index, rows):
     import horovod.spark.runner as runner

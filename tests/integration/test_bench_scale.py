@@ -26,8 +26,6 @@ from pipelines.config import Config, IngestConfig
 from pipelines.errors import UserError
 from pipelines.store import Store
 
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
-
 IMAGES = 40
 #: The digits used as 1x in the tests (the smallest training that still has every split).
 DIGITS = 20
