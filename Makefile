@@ -35,7 +35,7 @@ help:  ## list the targets
 
 venv: $(STAMP)  ## create or update the project environment in .venv/ (GPU=1: CUDA flavour)
 
-run: venv  ## the main job: bundled digits -> ingest (more stages as they land)
+run: venv  ## the main job: bundled digits -> ingest -> train -> register -> score -> report
 	$(BIN)/dlpipe run
 
 test: venv  ## the whole test suite

@@ -1,21 +1,30 @@
 """``dlpipe``: one sub-command per pipeline stage, and ``run`` for all of them.
 
-In: command-line arguments. Out: the stage's result printed for people (and, with
-``--json``, one JSON object as the last line), exit code 0 on success, 1 on a user error
-(a one-line message on stderr, no traceback), 2 on bad usage. The stages and ``run`` are
-:mod:`pipelines.pipeline`'s: this module parses, calls and prints (for ``jobs/*.py`` too).
+In: command-line arguments. Out: the stage's result printed for people on stdout, or with
+``--json`` one JSON object and nothing else on stdout (everything for people, progress
+included, on stderr, so ``dlpipe ... --json | jq`` works); exit code 0 on success, 1 on a
+user error (a one-line message on stderr, no traceback), 2 on bad usage. The stages and
+``run`` are :mod:`pipelines.pipeline`'s: this module parses, calls and prints (for
+``jobs/*.py`` too).
+
+Conventions every command shares: ``--config FILE|NAME`` (an overlay over
+``conf/base.yaml``; ``--conf``, which spark-submit also has, still works with a
+deprecation line), repeated ``--set section.key=value``, ``--json``, and ``--output`` for
+where a command writes (``--out`` still works).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pipelines import pipeline
 from pipelines.config import Config, load_config
@@ -31,6 +40,9 @@ log = logging.getLogger("pipelines")
 
 #: A result key whose text is printed for people instead of the generic key: value lines.
 HUMAN = "_human"
+#: A result key holding a :class:`UserError` the command ends with once the result is out
+#: (``dlpipe doctor`` shows its table, or JSON, and then fails).
+FAILS_WITH = "_fails_with"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,25 +83,70 @@ def console() -> None:
 
 def _execute(args: argparse.Namespace, handler: Callable[[argparse.Namespace, Config], Any]) -> int:
     """Load the config (``--set`` and the command's own overrides), run, print; exit code."""
-    _setup_logging(args.json)
-    try:
-        config = load_config(args.conf, [*(args.set or ()), *args.overrides(args)])
-        result = handler(args, config)
-    except UserError as exc:
-        print(f"dlpipe {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"dlpipe {args.command}: interrupted", file=sys.stderr)
-        return 130
-    _print_result(result if isinstance(result, dict) else result.to_dict(), args.json)
+    _setup_logging()
+    if getattr(args, "deprecated_conf", False):
+        print(
+            f"dlpipe {args.command}: --conf is deprecated (spark-submit has a --conf of its "
+            "own): use --config",
+            file=sys.stderr,
+        )
+    with _stdout_for_json(args.json) as result_out:
+        try:
+            config = load_config(args.conf, [*(args.set or ()), *args.overrides(args)])
+            result = handler(args, config)
+            result = result if isinstance(result, dict) else result.to_dict()
+            failure = result.pop(FAILS_WITH, None)
+            _print_result(result, result_out)
+            if failure is not None:
+                raise failure
+        except UserError as exc:
+            print(f"dlpipe {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"dlpipe {args.command}: interrupted", file=sys.stderr)
+            return 130
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_for_json(as_json: bool) -> Iterator[TextIO | None]:
+    """With ``--json``, stdout for the JSON alone: all else written there goes to stderr.
+
+    While the command runs, whatever Python, Keras or a native library writes to stdout
+    goes to stderr; the real stdout is yielded, for the JSON. Without ``--json`` it yields
+    None: the result is printed for people on stdout.
+    """
+    if not as_json:
+        yield None
+        return
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fd = None  # not a file (a caller's capture): only Python's writes can be redirected
+    if fd is None:
+        result_out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            yield result_out
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    os.dup2(sys.stderr.fileno(), fd)
+    result_out = os.fdopen(os.dup(saved), "w", encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield result_out
+    finally:
+        result_out.close()
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 # --- commands -------------------------------------------------------------------------------
 
 
 def _demo_data(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    demo = pipeline.demo_data_stage(config, args.out)
+    demo = pipeline.demo_data_stage(config, args.output)
     return {"path": str(demo.path), "images": demo.images, "classes": demo.classes}
 
 
@@ -115,7 +172,7 @@ def _serve(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 
 def _report(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     path = pipeline.report_stage(
-        config, args.run_id, args.compare, args.out, log_to_run=not args.no_log
+        config, args.run_id, args.compare, args.output, log_to_run=not args.no_log
     )
     if args.compare:
         return {"report": str(path), "runs": list(dict.fromkeys(args.compare))}
@@ -125,7 +182,7 @@ def _report(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 def _explain(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines.explain import summary
 
-    result = pipeline.explain_stage(config, args.image, args.model, args.out)
+    result = pipeline.explain_stage(config, args.image, args.model, args.output)
     return {**result.to_dict(), HUMAN: summary(result)}
 
 
@@ -145,6 +202,18 @@ def _bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     return {**report, HUMAN: human}
 
 
+def _config(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    from pipelines.config import resolve_config
+
+    resolved = resolve_config(args.conf, args.set or ())
+    shown = pipeline.shown_config(resolved)
+    lines = [
+        f"{key} = {json.dumps(entry['value'], default=str)}    # {entry['source']}"
+        for key, entry in shown.items()
+    ]
+    return {"config": shown, HUMAN: "\n".join(lines)}
+
+
 def _doctor(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines import preflight
 
@@ -155,9 +224,8 @@ def _doctor(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         spark = get_spark(config.spark)
     diagnosis = preflight.diagnose(spark, horovod=config.train.launcher == "horovod")
     result = {**diagnosis.to_dict(), HUMAN: diagnosis.table()}
-    if not diagnosis.ok:
-        _print_result(result, args.json)  # the table (and JSON) also when it fails
-        raise preflight.PreflightError(diagnosis.problems)
+    if not diagnosis.ok:  # the table (or JSON) is printed, then the command fails
+        result[FAILS_WITH] = preflight.PreflightError(diagnosis.problems)
     return result
 
 
@@ -208,6 +276,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_explain,
         _add_bench,
         _add_doctor,
+        _add_config,
         _add_run,
     ):
         add_command(add)
@@ -217,8 +286,14 @@ def _parser() -> argparse.ArgumentParser:
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--conf", metavar="FILE", help="overlay merged over conf/base.yaml, e.g. conf/cluster.yaml"
+        "--config",
+        dest="conf",
+        metavar="FILE",
+        help="overlay merged over conf/base.yaml: a YAML file, or a shipped target "
+        "(cluster, databricks, photos, ...)",
     )
+    # The old name: spark-submit has a --conf of its own on the same command line.
+    common.add_argument("--conf", dest="conf", action=_DeprecatedConf, help=argparse.SUPPRESS)
     common.add_argument(
         "--set",
         metavar="KEY=VALUE",
@@ -226,9 +301,25 @@ def _common_options() -> argparse.ArgumentParser:
         help="override one config key, e.g. --set train.epochs=3 (repeatable)",
     )
     common.add_argument(
-        "--json", action="store_true", help="print the result as one JSON object on the last line"
+        "--json",
+        action="store_true",
+        help="print the result as one JSON object, and nothing else, on stdout",
     )
     return common
+
+
+class _DeprecatedConf(argparse.Action):
+    """``--conf FILE``: the overlay, as ``--config``, remembered to print a deprecation line."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.deprecated_conf = True
+
+
+def _output_option(parser: argparse.ArgumentParser, metavar: str, help_text: str) -> None:
+    """``--output``, the one name of where a command writes (``--out`` still works)."""
+    parser.add_argument("--output", metavar=metavar, help=help_text)
+    parser.add_argument("--out", dest="output", help=argparse.SUPPRESS)
 
 
 def _add_demo_data(add: _Add) -> None:
@@ -237,7 +328,7 @@ def _add_demo_data(add: _Add) -> None:
         _demo_data,
         "write scikit-learn's handwritten digits (1,797 images) as PNG files DIR/<class>/*.png",
     )
-    demo.add_argument("--out", metavar="DIR", help="default: <work_dir>/demo-digits")
+    _output_option(demo, "DIR", "default: <work_dir>/demo-digits")
 
 
 def _add_ingest(add: _Add) -> None:
@@ -253,9 +344,7 @@ def _add_ingest(add: _Add) -> None:
         metavar="SRC",
         help="folder with one sub-folder per class, MNIST IDX files, or CIFAR-10 batches",
     )
-    ingest.add_argument(
-        "--output", metavar="DST", help="dataset directory (default: <work_dir>/datasets/prepared)"
-    )
+    _output_option(ingest, "DST", "dataset directory (default: <work_dir>/datasets/prepared)")
     ingest.add_argument(
         "--format", choices=["auto", "folder", "mnist-idx", "cifar10"], help="default: auto"
     )
@@ -293,9 +382,7 @@ def _add_score(add: _Add) -> None:
         help="folder of images, or a Parquet table with path + bytes "
         "(default: score.source, else the demo digits if written)",
     )
-    score.add_argument(
-        "--output", metavar="TABLE", help="scoring table (default: <work_dir>/tables/scores)"
-    )
+    _output_option(score, "TABLE", "scoring table (default: <work_dir>/tables/scores)")
     score.add_argument(
         "--model", metavar="URI", help="model URI (default: models:/<model_name>@champion)"
     )
@@ -328,9 +415,7 @@ def _add_report(add: _Add) -> None:
     which.add_argument(
         "--compare", nargs="+", metavar="ID", help="two or more run ids to put side by side"
     )
-    report.add_argument(
-        "--out", metavar="DIR", help="directory for the HTML page (default: <work_dir>/reports)"
-    )
+    _output_option(report, "DIR", "directory for the HTML page (default: <work_dir>/reports)")
     report.add_argument(
         "--no-log", action="store_true", help="do not log the page to the run as an artifact"
     )
@@ -349,9 +434,7 @@ def _add_explain(add: _Add) -> None:
         metavar="URI",
         help="model URI (default: score.model, else models:/<model_name>@champion)",
     )
-    explain.add_argument(
-        "--out", metavar="DIR", help="directory for the HTML page (default: <work_dir>/reports)"
-    )
+    _output_option(explain, "DIR", "directory for the HTML page (default: <work_dir>/reports)")
 
 
 def _add_bench(add: _Add) -> None:
@@ -399,6 +482,16 @@ def _add_doctor(add: _Add) -> None:
     )
 
 
+def _add_config(add: _Add) -> None:
+    config = add(
+        "config",
+        _config,
+        "print the resolved configuration, every key with its value and where it came from "
+        "(base, overlay, --set), and the locations it resolves to (environment included)",
+    )
+    config.add_argument("action", choices=["show"], help="show: print the configuration")
+
+
 def _add_run(add: _Add) -> None:
     add(
         "run",
@@ -411,7 +504,7 @@ def _add_run(add: _Add) -> None:
 # --- output ---------------------------------------------------------------------------------
 
 
-def _setup_logging(quiet_stdout: bool) -> None:
+def _setup_logging() -> None:
     """Progress goes to stderr so that stdout stays the result (and JSON stays parseable)."""
     # TensorFlow's C++ start-up banners (oneDNN, CPU features) say nothing actionable.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -424,12 +517,14 @@ def _setup_logging(quiet_stdout: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _print_result(result: dict[str, Any], as_json: bool) -> None:
+def _print_result(result: dict[str, Any], json_out: TextIO | None) -> None:
+    """The result for people on stdout, or as JSON on ``json_out`` (people's lines on stderr)."""
     human = result.pop(HUMAN, None)
-    for line in [human] if human is not None else _human_lines(result):
-        print(line)
-    if as_json:
-        print(json.dumps(result, sort_keys=True, default=str))
+    lines = [human] if human is not None else _human_lines(result)
+    for line in lines:
+        print(line, file=sys.stdout if json_out is None else sys.stderr)
+    if json_out is not None:
+        print(json.dumps(result, sort_keys=True, default=str), file=json_out, flush=True)
 
 
 def _human_lines(result: dict[str, Any], indent: str = "") -> list[str]:

@@ -488,6 +488,20 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated configuration and where each of its values came from.
+
+    Attributes:
+        config: The configuration.
+        sources: Dotted key of every value (a ``spark.conf`` entry is one key) -> ``base``,
+            ``overlay <file>`` or ``--set``.
+    """
+
+    config: Config
+    sources: dict[str, str]
+
+
 def load_config(
     overlay: str | os.PathLike | None = None,
     overrides: Iterable[str] = (),
@@ -499,7 +513,9 @@ def load_config(
         overlay: Optional YAML file merged over the base (e.g. ``conf/databricks.yaml``), or
             the name of a shipped target (``databricks`` = ``conf/databricks.yaml``, found
             inside the installed package too).
-        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars. Below a
+            mapping of free keys (``spark.conf``) the rest of the key is one key, dots and
+            all: ``spark.conf.spark.executor.memory=8g``.
         base: The base YAML file.
 
     Returns:
@@ -509,22 +525,72 @@ def load_config(
         ConfigError: A file is missing or malformed, or a key is unknown, mistyped or out
             of range. The message names the key's dotted path.
     """
-    merged = _read_yaml(base if isinstance(base, Traversable) else Path(base))
+    return resolve_config(overlay, overrides, base).config
+
+
+def resolve_config(
+    overlay: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    base: str | os.PathLike | Traversable = BASE_CONF,
+) -> ResolvedConfig:
+    """:func:`load_config`, with the source of every value (``dlpipe config show``)."""
+    base_file = base if isinstance(base, Traversable) else Path(base)
+    merged = _read_yaml(base_file)
+    sources = dict.fromkeys(_leaves(merged), "base")
     if overlay:
-        merged = _deep_merge(merged, _read_yaml(_overlay_file(str(overlay))), "")
+        layer = _read_yaml(_overlay_file(str(overlay)))
+        merged = _deep_merge(merged, layer, "")
+        sources.update(dict.fromkeys(_leaves(layer), f"overlay {overlay}"))
     for override in overrides:
         key, value = _parse_override(override)
-        merged = _deep_merge(merged, _nest(key.split("."), value), "")
+        layer = _nest(_key_path(key), value)
+        merged = _deep_merge(merged, layer, "")
+        sources.update(dict.fromkeys(_leaves(layer), "--set"))
     try:
         config = _adapter().validate_python(merged)
     except ValidationError as exc:
         raise ConfigError(_message(exc)) from None
     _check_splits(config.ingest.splits)
-    return config
+    return ResolvedConfig(config, sources)
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of a merged YAML tree's values (an empty mapping is a value)."""
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            keys += _leaves(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _key_path(key: str) -> list[str]:
+    """The parts of a dotted ``--set`` key, walked along the sections' fields.
+
+    Below a mapping of free keys (``spark.conf``) the rest is one key, as Spark property
+    names have dots of their own; quotes around it are dropped
+    (``spark.conf."spark.executor.memory"``). Unknown parts are kept as they are, for the
+    validation to name.
+    """
+    parts = key.split(".")
+    hint: Any = Config
+    for depth, part in enumerate(parts):
+        if not is_dataclass(hint):  # a value has no keys below it
+            value = ".".join(parts[:depth])
+            raise ConfigError(f"unknown config key {key} ({value} is a value, not a section)")
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            break
+        hint = hints[part]
+        rest = parts[depth + 1 :]
+        if typing.get_origin(hint) is dict and rest:
+            return [*parts[: depth + 1], ".".join(rest).strip("\"'")]
+    return parts
 
 
 def bundled_targets() -> list[str]:
-    """Names accepted by ``--conf NAME``: the overlays shipped in conf/."""
+    """Names accepted by ``--config NAME``: the overlays shipped in conf/."""
     return sorted(
         entry.name.removesuffix(".yaml")
         for entry in _bundled_conf().iterdir()
@@ -560,7 +626,7 @@ def _read_yaml(path: Path | Traversable) -> dict[str, Any]:
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
+    if not sep or not key or any(not part for part in _key_path(key)):
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None

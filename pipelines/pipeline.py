@@ -22,7 +22,7 @@ from pipelines.errors import UserError
 from pipelines.store import Store
 
 if TYPE_CHECKING:
-    from pipelines.config import Config
+    from pipelines.config import Config, ResolvedConfig
     from pipelines.demo import DemoData
     from pipelines.explain import ExplainResult
     from pipelines.ingest import IngestResult
@@ -272,6 +272,52 @@ def run(config: Config) -> RunSummary:
         seconds=round(time.time() - started, 1),
         headline=headline,
     )
+
+
+def shown_config(resolved: ResolvedConfig) -> dict[str, dict[str, Any]]:
+    """Every configuration value with its source, and the locations it resolves to.
+
+    Returns:
+        Dotted key -> ``{"value", "source"}``; ``source`` is ``base``, ``overlay <file>``,
+        ``--set``, or for the ``locations.*`` the Store derives, the key or environment
+        variable that decided it (``default`` when nothing did).
+    """
+    import os
+
+    flat = _flatten_config(resolved.config.to_dict())
+    shown = {
+        key: {"value": value, "source": resolved.sources.get(key, "default")}
+        for key, value in flat.items()
+    }
+    config = resolved.config
+    store = Store.of(config)
+    tracking = (
+        "mlflow.tracking_uri"
+        if config.mlflow.tracking_uri
+        else "environment MLFLOW_TRACKING_URI"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else "default: sqlite store in work_dir"
+    )
+    locations = {
+        "work": (str(store.work), "work_dir"),
+        "prepared": (str(store.prepared), "ingest.output" if config.ingest.output else "work_dir"),
+        "table": (store.table, "score.table" if config.score.table else "work_dir"),
+        "tracking_uri": (store.tracking_uri, tracking),
+        "registry_uri": (store.registry_uri, "mlflow.registry_uri"),
+    }
+    for name, (value, source) in locations.items():
+        shown[f"locations.{name}"] = {"value": value, "source": source}
+    return shown
+
+
+def _flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # --- Spark and Horovod slots ----------------------------------------------------------------

@@ -224,13 +224,14 @@ def test_a_lookup_result_survives_the_trip_from_an_executor(real):
 def test_doctor_reports_the_pinned_venv_as_good(capsys):
     assert cli.main(["doctor", "--json"]) == 0
 
-    out = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(out[-1])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # --json: stdout is the JSON alone
     assert result["ok"] is True and result["problems"] == [] and result["executors"] == []
     horovod = next(c for c in result["driver"]["checks"] if c["name"] == "horovod")
     assert horovod["ok"] is True and horovod["found"].endswith("Gloo; api)")  # Horovod's API
-    assert "all good" in "\n".join(out)
-    assert re.search(r"^driver +keras +2\.15\.\d+ +>=2\.15,<3 +ok$", "\n".join(out), re.M)
+    table = captured.err  # the table for people goes to stderr
+    assert "all good" in table
+    assert re.search(r"^driver +keras +2\.15\.\d+ +>=2\.15,<3 +ok$", table, re.M)
 
 
 def test_dlpipe_doctor_as_a_command(tmp_path):
@@ -265,6 +266,6 @@ def test_dlpipe_doctor_fails_on_a_deliberately_wrong_environment(tmp_path):
     assert errors[0].startswith("dlpipe doctor: error: pyarrow: found 15.0.0, need ==14.0.2: ")
     assert errors[1].startswith("keras: found 3.3.3, need >=2.15,<3: ")
     assert errors[2].startswith("horovod: found 0.28.1 built without TensorFlow, need ")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout)  # --json: stdout is the JSON alone, also on failure
     assert result["ok"] is False and len(result["problems"]) == 3
-    assert re.search(r"^driver +keras +3\.3\.3 +>=2\.15,<3 +FAIL$", done.stdout, re.M)
+    assert re.search(r"^driver +keras +3\.3\.3 +>=2\.15,<3 +FAIL$", done.stderr, re.M)
