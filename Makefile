@@ -28,7 +28,7 @@ DIST ?= dist
 DIST_ENV ?= build/dist-env
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast run lint bench prereqs clean wheel dist
+.PHONY: help venv test test-fast run lint bench prereqs clean wheel dist docs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -46,6 +46,9 @@ test-fast: venv  ## tests without the slow (Horovod/MLflow end-to-end) ones
 
 lint: venv  ## ruff over the code and tests
 	$(BIN)/ruff check pipelines jobs tests
+
+docs: venv  ## regenerate docs/configuration.md from the config model
+	$(BIN)/python -c "from pipelines.config_docs import REFERENCE_PAGE, reference; open(REFERENCE_PAGE, 'w').write(reference())"
 
 bench: venv  ## benchmarks, with baselines measured in the same run
 	$(BIN)/dlpipe bench all

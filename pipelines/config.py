@@ -120,7 +120,13 @@ class SparkConfig:
 @with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
 class SplitConfig:
-    """Fractions of the prepared dataset per split; must add up to 1."""
+    """Fractions of the prepared dataset per split; must add up to 1.
+
+    Attributes:
+        train: Share of the images for training (> 0).
+        val: Share for validation during training (early stopping, learning curves).
+        test: Share held out for the final evaluation, the report and promotion.
+    """
 
     train: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.8
     val: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.1
