@@ -18,7 +18,7 @@ BIN := $(VENV)/bin
 TF_VERSION := 2.15.1
 HOROVOD_VERSION := 0.28.1
 # GPU=1: TensorFlow with CUDA (the `gpu` extra) and Horovod built with NCCL; needs the CUDA
-# toolkit and NCCL headers (README "GPU workers"). A venv holds one flavour: `make clean` first.
+# toolkit and NCCL headers (docs/gpu.md). A venv holds one flavour: `make clean` first.
 GPU ?= 0
 FLAVOUR := $(if $(filter 1,$(GPU)),gpu,cpu)
 HOROVOD_GPU_ENV := $(if $(filter 1,$(GPU)),HOROVOD_GPU_OPERATIONS=NCCL,)
@@ -28,7 +28,7 @@ DIST ?= dist
 DIST_ENV ?= build/dist-env
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast run lint bench prereqs clean wheel dist docs
+.PHONY: help venv test test-fast run lint bench bench-docs prereqs clean wheel dist docs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -52,6 +52,10 @@ docs: venv  ## regenerate docs/configuration.md from the config model
 
 bench: venv  ## benchmarks, with baselines measured in the same run
 	$(BIN)/dlpipe bench all
+
+bench-docs: venv  ## run bench all and scale on an idle machine, their tables into docs/performance.md
+	$(BIN)/dlpipe bench all --markdown docs/performance.md
+	$(BIN)/dlpipe bench scale --markdown docs/performance.md
 
 prereqs:  ## check that python3.11, Java 11/17, g++ and CMake 3.x are present
 	@missing=0; \

@@ -196,6 +196,7 @@ def _bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         repeats=args.repeats,
         csv_path=args.csv,
         max_size=args.max,
+        markdown_path=args.markdown,
     )
     # Scale points carry more than a ratio: their memory, CPU and output, in a second table.
     human = "\n\n".join(t for t in (format_table(report), format_scale_table(report)) if t)
@@ -466,6 +467,12 @@ def _add_bench(add: _Add) -> None:
     )
     bench.add_argument("--repeats", type=int, default=3, metavar="R", help="median of R runs")
     bench.add_argument("--csv", metavar="FILE", help="append the results to this CSV file")
+    bench.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="write the tables of this run into FILE's blocks of the benchmarks run "
+        "(<!-- bench:NAME:begin/end --> markers; make bench-docs: docs/performance.md)",
+    )
 
 
 def _add_doctor(add: _Add) -> None:

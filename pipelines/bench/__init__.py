@@ -34,7 +34,8 @@ measurement record and its maths), :mod:`~pipelines.bench.timing` (sizes, interl
 timed runs), :mod:`~pipelines.bench.jobs` (a Spark job's fixed cost, from Spark's status
 store), :mod:`~pipelines.bench.processes` (CPU and memory per kind of process),
 :mod:`~pipelines.bench.machine` (machine facts), :mod:`~pipelines.bench.data` (generated
-data and its cache) and :mod:`~pipelines.bench.output` (table and CSV).
+data and its cache), :mod:`~pipelines.bench.output` (table and CSV) and
+:mod:`~pipelines.bench.markdown` (the tables of a run in ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from pipelines.bench.data import generate_jpegs, prepared_dataset
 from pipelines.bench.feed import bench_feed
 from pipelines.bench.ingest import bench_ingest
 from pipelines.bench.machine import machine_facts
+from pipelines.bench.markdown import check_page, markdown_blocks, write_markdown
 from pipelines.bench.output import CSV_COLUMNS, append_csv, format_table
 from pipelines.bench.reader import bench_reader
 from pipelines.bench.scale import bench_scale, format_scale_table
@@ -57,6 +59,7 @@ from pipelines.bench.stats import Measurement, Skipped
 from pipelines.bench.train import bench_train
 from pipelines.config import Config
 from pipelines.errors import UserError
+from pipelines.host import git_commit
 
 __all__ = [
     "BENCHMARKS",
@@ -73,8 +76,10 @@ __all__ = [
     "format_table",
     "generate_jpegs",
     "machine_facts",
+    "markdown_blocks",
     "prepared_dataset",
     "run_benchmarks",
+    "write_markdown",
 ]
 
 log = logging.getLogger("pipelines.bench")
@@ -117,6 +122,7 @@ def run_benchmarks(
     repeats: int = 3,
     csv_path: str | os.PathLike | None = None,
     max_size: bool = False,
+    markdown_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark or all registered ones; optionally append the results to a CSV.
 
@@ -127,6 +133,8 @@ def run_benchmarks(
         repeats: Measured runs of each figure (the median is reported).
         csv_path: File to append one row per measurement to (header written when new).
         max_size: ``scale`` only: add its largest point.
+        markdown_path: A Markdown page whose blocks of the benchmarks run are rewritten
+            with their tables (:func:`~pipelines.bench.markdown.write_markdown`).
 
     Returns:
         ``{"machine": machine_facts(), "results": [Measurement as dict, ...], "skipped":
@@ -134,8 +142,8 @@ def run_benchmarks(
         environment) is skipped with a one-line reason, not failed.
 
     Raises:
-        UserError: ``which`` is not a registered benchmark, or ``max_size`` without
-            ``scale``.
+        UserError: ``which`` is not a registered benchmark, ``max_size`` without
+            ``scale``, or a ``markdown_path`` without the blocks of the benchmarks run.
     """
     registry = {**BENCHMARKS, **ON_REQUEST}
     if max_size and which != "scale":
@@ -147,6 +155,8 @@ def run_benchmarks(
     else:
         available = ", ".join([*BENCHMARKS, "all", *ON_REQUEST])
         raise UserError(f"unknown benchmark {which!r}; available: {available}")
+    if markdown_path is not None:
+        check_page(markdown_path, names)  # a page without the blocks fails before the work
     machine = machine_facts()
     results: list[Measurement] = []
     skipped: list[str] = []
@@ -169,4 +179,6 @@ def run_benchmarks(
     }
     if csv_path is not None:
         append_csv(report, csv_path)
+    if markdown_path is not None:
+        write_markdown(report, markdown_path, names, git_commit(short=True))
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -75,40 +76,63 @@ def format_table(report: dict[str, Any]) -> str:
     Returns:
         The table as text (no trailing newline).
     """
-    headers = ("benchmark", "measured", "value", "baseline", "baseline value", "ratio", "target")
-    headers += ("met",)
-    rows = [
-        (
-            r["benchmark"],
-            r["measured"],
-            f"{_fmt(r['value'])} {r['unit']}",
-            r["baseline"],
-            f"{_fmt(r['baseline_value'])} {r['unit']}",
-            f"{r['ratio']:.2f}x",
-            r["target"] or "-",
-            "-" if r["met"] is None else ("yes" if r["met"] else "NO"),
-        )
-        for r in report["results"]
-    ]
+    m = report["machine"]
+    table = fixed_width(RESULT_HEADERS, [result_cells(r) for r in report["results"]], _NUMERIC)
+    skipped = report.get("skipped", [])
+    return "\n".join([f"machine: {machine_line(m)}, {m['timestamp']}", table, *skipped])
+
+
+#: Columns of a report's table, and which of them are numbers (right-aligned).
+RESULT_HEADERS = (
+    "benchmark",
+    "measured",
+    "value",
+    "baseline",
+    "baseline value",
+    "ratio",
+    "target",
+    "met",
+)
+_NUMERIC = frozenset({2, 4, 5})
+
+
+def result_cells(result: dict[str, Any]) -> tuple[str, ...]:
+    """One measurement's cells, in :data:`RESULT_HEADERS` order."""
+    return (
+        result["benchmark"],
+        result["measured"],
+        f"{_fmt(result['value'])} {result['unit']}",
+        result["baseline"],
+        f"{_fmt(result['baseline_value'])} {result['unit']}",
+        f"{result['ratio']:.2f}x",
+        result["target"] or "-",
+        "-" if result["met"] is None else ("yes" if result["met"] else "NO"),
+    )
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """The machine facts of a report in one line (without the time)."""
+    m = machine
+    return (
+        f"{m['cores']} cores, {m['memory_gib']} GiB, load {m['load_avg']}, "
+        f"python {m['python']}, pyspark {m['pyspark']}, pyarrow {m['pyarrow']}, "
+        f"numpy {m['numpy']}, tensorflow {m['tensorflow']}, horovod {m['horovod']}, "
+        f"{m['platform']}"
+    )
+
+
+def fixed_width(headers: tuple[str, ...], rows: list[tuple], right: Collection[int]) -> str:
+    """Headers, a rule and rows in padded columns; the columns in ``right`` right-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
-    numeric = {2, 4, 5}
 
     def line(cells: tuple) -> str:
         return "  ".join(
-            str(c).rjust(w) if i in numeric else str(c).ljust(w)
+            str(c).rjust(w) if i in right else str(c).ljust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    m = report["machine"]
-    facts = (
-        f"machine: {m['cores']} cores, {m['memory_gib']} GiB, load {m['load_avg']}, "
-        f"python {m['python']}, pyspark {m['pyspark']}, pyarrow {m['pyarrow']}, "
-        f"numpy {m['numpy']}, tensorflow {m['tensorflow']}, horovod {m['horovod']}, "
-        f"{m['platform']}, {m['timestamp']}"
-    )
     rule = "-" * len(line(headers))
-    skipped = report.get("skipped", [])
-    return "\n".join([facts, line(headers), rule, *(line(r) for r in rows), *skipped])
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
 def _fmt(value: float) -> str:

@@ -35,6 +35,7 @@ from pipelines.bench.data import (
 )
 from pipelines.bench.ingest import INGEST_CHANNELS, INGEST_IMAGE_SIZE, INGEST_SOURCE_SIZE
 from pipelines.bench.jobs import JobMark, median_timeline
+from pipelines.bench.output import fixed_width
 from pipelines.bench.processes import KINDS, ProcessSampler, ProcessUsage
 from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes
@@ -520,6 +521,12 @@ def format_scale_table(report: dict[str, Any]) -> str:
     Returns:
         The table (no trailing newline); empty when the report has no scale points.
     """
+    headers, rows = scale_cells(report)
+    return fixed_width(headers, rows, range(1, len(headers))) if rows else ""
+
+
+def scale_cells(report: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """The headers and one row of cells per scale point of a report (none: no rows)."""
     kinds = [k for k in KINDS if k != "other"]
     short = {"driver": "driver", "jvm": "jvm", "python_worker": "worker", "horovod_rank": "rank"}
     headers = ("point", "seconds", "ms/image", "vs ref", "target", "met")
@@ -545,18 +552,7 @@ def format_scale_table(report: dict[str, Any]) -> str:
                 f"{d['output_bytes'] / 2**20:.3g}",
             )
         )
-    if not rows:
-        return ""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
-
-    def line(cells: tuple) -> str:
-        return "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "-" * len(line(headers))
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+    return headers, rows
 
 
 def _cell(processes: dict[str, Any], kind: str, key: str, runs: int = 1) -> str:
