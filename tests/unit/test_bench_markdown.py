@@ -185,3 +185,33 @@ def test_the_performance_page_has_a_block_for_every_benchmark() -> None:
     assert check_page(page, [*BENCHMARKS, *ON_REQUEST])
     names = re.findall(r"<!-- bench:([a-z]+):begin -->", page.read_text())
     assert sorted(names) == sorted([*BENCHMARKS, *ON_REQUEST])
+
+
+def test_a_run_writes_its_blocks_and_a_wrong_page_fails_before_the_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.bench import run_benchmarks
+    from pipelines.bench.stats import pair
+    from pipelines.cli import main
+    from pipelines.config import Config
+
+    runs = []
+
+    def bench_ingest(config: Config, **kwargs: Any) -> list:
+        runs.append(kwargs)
+        return [pair("ingest", "spark ingest", [4.0], "loop", [2.0], unit="images/s")]
+
+    monkeypatch.setattr("pipelines.bench.BENCHMARKS", {"ingest": bench_ingest})
+    page = tmp_path / "performance.md"
+    page.write_text("<!-- bench:ingest:begin -->\nold\n<!-- bench:ingest:end -->\n")
+    run_benchmarks(Config(work_dir=str(tmp_path / "work")), "all", markdown_path=page)
+    assert len(runs) == 1
+    text = page.read_text()
+    assert "old" not in text and "| spark ingest | 4 images/s | loop | 2 images/s | 2.00x |" in text
+
+    page.write_text("no blocks here\n")
+    with pytest.raises(UserError, match="has no block for bench ingest"):
+        run_benchmarks(Config(work_dir=str(tmp_path / "work")), "all", markdown_path=page)
+    assert len(runs) == 1  # nothing was measured
+    assert main(["bench", "ingest", "--markdown", str(tmp_path / "missing.md")]) == 1
+    assert len(runs) == 1 and page.read_text() == "no blocks here\n"
