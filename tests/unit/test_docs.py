@@ -25,7 +25,7 @@ PAGES = sorted([REPO / "README.md", REPO / "ARCHITECTURE.md", *(REPO / "docs").g
 README_LIMIT_BYTES = 12 * 1024
 
 _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
-_SPAN = re.compile(r"`([^`\n]+)`")
+_SPAN = re.compile(r"`([^`]+)`")
 _COMMAND = re.compile(r"\bdlpipe ([a-z][a-z-]*)|\bjobs/([a-z]+)\.py")
 _OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 #: Where one command's options end: a shell pipe, list or comment (a table's ``\|`` is not).
@@ -42,7 +42,8 @@ def _code(page: Path) -> list[str]:
     lines = []
     for block in _FENCE.findall(text):
         lines += block.replace("\\\n", " ").splitlines()
-    lines += _SPAN.findall(_FENCE.sub("", text))
+    # A span may wrap onto the next line of its paragraph.
+    lines += [" ".join(span.split()) for span in _SPAN.findall(_FENCE.sub("", text))]
     return lines
 
 
