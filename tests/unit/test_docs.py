@@ -160,6 +160,15 @@ def _anchors(page: Path) -> set[str]:
     return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_overlay_of_a_page_loads(page: Path, tmp_path: Path) -> None:
+    blocks = re.findall(r"^```yaml\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
+    for number, block in enumerate(blocks):
+        overlay = tmp_path / f"overlay-{number}.yaml"
+        overlay.write_text(block)
+        load_config(overlay)
+
+
 def test_the_readme_is_short_and_its_two_commands_are_make_run_and_make_test() -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert len(text.encode()) <= README_LIMIT_BYTES, "README.md: move the detail into docs/"
