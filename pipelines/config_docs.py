@@ -44,9 +44,7 @@ def reference() -> str:
         if doc:
             lines += [doc, ""]
         lines += ["| key | type | default | description |", "|---|---|---|---|"]
-        lines += [
-            f"| `{key}` | {kind} | {default} | {text} |" for key, kind, default, text in keys
-        ]
+        lines += [f"| `{key}` | {kind} | {default} | {text} |" for key, kind, default, text in keys]
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +164,4 @@ def _attribute_docs(section: type) -> dict[str, str]:
         elif line.strip() and not line.startswith(" "):
             break  # the next docstring section
     # Docstrings are reStructuredText (``code``); the page is Markdown (`code`).
-    return {
-        name: text.replace("``", "`").replace("|", "\\|") for name, text in found.items()
-    }
+    return {name: text.replace("``", "`").replace("|", "\\|") for name, text in found.items()}
