@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.errors import UserError
+from pipelines.errors import StorageError, UserError
+from pipelines.spark import Access, storage_errors
 
 if TYPE_CHECKING:
     from pipelines.config import Config
@@ -29,6 +30,18 @@ log = logging.getLogger(__name__)
 
 #: The ingest counts a :class:`RunSummary` shows.
 INGEST_HEADLINE = ("output", "files_seen", "ingested", "quarantined", "skipped", "splits")
+
+# The fixes a stage's StorageError names (pipelines.spark.storage_errors).
+_WRITABLE = (
+    "choose an {option} that this user can create and write, on a file system that the "
+    "driver and every executor see alike"
+)
+_READABLE = "check that the driver and every executor can read it at that path"
+_TABLE_OR_IMAGES = (
+    "; a Parquet table must be whole (write it again), and a folder of images is scored "
+    "as one with --source-format images"
+)
+_REINGEST = "ingest the images again (dlpipe ingest) to rewrite it"
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,11 @@ def ingest_stage(
     if not source:
         raise UserError("no source: pass --source DIR or set ingest.source")
     output = output or str(config.locations.prepared)
-    return ingest(spark_session(config), config.ingest, source, output)
+    with storage_errors(
+        Access("write the dataset", output, _WRITABLE.format(option="--output (ingest.output)")),
+        Access("read the source", source, _READABLE),
+    ):
+        return ingest(spark_session(config), config.ingest, source, output)
 
 
 def train_stage(config: Config, dataset: str | None = None, resume: bool = False) -> TrainResult:
@@ -112,11 +129,36 @@ def train_stage(config: Config, dataset: str | None = None, resume: bool = False
     from pipelines.train.launcher import make_launcher
 
     check_local_slots(config)
+    where = dataset or str(config.locations.prepared)
+    check_dataset_files(where)  # before Spark starts, and before a run is opened in MLflow
     spark = spark_session(config) if config.train.launcher == "horovod" else None
     cfg = config.train
     launcher = make_launcher(cfg.launcher, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s)
     launcher.wait_for_slots(cfg.elastic, cfg.min_num_proc)  # before a run is opened in MLflow
-    return train(config, launcher, dataset, resume, report=log_run_report)
+    with storage_errors(Access("read the dataset", where, _REINGEST)):
+        return train(config, launcher, dataset, resume, report=log_run_report)
+
+
+def check_dataset_files(dataset: str) -> None:
+    """Fail in one line, before any rank starts, if a file of the dataset is no readable Parquet.
+
+    A rank that met such a file would die in Petastorm's reader, which the job could only
+    report as a lost rank.
+
+    Raises:
+        StorageError: Which file (and how many), pyarrow's reason, and the fix.
+    """
+    from pipelines.schema import unreadable_parquet
+
+    started = time.monotonic()
+    bad = unreadable_parquet(dataset)
+    log.info("train: dataset files checked in %.2f s", time.monotonic() - started)
+    if bad:
+        name, reason = next(iter(bad.items()))
+        count = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise StorageError(
+            f"cannot read the dataset {dataset}: {name}{count}: {reason}; {_REINGEST}"
+        )
 
 
 def log_run_report(config: Config, trained: Trained) -> None:
@@ -164,7 +206,15 @@ def score_stage(
         source = str(config.locations.demo_data)
     if not source:
         raise UserError("no source: pass --source DIR or set score.source")
-    return score(spark_session(config), config, source, output, model, batch_id)
+    with storage_errors(
+        Access("read the source", source, _READABLE + _TABLE_OR_IMAGES),
+        Access(
+            "write the scoring table",
+            output or config.locations.table,
+            _WRITABLE.format(option="--output (score.table)"),
+        ),
+    ):
+        return score(spark_session(config), config, source, output, model, batch_id)
 
 
 def run(config: Config) -> RunSummary:

@@ -114,6 +114,47 @@ def split_path(dataset: str, split: str) -> str:
     return f"{dataset.rstrip('/')}/{SPLIT}={split}"
 
 
+def unreadable_parquet(dataset: str | Path) -> dict[str, str]:
+    """The dataset's Parquet files whose footer cannot be read, each with why.
+
+    Only footers are read (pyarrow), no data: a file cut short, overwritten or not Parquet
+    at all shows there. The files of a split (and Petastorm's ``_common_metadata``), read
+    by a thread pool: on a mount of remote storage each footer is a round trip.
+
+    Args:
+        dataset: The prepared dataset directory.
+
+    Returns:
+        Path relative to ``dataset`` -> pyarrow's reason, for every unreadable file.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    root = Path(dataset)
+    files = sorted(
+        path
+        for split in SPLITS
+        for path in Path(split_path(str(root), split)).glob("*")
+        if path.name.endswith(".parquet") or path.name == "_common_metadata"
+    )
+
+    def why(path: Path) -> str | None:
+        try:
+            pq.read_metadata(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        reasons = list(pool.map(why, files))
+    return {
+        str(path.relative_to(root)): reason
+        for path, reason in zip(files, reasons, strict=True)
+        if reason is not None
+    }
+
+
 # --- the image cell: one uint8 array as np.save writes it -----------------------------------
 
 
