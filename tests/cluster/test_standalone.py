@@ -6,21 +6,32 @@ not the project, in folders away from the checkout, so they import the project o
 the archive ``spark-submit --py-files`` ships (built by ``make wheel``). Tracking goes
 through a real ``mlflow server`` whose artifact root is under the shared folder. Every
 process is stopped when the test ends, pass or fail (see :mod:`tests.cluster.standalone`).
+
+The cluster is secured as the README's "Security" section says: ``spark.authenticate`` with
+a secret given to the master, the workers and the submit (each in an owner-only properties
+file), RPC and I/O encryption; the MLflow server runs its basic-auth app and the jobs reach
+it with credentials from the environment only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import signal
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipelines.demo import write_demo_digits
 from tests.cluster.standalone import (
+    SECURED,
     mlflow_server,
     spark_home,
+    spark_properties,
     stack_without_project,
     standalone_cluster,
 )
@@ -43,9 +54,14 @@ def _build_zip(dist: Path) -> Path:
     return archive
 
 
-def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
+def test_pipeline_on_a_secured_standalone_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow import MlflowClient
 
+    spark_secret = secrets.token_hex(16)
+    user, password = "dlpipe-admin", secrets.token_urlsafe(18)
+    secured = {**SECURED, "spark.authenticate.secret": spark_secret}
     shared = tmp_path / "shared"  # what a shared mount is on a real cluster
     shared.mkdir()
     python = stack_without_project(tmp_path / "stack-env")
@@ -59,14 +75,39 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
     driver_dir.mkdir()
 
     with (
-        mlflow_server(_folder(tmp_path / "mlflow"), shared / "mlartifacts") as tracking,
-        standalone_cluster(_folder(tmp_path / "cluster"), python, workers=2, cores=1) as cluster,
+        mlflow_server(
+            _folder(tmp_path / "mlflow"), shared / "mlartifacts", admin=(user, password)
+        ) as tracking,
+        standalone_cluster(
+            _folder(tmp_path / "cluster"), python, workers=2, cores=1, properties=secured
+        ) as cluster,
     ):
-        env = {**_driver_env(), "MLFLOW_TRACKING_URI": tracking}
+        # Credentials only in the environment: never in the config, a URI or a command line.
+        credentials = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+        for name, value in credentials.items():
+            monkeypatch.setenv(name, value)  # this test's own MlflowClient
+        env = {**_driver_env(), "MLFLOW_TRACKING_URI": tracking, **credentials}
+        submit_conf = spark_properties(tmp_path / "submit" / "spark.conf", secured)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{tracking}/api/2.0/mlflow/experiments/search?max_results=1")
+
+        # Without the secret the master refuses the application: Spark's client gives up
+        # after its three 20 s registration attempts. Runs meanwhile, beside the real jobs.
+        intruder_log = tmp_path / "driver-logs" / "intruder.log"
+        intruder_log.parent.mkdir()
+        with intruder_log.open("w") as log:
+            intruder = subprocess.Popen(
+                [*_spark_submit(cluster.master_url, package, python, "ingest.py"),
+                 "--conf", str(REPO / "conf" / "cluster.yaml"),
+                 "--set", f"work_dir={shared / 'work'}",
+                 "--source", str(digits), "--output", str(shared / "intruded")],
+                env=_driver_env(), cwd=driver_dir, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
 
         def submit(job: str, *args: str) -> dict:
             argv = [
-                *_spark_submit(cluster.master_url, package, python, job),
+                *_spark_submit(cluster.master_url, package, python, job, submit_conf),
                 "--conf", str(REPO / "conf" / "cluster.yaml"),
                 "--set", f"work_dir={shared / 'work'}",
                 "--set", "train.nics=[lo]",
@@ -75,6 +116,7 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
             done = subprocess.run(
                 argv, env=env, cwd=driver_dir, capture_output=True, text=True, timeout=600
             )
+            (tmp_path / "driver-logs" / f"{job}.log").write_text(done.stdout + done.stderr)
             # spark-submit passes the Python driver's stderr on through its stdout.
             assert done.returncode == 0, f"{job} failed:\n{done.stdout[-4000:]}"
             return json.loads(done.stdout.strip().splitlines()[-1])
@@ -131,6 +173,43 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
         assert rows.num_rows == images
         assert set(rows.column("predicted_label").to_pylist()) <= set(manifest["label_names"])
 
+        try:
+            intruder.wait(timeout=150)
+        finally:
+            if intruder.poll() is None:
+                os.killpg(intruder.pid, signal.SIGKILL)
+        refused = intruder_log.read_text()
+        assert intruder.returncode != 0, refused[-3000:]
+        assert "All masters are unresponsive! Giving up." in refused, refused[-3000:]
+        assert "Expected SaslMessage" in cluster.processes.log("master")  # the master said why
+        assert not (shared / "intruded").exists()
+        final = client.get_run(run.info.run_id)
+        params_and_tags = json.dumps([final.data.params, final.data.tags])
+
+    # Nothing the test produced holds the MLflow password: no log (driver, intruder,
+    # master, workers, executors, MLflow server), store, table, artifact or params and tags;
+    # the Spark secret is only in the two owner-only properties files that carry it.
+    assert password not in params_and_tags
+    assert _files_holding(tmp_path, password) == []
+    assert _files_holding(tmp_path, spark_secret) == sorted(
+        [str(tmp_path / "cluster" / "conf" / "spark-defaults.conf"), str(submit_conf)]
+    )
+    assert list((tmp_path / "cluster").glob("worker-*/app-*/*/stderr")), "no executor logs"
+
+
+def _files_holding(root: Path, text: str) -> list[str]:
+    """Every regular file under ``root`` whose bytes contain ``text`` (links not followed)."""
+    needle = text.encode()
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            if needle in path.read_bytes():
+                found.append(str(path))
+    return sorted(found)
+
 
 def _driver_env() -> dict[str, str]:
     """The submitting shell's environment: Spark's home, loopback only, no tracking URI."""
@@ -139,11 +218,17 @@ def _driver_env() -> dict[str, str]:
     return {**env, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": "127.0.0.1"}
 
 
-def _spark_submit(master: str, package: Path, python: Path, job: str) -> list[str]:
-    """spark-submit of ``jobs/JOB`` shipping the project zip, driver bound to loopback."""
+def _spark_submit(
+    master: str, package: Path, python: Path, job: str, properties: Path | None = None
+) -> list[str]:
+    """spark-submit of ``jobs/JOB`` shipping the project zip, driver bound to loopback.
+
+    ``properties``: a Spark properties file (the cluster's secret and security settings).
+    """
     return [
         str(spark_home() / "bin" / "spark-submit"),
         "--master", master,
+        *(["--properties-file", str(properties)] if properties else []),
         "--py-files", str(package),
         "--conf", f"spark.pyspark.python={python}",
         "--conf", "spark.driver.host=127.0.0.1",
