@@ -224,6 +224,7 @@ def run(config: Config) -> RunSummary:
         UserError: A stage's error; too few task slots fails before ingest runs.
     """
     from pipelines.report import render_run_report
+    from pipelines.tracking import shown_uri
 
     check_local_slots(config)  # a config that cannot train fails before ingest runs
     started = time.time()
@@ -252,7 +253,7 @@ def run(config: Config) -> RunSummary:
         "model_version": trained.model_version,
         "champion": trained.promoted,
         "report": page,
-        "mlflow_ui": f"mlflow ui --backend-store-uri {config.locations.tracking_uri}",
+        "mlflow_ui": f"mlflow ui --backend-store-uri {shown_uri(config.locations.tracking_uri)}",
     }
     return RunSummary(
         work_dir=str(config.locations.work),

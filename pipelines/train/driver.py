@@ -301,7 +301,7 @@ def _train_in_run(
     return {
         "run_id": run_id,
         "experiment": config.mlflow.experiment,
-        "tracking_uri": config.locations.tracking_uri,
+        "tracking_uri": tracking.shown_uri(config.locations.tracking_uri),
         "world_size": rank0["size"],
         "epochs": rank0["epochs"],
         "stopped_early": rank0["stopped_early"],
@@ -380,7 +380,7 @@ def _log_inputs(
     import mlflow
 
     manifest_bytes = (data_dir / schema.MANIFEST_FILE).read_bytes()
-    params = _flatten(config.to_dict())
+    params = tracking.redacted(_flatten(config.to_dict()))
     params.update(
         {
             "world_size": launcher.num_proc,

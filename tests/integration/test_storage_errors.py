@@ -19,6 +19,10 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
 
+#: A secret a user put in the config's Spark properties (better: spark-submit's own file).
+SPARK_SECRET = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
 @pytest.fixture(scope="module")
 def model(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A registered champion (one epoch, local launcher), as ``--set`` items for the CLI."""
@@ -34,6 +38,7 @@ def model(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
     config = load_config(
         overrides=[
             *(f"{key}={value}" for key, value in sets.items()),
+            f"spark.conf={{spark.authenticate.secret: {SPARK_SECRET}}}",
             "train.launcher=local",
             "train.model=mlp",
             "train.hidden_units=16",
@@ -43,6 +48,18 @@ def model(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
     )
     train(config, LocalLauncher(), digits)
     return sets
+
+
+def test_a_secret_in_the_config_is_not_recorded(model):
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import REDACTED
+
+    client = MlflowClient(tracking_uri=model["mlflow.tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("spark-dl-pipelines").experiment_id])
+    assert run.data.params["spark.conf.spark.authenticate.secret"] == REDACTED
+    store = Path(model["mlflow.tracking_uri"].removeprefix("sqlite:///"))
+    assert SPARK_SECRET.encode() not in store.read_bytes()
 
 
 @pytest.fixture(scope="module")
