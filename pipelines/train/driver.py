@@ -407,7 +407,8 @@ def _rank_died(exc: Any, out: Path) -> RankDiedError:
     own exception is a survivor; one that recorded none was killed.
     """
     placements = read_rank_placements(out)
-    rank, status = exc.rank, f"exit status {exc.exit_code}"
+    lost = "its executor was lost" if exc.exit_code is None else f"exit status {exc.exit_code}"
+    rank, status = exc.rank, lost
     if "failed" in placements.get(rank, {}):
         silent = [r for r, info in sorted(placements.items()) if "failed" not in info]
         if silent:

@@ -73,10 +73,11 @@ class RankLostError(RuntimeError):
 
     Attributes:
         rank: The first rank to exit abnormally (Horovod's own account).
-        exit_code: Its exit status (137 or -9 for SIGKILL).
+        exit_code: Its exit status (137 or -9 for SIGKILL); None when Horovod could not
+            get one (the rank's executor, or its whole host, was lost).
     """
 
-    def __init__(self, rank: int, exit_code: int, detail: str) -> None:
+    def __init__(self, rank: int, exit_code: int | None, detail: str) -> None:
         super().__init__(f"rank {rank} exited with status {exit_code}: {detail}")
         self.rank = rank
         self.exit_code = exit_code
@@ -471,14 +472,18 @@ class HorovodSparkLauncher:
             )
 
 
-def _lost_rank(message: str) -> tuple[int, int] | None:
+def _lost_rank(message: str) -> tuple[int, int | None] | None:
     """(rank, exit code) from Horovod's "processes exited with non-zero status" error.
 
     Horovod's launcher names each process by its slot, which is its rank, and reports the
-    first one (by time) to exit with a non-zero status.
+    first one (by time) to exit with a non-zero status; its exit code is ``None`` when the
+    rank's Spark task service is gone with its executor (a lost worker or host).
     """
-    found = re.search(r"Process name: (\d+)\s+Exit code: (-?\d+)", message)
-    return (int(found.group(1)), int(found.group(2))) if found else None
+    found = re.search(r"Process name: (\d+)\s+Exit code: (-?\d+|None)", message)
+    if not found:
+        return None
+    code = found.group(2)
+    return int(found.group(1)), None if code == "None" else int(code)
 
 
 class _RankUserError:

@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -204,6 +205,19 @@ class Cluster:
             "workers",
             "\n".join(self.processes.log(folder.name) for folder in self.folders.values()),
         )
+
+    def worker_of(self, process: psutil.Process) -> int:
+        """The worker whose folder holds ``process``'s working directory (its executor's)."""
+        cwd = process.cwd()
+        (index,) = [i for i, folder in self.folders.items() if _under(cwd, folder)]
+        return index
+
+    def revive(self) -> None:
+        """Start again every worker whose JVM has ended (one a test killed)."""
+        for index, jvm in self.jvms.items():
+            if jvm.poll() is not None:
+                self.start_worker(index, wait=False)
+        self.wait_for_workers()
 
     def kill_worker(self, index: int) -> list[int]:
         """SIGKILL worker ``index`` whole: its JVM, executors, Python workers, Horovod ranks.
@@ -389,3 +403,44 @@ def _health(url: str) -> bool:
             return answer.status == 200
     except OSError:
         return False
+
+
+def build_project_zip(dist: Path) -> Path:
+    """``make wheel`` into ``dist``: the project as the zip ``spark-submit --py-files`` ships."""
+    subprocess.run(
+        # -o: a venv older than pyproject.toml is not rebuilt from inside a test.
+        ["make", "-s", "-o", ".venv/.ready", "wheel", f"DIST={dist}"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (archive,) = dist.glob("spark_dl_pipelines-*.zip")
+    return archive
+
+
+def driver_env() -> dict[str, str]:
+    """The submitting shell's environment: Spark's home, loopback only, no tracking URI."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYSPARK"))}
+    env.pop("PYTHONPATH", None)
+    return {**env, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": "127.0.0.1"}
+
+
+def spark_submit(
+    master: str, package: Path, python: Path, job: str, properties: Path | None = None
+) -> list[str]:
+    """spark-submit of ``jobs/JOB`` shipping the project zip, driver bound to loopback.
+
+    ``properties``: a Spark properties file (the cluster's secret and security settings).
+    """
+    return [
+        str(spark_home() / "bin" / "spark-submit"),
+        "--master", master,
+        *(["--properties-file", str(properties)] if properties else []),
+        "--py-files", str(package),
+        "--conf", f"spark.pyspark.python={python}",
+        "--conf", "spark.driver.host=127.0.0.1",
+        "--conf", "spark.driver.bindAddress=127.0.0.1",
+        "--conf", "spark.ui.enabled=false",
+        str(REPO / "jobs" / job),
+    ]  # fmt: skip

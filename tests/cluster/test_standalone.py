@@ -28,30 +28,18 @@ import pytest
 
 from pipelines.demo import write_demo_digits
 from tests.cluster.standalone import (
+    REPO,
     SECURED,
+    build_project_zip,
+    driver_env,
     mlflow_server,
-    spark_home,
     spark_properties,
+    spark_submit,
     stack_without_project,
     standalone_cluster,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-
 pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.cluster]
-
-
-def _build_zip(dist: Path) -> Path:
-    subprocess.run(
-        # -o: a venv older than pyproject.toml is not rebuilt from inside a test.
-        ["make", "-s", "-o", ".venv/.ready", "wheel", f"DIST={dist}"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (archive,) = dist.glob("spark_dl_pipelines-*.zip")
-    return archive
 
 
 def test_pipeline_on_a_secured_standalone_cluster(
@@ -69,7 +57,7 @@ def test_pipeline_on_a_secured_standalone_cluster(
         [str(python), "-c", "import pipelines"], cwd=tmp_path, capture_output=True, text=True
     )
     assert "No module named 'pipelines'" in probe.stderr, "the executors' env has the project"
-    package = _build_zip(tmp_path / "dist")
+    package = build_project_zip(tmp_path / "dist")
     digits = write_demo_digits(shared / "digits").path
     driver_dir = tmp_path / "driver"
     driver_dir.mkdir()
@@ -86,7 +74,7 @@ def test_pipeline_on_a_secured_standalone_cluster(
         credentials = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
         for name, value in credentials.items():
             monkeypatch.setenv(name, value)  # this test's own MlflowClient
-        env = {**_driver_env(), "MLFLOW_TRACKING_URI": tracking, **credentials}
+        env = {**driver_env(), "MLFLOW_TRACKING_URI": tracking, **credentials}
         submit_conf = spark_properties(tmp_path / "submit" / "spark.conf", secured)
         with pytest.raises(urllib.error.HTTPError, match="401"):
             urllib.request.urlopen(f"{tracking}/api/2.0/mlflow/experiments/search?max_results=1")
@@ -97,17 +85,17 @@ def test_pipeline_on_a_secured_standalone_cluster(
         intruder_log.parent.mkdir()
         with intruder_log.open("w") as log:
             intruder = subprocess.Popen(
-                [*_spark_submit(cluster.master_url, package, python, "ingest.py"),
+                [*spark_submit(cluster.master_url, package, python, "ingest.py"),
                  "--conf", str(REPO / "conf" / "cluster.yaml"),
                  "--set", f"work_dir={shared / 'work'}",
                  "--source", str(digits), "--output", str(shared / "intruded")],
-                env=_driver_env(), cwd=driver_dir, stdout=log, stderr=subprocess.STDOUT,
+                env=driver_env(), cwd=driver_dir, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
 
         def submit(job: str, *args: str) -> dict:
             argv = [
-                *_spark_submit(cluster.master_url, package, python, job, submit_conf),
+                *spark_submit(cluster.master_url, package, python, job, submit_conf),
                 "--conf", str(REPO / "conf" / "cluster.yaml"),
                 "--set", f"work_dir={shared / 'work'}",
                 "--set", "train.nics=[lo]",
@@ -211,33 +199,6 @@ def _files_holding(root: Path, text: str) -> list[str]:
     return sorted(found)
 
 
-def _driver_env() -> dict[str, str]:
-    """The submitting shell's environment: Spark's home, loopback only, no tracking URI."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYSPARK"))}
-    env.pop("PYTHONPATH", None)
-    return {**env, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": "127.0.0.1"}
-
-
-def _spark_submit(
-    master: str, package: Path, python: Path, job: str, properties: Path | None = None
-) -> list[str]:
-    """spark-submit of ``jobs/JOB`` shipping the project zip, driver bound to loopback.
-
-    ``properties``: a Spark properties file (the cluster's secret and security settings).
-    """
-    return [
-        str(spark_home() / "bin" / "spark-submit"),
-        "--master", master,
-        *(["--properties-file", str(properties)] if properties else []),
-        "--py-files", str(package),
-        "--conf", f"spark.pyspark.python={python}",
-        "--conf", "spark.driver.host=127.0.0.1",
-        "--conf", "spark.driver.bindAddress=127.0.0.1",
-        "--conf", "spark.ui.enabled=false",
-        str(REPO / "jobs" / job),
-    ]  # fmt: skip
-
-
 def _folder(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -247,13 +208,13 @@ def test_more_ranks_than_cluster_slots_fails_in_bounded_time(tmp_path: Path) -> 
     # One 1-core worker, two ranks: Horovod alone would wait for the second task until its
     # start timeout (10 minutes); the slot check ends it after train.slots_timeout_s.
     python = stack_without_project(tmp_path / "stack-env")
-    package = _build_zip(tmp_path / "dist")
+    package = build_project_zip(tmp_path / "dist")
     with standalone_cluster(_folder(tmp_path / "cluster"), python, workers=1) as cluster:
         done = subprocess.run(
-            [*_spark_submit(cluster.master_url, package, python, "train.py"),
+            [*spark_submit(cluster.master_url, package, python, "train.py"),
              "--conf", "cluster", "--set", f"work_dir={tmp_path / 'work'}",
              "--set", "train.num_proc=2", "--set", "train.slots_timeout_s=5"],
-            env=_driver_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180,
+            env=driver_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
     # spark-submit passes the Python driver's stderr on through its stdout.
     output = (done.stdout + done.stderr).splitlines()
