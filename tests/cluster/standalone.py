@@ -90,11 +90,17 @@ class Processes:
         return path.read_text(errors="replace") if path.is_file() else ""
 
     def leftovers(self) -> list[psutil.Process]:
-        """Processes still alive that belong to this test (by group or working directory)."""
+        """Processes still alive that belong to this test (by group or working directory).
+
+        Dead ones are not: the started processes that ended are reaped first, and a zombie
+        (ended, not yet reaped by its parent) is not counted.
+        """
+        for proc in self.started:
+            proc.poll()
         groups = {proc.pid for proc in self.started}
         found = []
-        for proc in psutil.process_iter(["pid"]):
-            if proc.pid == os.getpid():
+        for proc in psutil.process_iter(["pid", "status"]):
+            if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             try:
                 if os.getpgid(proc.pid) in groups or _under(proc.cwd(), self.root):
