@@ -167,12 +167,14 @@ def kill_the_reader(cluster: Cluster, gate: Gate, job: Job) -> tuple[int, int]:
     return index, end
 
 
-def rank_process(rank: int) -> psutil.Process:
-    """Horovod's process of ``rank`` (HOROVOD_RANK of its environment)."""
+def rank_process(cluster: Cluster, rank: int) -> psutil.Process:
+    """Horovod's process of ``rank`` (HOROVOD_RANK of its environment) on ``cluster``."""
     for process in psutil.process_iter():
         try:
-            if RANK_MODULE in process.cmdline() and process.environ().get("HOROVOD_RANK") == str(
-                rank
+            if (
+                RANK_MODULE in process.cmdline()
+                and process.environ().get("HOROVOD_RANK") == str(rank)
+                and Path(process.cwd()).resolve().is_relative_to(cluster.root.resolve())
             ):
                 return process
         except psutil.Error:
@@ -255,7 +257,7 @@ def elastic(site: Site, ingested: tuple[Outcome, Path, Path]) -> Outcome:
               f"train.rank_timeout_s={RANK_TIMEOUT_S}"),
     )  # fmt: skip
     wait_for_epoch(site.shared / "work" / "training" / "digits-classifier", 1, job)
-    killed = site.cluster.worker_of(rank_process(1))
+    killed = site.cluster.worker_of(rank_process(site.cluster, 1))
     site.cluster.kill_worker(killed)
     return _outcome(job, killed, timeout=400)
 
@@ -314,7 +316,7 @@ def test_training_that_loses_a_worker_fails_in_bounded_time_with_one_line(site, 
               "mlflow.model_name=digits-static"),  # checkpoints of its own
     )  # fmt: skip
     wait_for_epoch(site.shared / "work" / "training" / "digits-static", 1, job)
-    rank = rank_process(1)
+    rank = rank_process(site.cluster, 1)
     site.cluster.kill_worker(site.cluster.worker_of(rank))
     killed_at = time.monotonic()
     code, output = job.finish(timeout=300)
