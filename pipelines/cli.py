@@ -247,6 +247,11 @@ def _ingest_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def _score_overrides(args: argparse.Namespace) -> list[str]:
+    """``--source-format`` as an override after ``--set``."""
+    return [f"score.source_format={args.source_format}"] if args.source_format else []
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 #: Adds one sub-command: ``(name, handler, help_text)`` -> its parser.
@@ -390,6 +395,13 @@ def _add_score(add: _Add) -> None:
     score.add_argument(
         "--batch-id", metavar="ID", help="partition to (re)write (default: the source folder name)"
     )
+    score.add_argument(
+        "--source-format",
+        choices=["auto", "table", "images"],
+        help="read SRC as a Parquet table or a folder of images (default: score.source_format, "
+        "auto: a table only if its first Parquet file is one with path + image column)",
+    )
+    score.set_defaults(overrides=_score_overrides)
 
 
 def _add_serve(add: _Add) -> None:

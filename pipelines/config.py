@@ -348,6 +348,9 @@ class ScoreConfig:
     Attributes:
         model: Model URI (``null``: ``models:/<mlflow.model_name>@<mlflow.champion_alias>``).
         source: Default source when ``--source`` is not given.
+        source_format: ``auto`` (a table when the source is one by content: a Parquet file
+            with a valid footer and ``path`` + ``image_column`` columns; else a folder of
+            images), ``table`` or ``images`` (``--source-format``).
         table: Scoring table location (``null``: ``<work_dir>/tables/scores``).
         format: ``parquet`` (local) or ``delta`` (Databricks).
         image_column: Binary column of a table source (``path`` names the image).
@@ -358,6 +361,7 @@ class ScoreConfig:
 
     model: StrictStr | None = None
     source: StrictStr | None = None
+    source_format: Literal["auto", "table", "images"] = "auto"
     table: StrictStr | None = None
     format: Literal["parquet", "delta"] = "parquet"
     image_column: StrictStr = "content"

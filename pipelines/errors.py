@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class NoGpuError(UserError):
     """``use_gpu: true`` on a host where TensorFlow finds no GPU (instead of a silent CPU run)."""
+
+
+class StorageError(UserError):
+    """Spark (or the driver) could not read or write a stage's location: which one, and the fix."""

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.errors import UserError
-from pipelines.store import Store
+from pipelines.errors import StorageError, UserError
+from pipelines.spark import Access, storage_errors
+from pipelines.store import DatasetDir, Store
 
 if TYPE_CHECKING:
     from pipelines.config import Config, ResolvedConfig
@@ -30,6 +31,18 @@ if TYPE_CHECKING:
     from pipelines.train.driver import Trained, TrainResult
 
 log = logging.getLogger(__name__)
+
+# The fixes a stage's StorageError names (pipelines.spark.storage_errors).
+_WRITABLE = (
+    "choose an {option} that this user can create and write, on a file system that the "
+    "driver and every executor see alike"
+)
+_READABLE = "check that the driver and every executor can read it at that path"
+_TABLE_OR_IMAGES = (
+    "; a Parquet table must be whole (write it again), and a folder of images is scored "
+    "as one with --source-format images"
+)
+_REINGEST = "ingest the images again (dlpipe ingest) to rewrite it"
 
 #: The ingest counts a :class:`RunSummary` shows.
 INGEST_HEADLINE = ("output", "files_seen", "ingested", "quarantined", "skipped", "splits")
@@ -107,7 +120,13 @@ def ingest_stage(
     if not source:
         raise UserError("no source: pass --source DIR or set ingest.source")
     dataset = (store or Store.of(config)).dataset(output)
-    return ingest(spark_session(config), config.ingest, source, dataset.root)
+    with storage_errors(
+        Access(
+            "write the dataset", dataset.root, _WRITABLE.format(option="--output (ingest.output)")
+        ),
+        Access("read the source", source, _READABLE),
+    ):
+        return ingest(spark_session(config), config.ingest, source, dataset.root)
 
 
 def train_stage(
@@ -126,11 +145,34 @@ def train_stage(
 
     check_local_slots(config)
     store = store or Store.of(config)
+    data = store.dataset(dataset)
+    check_dataset_files(data)  # before Spark starts, and before a run is opened in MLflow
     spark = spark_session(config) if config.train.launcher == "horovod" else None
     cfg = config.train
     launcher = make_launcher(cfg.launcher, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s)
     launcher.wait_for_slots(cfg.elastic, cfg.min_num_proc)  # before a run is opened in MLflow
-    return train(config, launcher, dataset, resume, report=log_run_report, store=store)
+    with storage_errors(Access("read the dataset", data.root, _REINGEST)):
+        return train(config, launcher, data, resume, report=log_run_report, store=store)
+
+
+def check_dataset_files(dataset: DatasetDir) -> None:
+    """Fail in one line, before any rank starts, if a file of the dataset is no readable Parquet.
+
+    A rank that met such a file would die in Petastorm's reader, which the job could only
+    report as a lost rank.
+
+    Raises:
+        StorageError: Which file (and how many), pyarrow's reason, and the fix.
+    """
+    started = time.monotonic()
+    bad = dataset.unreadable_files()
+    log.info("train: dataset files checked in %.2f s", time.monotonic() - started)
+    if bad:
+        name, reason = next(iter(bad.items()))
+        count = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise StorageError(
+            f"cannot read the dataset {dataset.root}: {name}{count}: {reason}; {_REINGEST}"
+        )
 
 
 def log_run_report(config: Config, trained: Trained) -> None:
@@ -178,7 +220,15 @@ def score_stage(
         source = str(store.demo_data)
     if not source:
         raise UserError("no source: pass --source DIR or set score.source")
-    return score(spark_session(config), config, source, output, model, batch_id, store=store)
+    with storage_errors(
+        Access("read the source", source, _READABLE + _TABLE_OR_IMAGES),
+        Access(
+            "write the scoring table",
+            store.scoring_table(output).location,
+            _WRITABLE.format(option="--output (score.table)"),
+        ),
+    ):
+        return score(spark_session(config), config, source, output, model, batch_id, store=store)
 
 
 def report_stage(
@@ -238,6 +288,8 @@ def run(config: Config) -> RunSummary:
     Raises:
         UserError: A stage's error; too few task slots fails before ingest runs.
     """
+    from pipelines.tracking import shown_uri
+
     check_local_slots(config)  # a config that cannot train fails before ingest runs
     started = time.time()
     store = Store.of(config)
@@ -260,7 +312,7 @@ def run(config: Config) -> RunSummary:
         "model_version": trained.model_version,
         "champion": trained.promoted,
         "report": page,
-        "mlflow_ui": f"mlflow ui --backend-store-uri {store.tracking_uri}",
+        "mlflow_ui": f"mlflow ui --backend-store-uri {shown_uri(store.tracking_uri)}",
     }
     return RunSummary(
         work_dir=str(store.work),

@@ -205,7 +205,7 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
     src = Path(source).expanduser().resolve()
     if not src.exists():
         raise SourceError(f"source not found: {src}")
-    if _is_table(src):
+    if _is_table(src, config.score.source_format, config.score.image_column):
         frame = spark.read.parquet(to_url(src))
         column = config.score.image_column
         missing = {"path", column} - set(frame.columns)
@@ -230,7 +230,13 @@ def _read_source(spark: SparkSession, config: Config, source: str) -> tuple[Data
     # An empty or unreadable file gets its error from the executor that reads it.
     listing = list_tree(src, sizes=False)
     if not listing.images:
-        raise SourceError(f"no image files in {src} ({listing.skipped} other files skipped)")
+        hint = ""
+        if _first_parquet_file(src) is not None:
+            hint = (
+                f"; its Parquet files are no table with path and {config.score.image_column} "
+                "columns (--source-format table reads them as one)"
+            )
+        raise SourceError(f"no image files in {src} ({listing.skipped} other files skipped){hint}")
     root = str(src)
     files = [f"{root}/{rel}" for rel in listing.images]
     paths = pd.DataFrame(
@@ -306,9 +312,53 @@ def _task_count(spark: SparkSession, files: int) -> int:
     return slots * max(1, math.ceil(files / (FILES_PER_TASK * slots)))
 
 
-def _is_table(src: Path) -> bool:
-    """A Parquet table (what Spark wrote) rather than a folder of images."""
-    return src.is_dir() and (any(src.glob("*.parquet")) or (src / "_SUCCESS").exists())
+def _is_table(src: Path, source_format: str, image_column: str) -> bool:
+    """Whether to read ``src`` as a Parquet table rather than list it as a folder of images.
+
+    ``score.source_format`` decides, unless it is ``auto``: then ``src`` is a table when it
+    is one by content, not by name: its first Parquet file (by name, at the top or in the
+    ``key=value`` folders of a partitioned table) has a valid footer whose schema has
+    ``path`` and ``image_column``. Only that footer is read (pyarrow), no data. A folder of
+    images holding a stray ``_SUCCESS``, ``.DS_Store`` or a Parquet file of something else
+    is a folder of images, the stray files skipped.
+    """
+    if source_format != "auto":
+        return source_format == "table"
+    first = _first_parquet_file(src)
+    if first is None:
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.read_schema(first).names)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        log.info("score: %s is not a table: %s is no Parquet file (%s)", src, first, exc)
+        return False
+    return {"path", image_column} <= names
+
+
+def _first_parquet_file(src: Path) -> Path | None:
+    """The first Parquet data file of ``src`` as Spark would find it, or None.
+
+    Spark reads ``*.parquet`` files not hidden (``.``/``_``), at the top or, for a
+    partitioned table, in ``key=value`` folders; a folder of images is not walked.
+    """
+    if src.is_file():
+        return src if src.name.endswith(".parquet") else None
+    try:
+        entries = sorted(os.scandir(src), key=lambda entry: entry.name)
+    except OSError:
+        return None
+    visible = [entry for entry in entries if not entry.name.startswith((".", "_"))]
+    for entry in visible:
+        if entry.name.endswith(".parquet") and entry.is_file():
+            return Path(entry.path)
+    for entry in visible:
+        if "=" in entry.name and entry.is_dir():
+            found = _first_parquet_file(Path(entry.path))
+            if found is not None:
+                return found
+    return None
 
 
 # The pyfunc model per executor Python worker: loaded once, reused for every batch.

@@ -3,19 +3,27 @@
 In: :class:`~pipelines.config.SparkConfig`. Out: a SparkSession. With ``master: null`` the
 session attaches to whatever the environment provides (``spark-submit --master``, a
 Databricks cluster); otherwise the configured master (``local[2]`` by default) is used.
-Also :func:`driver_table`, how a job spreads a table built on the driver over its tasks, and
-:func:`local_slots` / :func:`task_slots`, how many tasks can run at once (one per Horovod rank).
+Also :func:`driver_table`, how a job spreads a table built on the driver over its tasks,
+:func:`local_slots` / :func:`task_slots`, how many tasks can run at once (one per Horovod rank),
+and :func:`storage_errors`, the one place where Spark's failure to read or write a stage's
+location becomes a one-line :class:`~pipelines.errors.StorageError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.config import SparkConfig
+from pipelines.errors import StorageError, UserError
+from pipelines.store import local_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -142,3 +150,135 @@ def driver_table(spark: SparkSession, rows: pd.DataFrame, schema: str, tasks: in
     finally:
         for key, value in previous.items():
             spark.conf.set(key, value)
+
+
+@dataclass(frozen=True)
+class Access:
+    """A location a stage reads or writes, and what to do when that fails.
+
+    Attributes:
+        action: What the stage does with it, as the error says it: ``cannot ACTION WHERE``.
+        where: The path or URI.
+        fix: What to do about it, one clause.
+    """
+
+    action: str
+    where: str
+    fix: str
+
+
+#: A path in an error message, with or without a ``file:`` scheme (``file:/x``, ``file:///x``).
+_PATH_IN_TEXT = re.compile(r"(?:file:)?(/[^\s'\"\[\](),;]+)")
+#: Links of a Java exception's cause chain followed at most.
+_MAX_CAUSES = 32
+#: Longest reason quoted from an error message.
+_MAX_REASON = 400
+
+
+@contextlib.contextmanager
+def storage_errors(*accesses: Access) -> Iterator[None]:
+    """Raise a failed read or write of one of ``accesses`` as one :class:`StorageError` line.
+
+    Spark reports a file it cannot read or write as a Py4J or Spark exception whose text is a
+    JVM stack trace (with the executor's Python traceback inside it when a task raised);
+    the driver's own file operations raise :class:`OSError`. Either becomes one line: the
+    location, the reason (from the chain of causes, the deepest message that names a path of
+    one of the locations: the file itself, a folder above it, or a staging folder beside it)
+    and the fix. An error that names none of the locations (a bug, a lost cluster) is left
+    as it is, traceback and all; so is a :class:`UserError`.
+
+    Args:
+        accesses: The stage's locations, the first that an error names being the one blamed.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        blamed = _blame(exc, accesses)
+        if blamed is None:
+            raise
+        access, reason = blamed
+        raise StorageError(
+            f"cannot {access.action} {access.where}: {reason}; {access.fix}"
+        ) from exc
+
+
+def _blame(exc: Exception, accesses: tuple[Access, ...]) -> tuple[Access, str] | None:
+    """The access an error is about and its one-line reason; None if it names none.
+
+    The reason is the deepest message naming the location, followed by its cause's (which
+    says what was wrong with the file) when there is one.
+    """
+    lines = [_one_line(message) for message in reversed(_messages(exc))]  # the root first
+    for depth, reason in enumerate(lines):
+        for access in accesses:
+            if _names(reason, access.where):
+                cause = lines[depth - 1] if depth else ""
+                if cause and cause not in reason:
+                    reason = f"{reason.rstrip(' :.')}: {cause}"
+                return access, _cut(reason)
+    return None
+
+
+def _messages(exc: Exception) -> list[str]:
+    """The messages of ``exc`` and of its Java causes, outermost first (Spark/Py4J/OS errors)."""
+    if isinstance(exc, OSError):
+        return [str(exc)]
+    try:
+        from py4j.protocol import Py4JError, Py4JJavaError
+        from pyspark.errors import PySparkException
+    except ImportError:
+        return []
+    if isinstance(exc, Py4JJavaError):
+        messages, throwable = [], exc.java_exception
+    elif isinstance(exc, PySparkException):
+        messages, throwable = [str(exc)], getattr(exc, "_origin", None)
+    else:
+        return []
+    try:
+        for _ in range(_MAX_CAUSES):
+            if throwable is None:
+                break
+            messages.append(str(throwable.getMessage() or throwable.toString()))
+            throwable = throwable.getCause()
+    except Py4JError:  # the JVM is gone: what was read so far, or the Python side's text
+        messages = messages or [str(exc)]
+    return messages
+
+
+def _one_line(message: str) -> str:
+    """A message's line that says what failed: a traceback's last, otherwise the first."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    traceback = any(line.startswith("Traceback (most recent call last)") for line in lines)
+    return _cut(lines[-1] if traceback else lines[0])
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
+
+
+def _names(text: str, where: str) -> bool:
+    """Whether ``text`` names ``where`` (a URI by its text, a local path as :func:`_related`)."""
+    if local_path(where) is None:
+        return where.rstrip("/") in text
+    return any(_related(path, where) for path in _PATH_IN_TEXT.findall(text))
+
+
+def _related(mentioned: str, where: str) -> bool:
+    """Whether a path in a message is ``where``, inside it, a folder above it, or its staging.
+
+    Staging: a hidden sibling named after it (``.NAME.tmp-*``, as ingest stages its output).
+    """
+    local = local_path(where)
+    if local is None or mentioned.strip("/") == "":
+        return False
+    path = Path("/" + mentioned.strip("/").rstrip(".:"))
+    target = Path(local)
+    if path == target or path.is_relative_to(target) or target.is_relative_to(path):
+        return True
+    return path.is_relative_to(target.parent) and path.relative_to(target.parent).parts[
+        0
+    ].startswith(f".{target.name}.")

@@ -456,6 +456,8 @@ class DatasetDir:
     MANIFEST_FILE = "_manifest.json"
     QUARANTINE_DIR = "_quarantine"
     SPLIT_PREFIX = "split="
+    #: Petastorm's metadata file in each split (its Unischema, row groups per file).
+    PETASTORM_METADATA = "_common_metadata"
 
     def split(self, name: str) -> str:
         """Location of one split, ``<root>/split=<name>`` (a path or URL as the root is)."""
@@ -507,6 +509,46 @@ class DatasetDir:
     def write_manifest(self, manifest: Manifest) -> None:
         """Write ``_manifest.json`` (sorted keys, so the bytes are stable)."""
         write_atomic(self.manifest_path, manifest.to_json())
+
+    def unreadable_files(self) -> dict[str, str]:
+        """The dataset's Parquet files whose footer cannot be read, each with why.
+
+        Only footers are read (pyarrow), no data: a file cut short, overwritten or not
+        Parquet at all shows there. The files of every split (and Petastorm's
+        ``_common_metadata``), by a thread pool: on a mount of remote storage each footer is
+        a round trip.
+
+        Returns:
+            Path relative to the dataset -> pyarrow's reason, for every unreadable file.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.parquet as pq
+
+        from pipelines.schema import SPLITS
+
+        root = Path(self.root)
+        files = sorted(
+            path
+            for split in SPLITS
+            for path in Path(self.split(split)).glob("*")
+            if path.name.endswith(".parquet") or path.name == self.PETASTORM_METADATA
+        )
+
+        def why(path: Path) -> str | None:
+            try:
+                pq.read_metadata(path)
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return None
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            reasons = list(pool.map(why, files))
+        return {
+            str(path.relative_to(root)): reason
+            for path, reason in zip(files, reasons, strict=True)
+            if reason is not None
+        }
 
     @classmethod
     def of_split(cls, split_location: str) -> DatasetDir:

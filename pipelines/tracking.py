@@ -5,15 +5,20 @@ usually from :class:`pipelines.store.Store`. Out: MLflow's fluent API pointed at
 (:func:`use_stores`, or :func:`pointed_at` for one block), :func:`client` for the same
 stores, and :func:`use_experiment`. No other module calls ``mlflow.set_tracking_uri``,
 ``mlflow.set_registry_uri`` or builds an ``MlflowClient``. MLflow is imported inside the
-functions (importing this module is cheap).
+functions (importing this module is cheap). Also what may be recorded or shown of a store or
+a setting: :func:`shown_uri` and :func:`redacted` keep passwords and secrets out of params,
+results, logs and pages (credentials belong in ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD``, or a token, never in the config).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -109,3 +114,43 @@ def use_experiment(store: Store, name: str) -> str:
         if tracking.get_experiment_by_name(name) is None:
             tracking.create_experiment(name, artifact_location=store.artifacts.as_uri())
     return mlflow.set_experiment(name).experiment_id
+
+
+#: Names of settings whose values are secret: Spark's own ``spark.redaction.regex`` default.
+_SECRET_NAME = re.compile(r"(?i)secret|password|token|access[.]key")
+#: What a secret value is recorded as (Spark's own mark).
+REDACTED = "*********(redacted)"
+
+
+def shown_uri(uri: str | None) -> str | None:
+    """``uri`` as it may be printed, logged or recorded: a password in it replaced by ``***``.
+
+    A store URI may carry one (``postgresql://user:pw@host/db``, ``http://user:pw@host``);
+    the URI that connects keeps it, every copy shown or recorded does not.
+    """
+    if not uri or "@" not in uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    user, host = parts.netloc.rpartition("@")[0].partition(":")[0], parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def redacted(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` safe to record: secret-named settings masked, URI passwords removed.
+
+    E.g. ``spark.conf.spark.authenticate.secret`` (better given to spark-submit than to
+    the config) or a tracking URI with a password in it.
+    """
+    return {
+        key: REDACTED
+        if _SECRET_NAME.search(key)
+        else shown_uri(value)
+        if isinstance(value, str)
+        else value
+        for key, value in params.items()
+    }

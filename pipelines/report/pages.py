@@ -35,6 +35,7 @@ import numpy as np
 
 from pipelines.report.plots import class_colours_hex, plot_curves, save_png
 from pipelines.tasks import task_of_record
+from pipelines.tracking import shown_uri
 
 if TYPE_CHECKING:
     import jinja2
@@ -238,7 +239,7 @@ def run_page(
         "params": html_table(["param", "value"], sorted(data.params.items())),
         "manifest": _manifest_section(manifest),
         "tags": {"summary": f"{len(tags)} tags", "table": html_table(["tag", "value"], tags)},
-        "tracking_uri": tracking_uri,
+        "tracking_uri": shown_uri(tracking_uri),
     }
     return render_page("run.html.j2", f"Run report {info.run_name or info.run_id}", context)
 
@@ -644,7 +645,7 @@ def comparison_page(
         "identical_params": not differing,
         "table": html_table(["", *labels], rows, classes),
         "per_run": per_run,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": shown_uri(tracking_uri),
     }
     return render_page("comparison.html.j2", f"Comparison of {len(runs)} runs", context)
 

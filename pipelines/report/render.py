@@ -132,7 +132,7 @@ def _get_run(client: Any, run_id: str, tracking_uri: str) -> Any:
         return client.get_run(run_id)
     except MlflowException:
         raise UserError(
-            f"no MLflow run {run_id!r} in {tracking_uri}; check the id "
+            f"no MLflow run {run_id!r} in {tracking.shown_uri(tracking_uri)}; check the id "
             "(see 'mlflow runs list' or the MLflow UI) and the tracking URI"
         ) from None
 

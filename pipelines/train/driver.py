@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines import schema
+from pipelines import schema, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
@@ -267,7 +267,7 @@ def _train_in_run(
     return {
         "run_id": run_id,
         "experiment": config.mlflow.experiment,
-        "tracking_uri": store.tracking_uri,
+        "tracking_uri": tracking.shown_uri(store.tracking_uri),
         "world_size": rank0.size,
         "epochs": rank0.epochs,
         "stopped_early": rank0.stopped_early,
@@ -328,7 +328,7 @@ def _log_inputs(
     import mlflow
 
     manifest_bytes = dataset.manifest_bytes()
-    params = _flatten(config.to_dict())
+    params = tracking.redacted(_flatten(config.to_dict()))
     params.update(
         {
             "world_size": launcher.num_proc,
@@ -355,7 +355,8 @@ def _rank_died(exc: Any, run_dir: RunDir) -> RankDiedError:
     own exception is a survivor; one that recorded none was killed.
     """
     placements = read_rank_placements(run_dir)
-    rank, status = exc.rank, f"exit status {exc.exit_code}"
+    lost = "its executor was lost" if exc.exit_code is None else f"exit status {exc.exit_code}"
+    rank, status = exc.rank, lost
     if "failed" in placements.get(rank, {}):
         silent = [r for r, info in sorted(placements.items()) if "failed" not in info]
         if silent:

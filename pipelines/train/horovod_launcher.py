@@ -159,11 +159,15 @@ class HorovodSparkLauncher:
             )
 
 
-def _lost_rank(message: str) -> tuple[int, int] | None:
+def _lost_rank(message: str) -> tuple[int, int | None] | None:
     """(rank, exit code) from Horovod's "processes exited with non-zero status" error.
 
     Horovod's launcher names each process by its slot, which is its rank, and reports the
-    first one (by time) to exit with a non-zero status.
+    first one (by time) to exit with a non-zero status; its exit code is ``None`` when the
+    rank's Spark task service is gone with its executor (a lost worker or host).
     """
-    found = re.search(r"Process name: (\d+)\s+Exit code: (-?\d+)", message)
-    return (int(found.group(1)), int(found.group(2))) if found else None
+    found = re.search(r"Process name: (\d+)\s+Exit code: (-?\d+|None)", message)
+    if not found:
+        return None
+    code = found.group(2)
+    return int(found.group(1)), None if code == "None" else int(code)

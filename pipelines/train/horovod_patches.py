@@ -3,9 +3,10 @@
 Horovod 0.28.1 waits where nothing is left to wait for: a Spark task serves on for 3 s
 after its rank ended, the driver polls a rank's exit code once a second, and every first
 launch in a process starts an interpreter that imports TensorFlow only to ask whether
-Horovod has Gloo. Each patch here is a context manager around one launch that puts
-Horovod's own code back afterwards, and leaves a Horovod without the internals it
-expects as it is. :func:`launch_patches` applies those that suit the launch.
+Horovod has Gloo. And a failed launch prints the traceback of a thread that died of
+Horovod's own cancellation of its Spark job. Each patch here is a context manager around
+one launch that puts Horovod's own code back afterwards, and leaves a Horovod without the
+internals it expects as it is. :func:`launch_patches` applies those that suit the launch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ EXIT_CODE_POLL_S = 0.1
 
 @contextlib.contextmanager
 def launch_patches(elastic: bool) -> Iterator[None]:
-    """The patches for one launch: all three for a static one, the Gloo check for elastic.
+    """The patches for one launch: all for a static one, the Gloo check and quiet for elastic.
 
     Elastic Horovod restarts a lost rank's task through the same services, and was seen to
     hang after a rank was killed with the short linger: its waits are left as they are.
@@ -44,7 +45,37 @@ def launch_patches(elastic: bool) -> Iterator[None]:
             stack.enter_context(short_task_linger())
             stack.enter_context(prompt_exit_codes())
         stack.enter_context(gloo_known_from_files())
+        stack.enter_context(quiet_job_cancellation())
         yield
+
+
+@contextlib.contextmanager
+def quiet_job_cancellation() -> Iterator[None]:
+    """Launch without the traceback of Horovod's Spark thread when Horovod cancels its job.
+
+    When a rank fails, Horovod cancels its own Spark job group and re-raises the rank's
+    error on the driver (which becomes one line there); its thread collecting the Spark job
+    then dies of that cancellation, and Python prints the thread's Py4J traceback to
+    stderr. Only that exception, in that thread, is logged at debug level instead; any
+    other goes to the hook as before.
+    """
+    import logging
+    import threading
+
+    hook = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread is not None else ""
+        if "(run_spark)" in name and "cancelled job group horovod.spark.run" in str(args.exc_value):
+            logging.getLogger(__name__).debug("Horovod's Spark job was cancelled: %s", name)
+            return
+        hook(args)
+
+    threading.excepthook = excepthook
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
 
 
 @contextlib.contextmanager

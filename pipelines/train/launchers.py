@@ -26,10 +26,11 @@ class RankLostError(RuntimeError):
 
     Attributes:
         rank: The first rank to exit abnormally (Horovod's own account).
-        exit_code: Its exit status (137 or -9 for SIGKILL).
+        exit_code: Its exit status (137 or -9 for SIGKILL); None when Horovod could not
+            get one (the rank's executor, or its whole host, was lost).
     """
 
-    def __init__(self, rank: int, exit_code: int, detail: str) -> None:
+    def __init__(self, rank: int, exit_code: int | None, detail: str) -> None:
         super().__init__(f"rank {rank} exited with status {exit_code}: {detail}")
         self.rank = rank
         self.exit_code = exit_code

@@ -6,42 +6,48 @@ not the project, in folders away from the checkout, so they import the project o
 the archive ``spark-submit --py-files`` ships (built by ``make wheel``). Tracking goes
 through a real ``mlflow server`` whose artifact root is under the shared folder. Every
 process is stopped when the test ends, pass or fail (see :mod:`tests.cluster.standalone`).
+
+The cluster is secured as the README's "Security" section says: ``spark.authenticate`` with
+a secret given to the master, the workers and the submit (each in an owner-only properties
+file), RPC and I/O encryption; the MLflow server runs its basic-auth app and the jobs reach
+it with credentials from the environment only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import signal
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from pipelines.demo import write_demo_digits
 from tests.cluster.standalone import (
+    REPO,
+    SECURED,
+    build_project_zip,
+    driver_env,
     mlflow_server,
-    spark_home,
+    spark_properties,
+    spark_submit,
     stack_without_project,
     standalone_cluster,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _build_zip(dist: Path) -> Path:
-    subprocess.run(
-        # -o: a venv older than pyproject.toml is not rebuilt from inside a test.
-        ["make", "-s", "-o", ".venv/.ready", "wheel", f"DIST={dist}"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (archive,) = dist.glob("spark_dl_pipelines-*.zip")
-    return archive
-
-
-def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
+def test_pipeline_on_a_secured_standalone_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow import MlflowClient
 
+    spark_secret = secrets.token_hex(16)
+    user, password = "dlpipe-admin", secrets.token_urlsafe(18)
+    secured = {**SECURED, "spark.authenticate.secret": spark_secret}
     shared = tmp_path / "shared"  # what a shared mount is on a real cluster
     shared.mkdir()
     python = stack_without_project(tmp_path / "stack-env")
@@ -49,21 +55,46 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
         [str(python), "-c", "import pipelines"], cwd=tmp_path, capture_output=True, text=True
     )
     assert "No module named 'pipelines'" in probe.stderr, "the executors' env has the project"
-    package = _build_zip(tmp_path / "dist")
+    package = build_project_zip(tmp_path / "dist")
     digits = write_demo_digits(shared / "digits").path
     driver_dir = tmp_path / "driver"
     driver_dir.mkdir()
 
     with (
-        mlflow_server(_folder(tmp_path / "mlflow"), shared / "mlartifacts") as tracking,
-        standalone_cluster(_folder(tmp_path / "cluster"), python, workers=2, cores=1) as cluster,
+        mlflow_server(
+            _folder(tmp_path / "mlflow"), shared / "mlartifacts", admin=(user, password)
+        ) as tracking,
+        standalone_cluster(
+            _folder(tmp_path / "cluster"), python, workers=2, cores=1, properties=secured
+        ) as cluster,
     ):
-        env = {**_driver_env(), "MLFLOW_TRACKING_URI": tracking}
+        # Credentials only in the environment: never in the config, a URI or a command line.
+        credentials = {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+        for name, value in credentials.items():
+            monkeypatch.setenv(name, value)  # this test's own MlflowClient
+        env = {**driver_env(), "MLFLOW_TRACKING_URI": tracking, **credentials}
+        submit_conf = spark_properties(tmp_path / "submit" / "spark.conf", secured)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{tracking}/api/2.0/mlflow/experiments/search?max_results=1")
+
+        # Without the secret the master refuses the application: Spark's client gives up
+        # after its three 20 s registration attempts. Runs meanwhile, beside the real jobs.
+        intruder_log = tmp_path / "driver-logs" / "intruder.log"
+        intruder_log.parent.mkdir()
+        with intruder_log.open("w") as log:
+            intruder = subprocess.Popen(
+                [*spark_submit(cluster.master_url, package, python, "ingest.py"),
+                 "--config", str(REPO / "conf" / "cluster.yaml"),
+                 "--set", f"work_dir={shared / 'work'}",
+                 "--source", str(digits), "--output", str(shared / "intruded")],
+                env=driver_env(), cwd=driver_dir, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
 
         def submit(job: str, *args: str) -> dict:
             argv = [
-                *_spark_submit(cluster.master_url, package, python, job),
-                "--conf", str(REPO / "conf" / "cluster.yaml"),
+                *spark_submit(cluster.master_url, package, python, job, submit_conf),
+                "--config", str(REPO / "conf" / "cluster.yaml"),
                 "--set", f"work_dir={shared / 'work'}",
                 "--set", "train.nics=[lo]",
                 "--json", *args,
@@ -71,6 +102,7 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
             done = subprocess.run(
                 argv, env=env, cwd=driver_dir, capture_output=True, text=True, timeout=600
             )
+            (tmp_path / "driver-logs" / f"{job}.log").write_text(done.stdout + done.stderr)
             # spark-submit passes the Python driver's stderr on through its stdout.
             assert done.returncode == 0, f"{job} failed:\n{done.stdout[-4000:]}"
             return json.loads(done.stdout.strip().splitlines()[-1])
@@ -127,26 +159,42 @@ def test_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
         assert rows.num_rows == images
         assert set(rows.column("predicted_label").to_pylist()) <= set(manifest["label_names"])
 
+        try:
+            intruder.wait(timeout=150)
+        finally:
+            if intruder.poll() is None:
+                os.killpg(intruder.pid, signal.SIGKILL)
+        refused = intruder_log.read_text()
+        assert intruder.returncode != 0, refused[-3000:]
+        assert "All masters are unresponsive! Giving up." in refused, refused[-3000:]
+        assert "Expected SaslMessage" in cluster.processes.log("master")  # the master said why
+        assert not (shared / "intruded").exists()
+        final = client.get_run(run.info.run_id)
+        params_and_tags = json.dumps([final.data.params, final.data.tags])
 
-def _driver_env() -> dict[str, str]:
-    """The submitting shell's environment: Spark's home, loopback only, no tracking URI."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYSPARK"))}
-    env.pop("PYTHONPATH", None)
-    return {**env, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": "127.0.0.1"}
+    # Nothing the test produced holds the MLflow password: no log (driver, intruder,
+    # master, workers, executors, MLflow server), store, table, artifact or params and tags;
+    # the Spark secret is only in the two owner-only properties files that carry it.
+    assert password not in params_and_tags
+    assert _files_holding(tmp_path, password) == []
+    assert _files_holding(tmp_path, spark_secret) == sorted(
+        [str(tmp_path / "cluster" / "conf" / "spark-defaults.conf"), str(submit_conf)]
+    )
+    assert list((tmp_path / "cluster").glob("worker-*/app-*/*/stderr")), "no executor logs"
 
 
-def _spark_submit(master: str, package: Path, python: Path, job: str) -> list[str]:
-    """spark-submit of ``jobs/JOB`` shipping the project zip, driver bound to loopback."""
-    return [
-        str(spark_home() / "bin" / "spark-submit"),
-        "--master", master,
-        "--py-files", str(package),
-        "--conf", f"spark.pyspark.python={python}",
-        "--conf", "spark.driver.host=127.0.0.1",
-        "--conf", "spark.driver.bindAddress=127.0.0.1",
-        "--conf", "spark.ui.enabled=false",
-        str(REPO / "jobs" / job),
-    ]  # fmt: skip
+def _files_holding(root: Path, text: str) -> list[str]:
+    """Every regular file under ``root`` whose bytes contain ``text`` (links not followed)."""
+    needle = text.encode()
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            if needle in path.read_bytes():
+                found.append(str(path))
+    return sorted(found)
 
 
 def _folder(path: Path) -> Path:
@@ -158,13 +206,13 @@ def test_more_ranks_than_cluster_slots_fails_in_bounded_time(tmp_path: Path) -> 
     # One 1-core worker, two ranks: Horovod alone would wait for the second task until its
     # start timeout (10 minutes); the slot check ends it after train.slots_timeout_s.
     python = stack_without_project(tmp_path / "stack-env")
-    package = _build_zip(tmp_path / "dist")
+    package = build_project_zip(tmp_path / "dist")
     with standalone_cluster(_folder(tmp_path / "cluster"), python, workers=1) as cluster:
         done = subprocess.run(
-            [*_spark_submit(cluster.master_url, package, python, "train.py"),
-             "--conf", "cluster", "--set", f"work_dir={tmp_path / 'work'}",
+            [*spark_submit(cluster.master_url, package, python, "train.py"),
+             "--config", "cluster", "--set", f"work_dir={tmp_path / 'work'}",
              "--set", "train.num_proc=2", "--set", "train.slots_timeout_s=5"],
-            env=_driver_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180,
+            env=driver_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180,
         )  # fmt: skip
     # spark-submit passes the Python driver's stderr on through its stdout.
     output = (done.stdout + done.stderr).splitlines()

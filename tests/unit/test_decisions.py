@@ -69,3 +69,20 @@ def test_a_rank_named_by_horovod_that_recorded_nothing_died_with_its_status(
     announce_rank(run, 0)
     error = _rank_died(RankLostError(1, -9, "..."), run)
     assert str(error).startswith("rank 1 died (exit status -9)")  # it never announced itself
+
+
+def test_a_lost_executor_gives_no_exit_code_and_names_the_silent_rank(tmp_path: Path) -> None:
+    assert _lost_rank(HOROVOD_FAILURE.replace("Exit code: -9", "Exit code: None")) == (1, None)
+    run = RunDir(str(tmp_path))
+    survivor = {"rank": 0, "host": "h0", "pid": "10", "failed": "HorovodInternalError: peer"}
+    run.rank_file(0).parent.mkdir(parents=True)
+    run.rank_file(0).write_text(json.dumps(survivor))
+    run.rank_file(1).write_text(json.dumps({"rank": 1, "host": "h1", "pid": "11"}))
+    # Horovod blames rank 0, which only noticed the loss: the silent rank 1 died.
+    error = _rank_died(RankLostError(0, None, "lost"), run)
+    assert str(error) == (
+        "rank 1 (pid 11 on host h1) died (killed or crashed) and ended the job: resume with "
+        "`dlpipe train --resume` or set train.elastic=true to carry on without it"
+    )
+    error = _rank_died(RankLostError(1, None, "lost"), run)
+    assert str(error).startswith("rank 1 (pid 11 on host h1) died (its executor was lost) ")
