@@ -93,7 +93,7 @@ class Site:
             process = subprocess.Popen(
                 [*spark_submit(self.cluster.master_url, self.package, self.python, job),
                  "--conf", "spark.task.maxFailures=4",
-                 "--conf", str(REPO / "conf" / "cluster.yaml"),
+                 "--config", str(REPO / "conf" / "cluster.yaml"),
                  "--set", f"work_dir={self.shared / 'work'}", "--json", *args, *flags],
                 env=driver_env(), cwd=self.logs, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -310,13 +310,14 @@ def test_cli_bench_prints_a_table_and_json(config, capsys):
             "--set", f"ingest.rows_per_row_group={ROWS_PER_ROW_GROUP}",
         ]
     )  # fmt: skip
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
     assert code == 0
-    report = json.loads(out[-1])
+    report = json.loads(captured.out)  # --json: stdout is the JSON alone
     assert [r["unit"] for r in report["results"]] == ["s/epoch", "images/s"]
     assert all(r["benchmark"] == "feed" and r["ratio"] > 0 for r in report["results"])
-    assert out[0].startswith("machine:")
-    assert sum(line.startswith("feed ") for line in out) == 2  # the table's rows
+    table = [line for line in captured.err.splitlines() if "dlpipe:" not in line]  # no logs
+    assert table[0].startswith("machine:")  # the table for people goes to stderr
+    assert sum(line.startswith("feed ") for line in table) == 2  # the table's rows
 
 
 def test_format_table_has_a_row_per_measurement(measurements):
