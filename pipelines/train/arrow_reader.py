@@ -43,6 +43,7 @@ import numpy as np
 from pipelines import schema
 from pipelines.errors import UserError
 from pipelines.locations import is_uri, local_path
+from pipelines.train.feed import ImageShapeError, SplitNotFoundError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -60,7 +61,12 @@ class TooFewRowGroupsError(ValueError):
 
 
 class SplitReadError(UserError):
-    """A split cannot be read as a prepared dataset (missing, empty, or bad cells)."""
+    """A split's folder holds no readable prepared dataset (no data file, stale metadata).
+
+    A missing split raises the feed's :class:`~pipelines.train.feed.SplitNotFoundError`, and
+    cells of another shape its :class:`~pipelines.train.feed.ImageShapeError`, as on the
+    pinned stack.
+    """
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,8 @@ def list_pieces(url: str) -> list[Piece]:
         The pieces; their index in this list is what shards are cut by.
 
     Raises:
-        SplitReadError: The split does not exist or holds no data file.
+        SplitNotFoundError: The split does not exist.
+        SplitReadError: It holds no data file, or its metadata misses one.
     """
     filesystem, base = resolve(url)
     files = _data_files(filesystem, base, url)
@@ -184,8 +191,13 @@ class SplitReader:
         num_epochs: Passes over the shard; None: never stop.
 
     Raises:
-        SplitReadError: The split does not exist or holds no data file.
+        SplitNotFoundError: The split does not exist.
+        SplitReadError: It holds no data file, or its metadata misses one.
         TooFewRowGroupsError: Fewer row groups than shards.
+        ValueError: A bad shard, image shape or number of passes.
+
+    Reading raises :class:`~pipelines.train.feed.ImageShapeError` for cells that are not
+    uint8 images of ``image_shape``.
     """
 
     def __init__(
@@ -256,7 +268,8 @@ def decode_column(
     ``shape``.
 
     Raises:
-        SplitReadError: A cell is null, or not an ``np.save`` of a uint8 array of ``shape``.
+        ImageShapeError: A cell is not an ``np.save`` of a uint8 array of ``shape``.
+        SplitReadError: A cell is null.
     """
     import pyarrow as pa
 
@@ -275,14 +288,14 @@ def decode_column(
     values = np.frombuffer(values_buffer, dtype=np.uint8)
     wrong = np.flatnonzero(np.diff(offsets) != width)
     if wrong.size:
-        raise SplitReadError(_shape_message(array[int(wrong[0])].as_py(), where, shape))
+        raise ImageShapeError(_shape_message(array[int(wrong[0])].as_py(), where, shape))
     raw = values[offsets[0] : offsets[-1]].reshape(rows, width)
     first = raw[0, : schema.NPY_HEADER_BYTES]
     if not schema.cell_matches(raw[0].tobytes(), shape):
-        raise SplitReadError(_shape_message(raw[0].tobytes(), where, shape))
+        raise ImageShapeError(_shape_message(raw[0].tobytes(), where, shape))
     bad_rows = np.flatnonzero((raw[:, : schema.NPY_HEADER_BYTES] != first).any(axis=1))
     if bad_rows.size:
-        raise SplitReadError(_shape_message(raw[int(bad_rows[0])].tobytes(), where, shape))
+        raise ImageShapeError(_shape_message(raw[int(bad_rows[0])].tobytes(), where, shape))
     return raw[:, schema.NPY_HEADER_BYTES :].reshape(rows, *shape).copy()
 
 
@@ -333,7 +346,7 @@ def _data_files(filesystem: pafs.FileSystem, base: str, url: str) -> list[str]:
 
     info = filesystem.get_file_info(base)
     if info.type != pafs.FileType.Directory:
-        raise SplitReadError(
+        raise SplitNotFoundError(
             f"split not found: {url} (an empty split is not written; check the dataset "
             "path and run ingest first)"
         )

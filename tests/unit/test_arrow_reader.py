@@ -17,6 +17,7 @@ from pipelines import schema
 from pipelines.locations import to_url
 from pipelines.train import arrow_reader
 from pipelines.train.arrow_reader import SplitReader, TooFewRowGroupsError
+from pipelines.train.feed import ImageShapeError, SplitNotFoundError
 
 SHAPE = (4, 3, 2)
 #: Rows and row-group size of each file: 3 + 1 + 4 + 2 = 10 row groups of 1 to 6 rows.
@@ -143,9 +144,9 @@ def test_an_infinite_read_keeps_cycling_the_shard(split):
 
 
 def test_bad_cells_and_missing_splits_fail_in_one_line(tmp_path, split):
-    with pytest.raises(arrow_reader.SplitReadError, match="expected uint8 images of shape"):
+    with pytest.raises(ImageShapeError, match="expected uint8 images of shape"):
         next(iter(SplitReader(str(split), image_shape=(4, 3, 3))))
-    with pytest.raises(arrow_reader.SplitReadError, match="split not found"):
+    with pytest.raises(SplitNotFoundError, match="split not found"):
         SplitReader(str(tmp_path / "split=nope"))
     (tmp_path / "split=empty").mkdir()
     with pytest.raises(arrow_reader.SplitReadError, match="no Parquet data file"):
