@@ -7,7 +7,8 @@ the image shape it was ingested at. Out:
   ``(float32 images in [0, 1] (B, H, W, C), int32 labels (B,))`` (``(images, images)`` for an
   autoencoder) read with :mod:`~pipelines.train.arrow_reader` from this rank's row groups;
 - :func:`keras_dataset`: the same as a ``keras.utils.PyDataset`` that starts a new feed at
-  batch 0, so that every evaluation of an unshuffled split sees the same rows;
+  batch 0, so that every evaluation of an unshuffled split sees the same rows (what to give
+  ``fit``/``evaluate``: Keras 3 takes a PyDataset or a generator, not any iterator);
 - :func:`read_split`: a whole split in memory (:class:`~pipelines.train.feed.SplitArrays`),
   sorted by path, for evaluation and reports;
 - :func:`steps_per_epoch`: the step count every rank must run (the pinned stack's own).
