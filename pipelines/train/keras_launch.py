@@ -48,7 +48,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
@@ -253,7 +253,7 @@ def _rank_task(
             return
         if status != -signal.SIGKILL:
             # Give a peer killed at the same moment the time to be the one reported.
-            threading.Event().wait(PEER_GRACE_S)
+            time.sleep(PEER_GRACE_S)
         detail = _error_line(folder, tail) if status > 0 else _signal_name(-status)
         raise RuntimeError(_LOST.format(rank=rank, status=status, detail=detail))
     finally:
