@@ -456,9 +456,13 @@ def test_init_script_pins_are_the_pyproject_pins():
     block = re.search(r"# BEGIN PINS.*?\n(.*?)# END PINS", text, re.S)
     assert block, "the PINS block is missing"
     pins = set(re.findall(r'^\s*"([^"]+)"\s*$', block.group(1), re.M))
-    wanted = {d for d in PYPROJECT["project"]["dependencies"] if not d.startswith("pyspark")}
+    # The pinned stack: the stack-neutral dependencies and the `pinned` extra, less pyspark.
+    project = PYPROJECT["project"]
+    extras = project["optional-dependencies"]
+    listed = [*project["dependencies"], *extras["pinned"]]
+    wanted = {d for d in listed if not d.startswith("pyspark")}
     assert pins == wanted
-    (tensorflow,) = PYPROJECT["project"]["optional-dependencies"]["gpu"]
+    (tensorflow,) = [d for d in extras["gpu"] if d.startswith("tensorflow")]
     version = tensorflow.split("==")[1]
     assert f"TF_VERSION={version}\n" in text
     horovod = re.search(r"^HOROVOD_VERSION\s*:?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M)
