@@ -458,6 +458,8 @@ class DatasetDir:
     SPLIT_PREFIX = "split="
     #: Petastorm's metadata file in each split (its Unischema, row groups per file).
     PETASTORM_METADATA = "_common_metadata"
+    #: A Parquet summary file some writers leave in a split (row groups of every file).
+    PARQUET_SUMMARY = "_metadata"
 
     def split(self, name: str) -> str:
         """Location of one split, ``<root>/split=<name>`` (a path or URL as the root is)."""

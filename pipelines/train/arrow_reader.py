@@ -1,6 +1,6 @@
 """Reading a prepared split with plain pyarrow, sharded by row group as Petastorm shards it.
 
-In: the location of one split of a prepared dataset (``schema.split_path(dataset, name)``, a
+In: the location of one split of a prepared dataset (``DatasetDir(root).split(name)``, a
 local path or a URL pyarrow reads: ``file://``, ``hdfs://``, ``s3://``, ...). Out: the rows of
 this rank's row groups, one :class:`RowGroupRows` per row group: int32 labels, and the image
 cells as stored (``np.save`` bytes) or decoded to uint8 ``(N, H, W, C)``, optionally the paths.
@@ -42,7 +42,8 @@ import numpy as np
 
 from pipelines import schema
 from pipelines.errors import UserError
-from pipelines.locations import is_uri, local_path
+from pipelines.store import DatasetDir
+from pipelines.store import filesystem as file_system
 from pipelines.train.feed import ImageShapeError, SplitNotFoundError
 
 if TYPE_CHECKING:
@@ -106,21 +107,6 @@ class RowGroupRows:
         return len(self.labels)
 
 
-def resolve(url: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow file system of a split's location and the path inside it.
-
-    Args:
-        url: A local path, a ``file://`` URL or another URI pyarrow understands.
-    """
-    from pyarrow import fs as pafs
-
-    path = local_path(url)
-    if path is not None:
-        return pafs.LocalFileSystem(), path
-    assert is_uri(url)
-    return pafs.FileSystem.from_uri(url)
-
-
 def list_pieces(url: str) -> list[Piece]:
     """Every row group of a split, in the order Petastorm 0.13.1 numbers them.
 
@@ -134,7 +120,7 @@ def list_pieces(url: str) -> list[Piece]:
         SplitNotFoundError: The split does not exist.
         SplitReadError: It holds no data file, or its metadata misses one.
     """
-    filesystem, base = resolve(url)
+    filesystem, base = file_system(url)
     files = _data_files(filesystem, base, url)
     if not files:
         raise SplitReadError(f"no Parquet data file in {url}; run ingest first")
@@ -146,7 +132,7 @@ def list_pieces(url: str) -> list[Piece]:
             count = _footer_row_groups(filesystem, path)
         elif relative in recorded:
             count = recorded[relative]
-        elif source == "_common_metadata":  # Petastorm fails here too (a KeyError)
+        elif source == DatasetDir.PETASTORM_METADATA:  # Petastorm fails here too (a KeyError)
             raise SplitReadError(
                 f"{url}: {relative} is not in the row-group counts of _common_metadata "
                 "(a file added after ingest?); re-run ingest"
@@ -180,7 +166,7 @@ class SplitReader:
     from the first pass again. Reads happen in the iterating thread.
 
     Args:
-        url: The split, e.g. ``schema.split_path(dataset, "train")``; a path or a URL.
+        url: The split, e.g. ``DatasetDir(root).split("train")``; a path or a URL.
         cur_shard: This rank.
         shard_count: The number of ranks.
         image_shape: ``(height, width, channels)``: decode the cells to uint8 images of this
@@ -221,7 +207,7 @@ class SplitReader:
         self.shuffle_row_groups = shuffle_row_groups
         self.seed = seed
         self.num_epochs = num_epochs
-        self._filesystem, _ = resolve(url)
+        self._filesystem, _ = file_system(url)
         self._columns = [schema.IMAGE, schema.LABEL] + ([schema.PATH] if with_paths else [])
 
     def order(self, epoch: int) -> list[Piece]:
@@ -385,14 +371,14 @@ def _recorded_row_groups(
     import pyarrow.parquet as pq
     from pyarrow import fs as pafs
 
-    common = posixpath.join(base, "_common_metadata")
+    common = posixpath.join(base, DatasetDir.PETASTORM_METADATA)
     if filesystem.get_file_info(common).type == pafs.FileType.File:
         with filesystem.open_input_file(common) as handle:
             recorded = pq.read_schema(handle).metadata or {}
         if ROW_GROUPS_PER_FILE_KEY in recorded:
             counts = json.loads(recorded[ROW_GROUPS_PER_FILE_KEY].decode())
-            return {str(name): int(n) for name, n in counts.items()}, "_common_metadata"
-    summary = posixpath.join(base, "_metadata")
+            return {str(name): int(n) for name, n in counts.items()}, DatasetDir.PETASTORM_METADATA
+    summary = posixpath.join(base, DatasetDir.PARQUET_SUMMARY)
     if filesystem.get_file_info(summary).type == pafs.FileType.File:
         with filesystem.open_input_file(summary) as handle:
             metadata = pq.read_metadata(handle)
@@ -401,7 +387,7 @@ def _recorded_row_groups(
             name = metadata.row_group(index).column(0).file_path
             counts[name] = counts.get(name, 0) + 1
         if counts:
-            return counts, "_metadata"
+            return counts, DatasetDir.PARQUET_SUMMARY
     return {}, None
 
 

@@ -339,7 +339,7 @@ def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
     order = np.argsort(all_paths, kind="stable")
     all_labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
     images = _decode_cells(np.concatenate(cells) if cells else [], url, shape)
-    label_names = _manifest_label_names(url)
+    label_names = manifest_label_names(url)
     if label_names is None:
         all_names = np.concatenate(names) if names else []
         by_label = dict(zip(all_labels.tolist(), (str(n) for n in all_names), strict=True))
@@ -504,7 +504,7 @@ def _decode_cells(cells: Sequence[bytes], url: str, shape: tuple[int, int, int])
         raise ImageShapeError(_shape_message(exc.cell, url, shape)) from None
 
 
-def _manifest_label_names(url: str) -> list[str] | None:
+def manifest_label_names(url: str) -> list[str] | None:
     """Label names from the manifest of the split's dataset, None when it cannot be read."""
     try:
         return DatasetDir.of_split(url).read_manifest().label_names

@@ -1,6 +1,6 @@
 """The Keras stack's training feed: a prepared split to numpy batches, sharded per rank.
 
-In: the location of one split (``schema.split_path(dataset, name)``, a path or a URL) and
+In: the location of one split (``DatasetDir(root).split(name)``, a path or a URL) and
 the image shape it was ingested at. Out:
 
 - :func:`make_feed`: a :class:`BatchFeed`, an endless iterator of full batches
@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 
 from pipelines import schema
+from pipelines.store import filesystem
 from pipelines.train.arrow_reader import (
     SplitReader,
     TooFewRowGroupsError,
     list_pieces,
-    resolve,
 )
-from pipelines.train.feed import SplitArrays, steps_per_epoch
+from pipelines.train.feed import SplitArrays, manifest_label_names, steps_per_epoch
 
 __all__ = ["BatchFeed", "keras_dataset", "make_feed", "read_split", "steps_per_epoch"]
 
@@ -77,7 +77,7 @@ def make_feed(
     ``image_shape`` fails at once rather than inside ``fit``.
 
     Args:
-        url: The split, e.g. ``schema.split_path(dataset, "train")``; a path or a URL.
+        url: The split, e.g. ``DatasetDir(root).split("train")``; a path or a URL.
         image_shape: ``(height, width, channels)`` the dataset was ingested at.
         batch_size: Images per batch; every batch is full.
         cur_shard: This rank.
@@ -268,12 +268,12 @@ def read_split(url: str, image_shape: Sequence[int]) -> SplitArrays:
     all_images = np.concatenate(images) if images else np.zeros((0, *shape), np.uint8)
     all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
     order = np.argsort(np.asarray(paths, dtype=object), kind="stable")
-    names = _manifest_label_names(url)
+    names = manifest_label_names(url)
     if names is None:
-        filesystem, _ = resolve(url)
+        files, _ = filesystem(url)
         by_label: dict[int, str] = {}
         for piece in list_pieces(url):
-            with filesystem.open_input_file(piece.path) as handle:
+            with files.open_input_file(piece.path) as handle:
                 table = pq.ParquetFile(handle).read_row_group(
                     piece.row_group, columns=[schema.LABEL, schema.LABEL_NAME]
                 )
@@ -396,16 +396,3 @@ def _stop(producer: _Producer, thread: threading.Thread) -> None:
             producer.batches.get_nowait()
         except queue.Empty:
             break
-
-
-def _manifest_label_names(url: str) -> list[str] | None:
-    """Label names from ``_manifest.json`` next to the split, None when it cannot be read."""
-    import posixpath
-
-    filesystem, path = resolve(url)
-    manifest = posixpath.join(posixpath.dirname(path.rstrip("/")), schema.MANIFEST_FILE)
-    try:
-        with filesystem.open_input_stream(manifest) as stream:
-            return schema.Manifest.from_json(stream.read().decode("utf-8")).label_names
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

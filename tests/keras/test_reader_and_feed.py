@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import schema
+from pipelines.store import DatasetDir
+from pipelines.store import filesystem as store_filesystem
 from pipelines.train import arrow_reader, numpy_feed
 from pipelines.train.arrow_reader import ROW_GROUPS_PER_FILE_KEY, SplitReader
 from pipelines.train.feed import ImageShapeError, SplitNotFoundError
@@ -43,14 +45,14 @@ def test_the_stack_is_the_keras_stack():
 
 
 def test_a_dataset_from_the_pinned_stacks_ingest_reads_whole_and_sharded():
-    manifest = schema.Manifest.read(FIXTURE)
+    manifest = DatasetDir(str(FIXTURE)).read_manifest()
     shape = tuple(manifest.image_shape)
     for split, rows in manifest.splits.items():
-        url = schema.split_path(str(FIXTURE), split)
+        url = DatasetDir(str(FIXTURE)).split(split)
         whole = list(SplitReader(url, image_shape=shape, with_paths=True))
         assert sum(len(r) for r in whole) == rows
         # Its _common_metadata (written with Petastorm on pyarrow 14) gives the counts.
-        filesystem, base = arrow_reader.resolve(url)
+        filesystem, base = store_filesystem(url)
         counts, source = arrow_reader._recorded_row_groups(filesystem, base)
         assert source == "_common_metadata" and sum(counts.values()) == len(whole)
         for r in whole:
@@ -75,8 +77,8 @@ def test_a_dataset_from_the_pinned_stacks_ingest_reads_whole_and_sharded():
 
 
 def test_read_split_of_the_fixture_is_sorted_with_the_manifests_names():
-    manifest = schema.Manifest.read(FIXTURE)
-    arrays = numpy_feed.read_split(schema.split_path(str(FIXTURE), "train"), manifest.image_shape)
+    manifest = DatasetDir(str(FIXTURE)).read_manifest()
+    arrays = numpy_feed.read_split(DatasetDir(str(FIXTURE)).split("train"), manifest.image_shape)
     assert len(arrays) == manifest.splits["train"]
     assert arrays.paths == sorted(arrays.paths)
     assert arrays.label_names == manifest.label_names

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import schema
-from pipelines.locations import to_url
+from pipelines.store import to_url
 from pipelines.train import arrow_reader
 from pipelines.train.arrow_reader import SplitReader, TooFewRowGroupsError
 from pipelines.train.feed import ImageShapeError, SplitNotFoundError
