@@ -285,7 +285,8 @@ def _add_score(add: _Add) -> None:
         "score",
         _score,
         "score images into the scoring table with a registered model (default: the champion), "
-        "on the Spark executors; re-running a batch replaces only that batch",
+        "on the Spark executors, as one batch; re-running a batch id replaces only that batch; "
+        "score.only_new=true skips files earlier batches scored",
     )
     score.add_argument(
         "--source",
@@ -300,7 +301,10 @@ def _add_score(add: _Add) -> None:
         "--model", metavar="URI", help="model URI (default: models:/<model_name>@champion)"
     )
     score.add_argument(
-        "--batch-id", metavar="ID", help="partition to (re)write (default: the source folder name)"
+        "--batch-id",
+        metavar="ID",
+        help="batch (partition) to (re)write, or a template with {date} / {datetime} "
+        "(default: the run's UTC date-time, e.g. 20261122T020000Z, which never replaces a batch)",
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -225,6 +226,36 @@ def resolve_model_uri(
                 f"registered model {name} has no version {selector}; {_HINT}"
             ) from None
     return ResolvedModel(uri=f"models:/{name}/{version}", name=name, version=version)
+
+
+def download_model(
+    model: ResolvedModel, cache: Path, tracking_uri: str, registry_uri: str | None = None
+) -> Path:
+    """The model's files on this machine, downloaded once per model version into ``cache``.
+
+    A registered version (or a run's artifact) never changes, so a copy made once serves
+    every later job, and its folder name identifies it (to scoring's executors too).
+    """
+    import hashlib
+    import re
+    import tempfile
+
+    from pipelines.store import remove, replace_dir
+
+    key = f"{model.name}-v{model.version}" if model.name and model.version else model.uri
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-")[:80]
+    name += "-" + hashlib.sha256(model.uri.encode()).hexdigest()[:8]
+    target = cache / name
+    if not target.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+        try:
+            with tracking.pointed_at(tracking_uri, registry_uri):
+                downloaded = mlflow.artifacts.download_artifacts(model.uri, dst_path=str(staging))
+            replace_dir(downloaded, target)
+        finally:
+            remove(staging)
+    return target
 
 
 def _parse_registry_uri(uri: str) -> tuple[str, str, bool] | None:

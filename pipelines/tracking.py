@@ -105,7 +105,27 @@ def use_experiment(store: Store, name: str) -> str:
 
     use_stores(store.tracking_uri, store.registry_uri)
     if store.local_store:
-        tracking = client(store.tracking_uri)
-        if tracking.get_experiment_by_name(name) is None:
-            tracking.create_experiment(name, artifact_location=store.artifacts.as_uri())
+        experiment_id(store, name)
     return mlflow.set_experiment(name).experiment_id
+
+
+def experiment_id(store: Store, name: str) -> str:
+    """The id of experiment ``name`` in the store's tracking server, created if needed.
+
+    Leaves the fluent API as it is. In the local sqlite store a new experiment keeps its
+    artifacts in the work directory (:attr:`Store.artifacts`), as :func:`use_experiment`'s.
+    """
+    from mlflow.exceptions import MlflowException
+
+    tracking = client(store.tracking_uri)
+    found = tracking.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = store.artifacts.as_uri() if store.local_store else None
+    try:
+        return tracking.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        found = tracking.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
