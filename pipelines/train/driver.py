@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines import schema
+from pipelines import schema, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
@@ -29,6 +29,7 @@ from pipelines.store import MANIFEST_ARTIFACT, DatasetDir, ModelDir, RunDir, Sto
 from pipelines.tasks import REPORT_SAMPLE_IMAGES, Evaluation, Task, task_for_model
 from pipelines.train.checkpoint import load_final_model, read_checkpoint, read_rank_placements
 from pipelines.train.runs import log_new_epochs, training_run
+from pipelines.train.watch import EpochProgress, epoch_metrics
 from pipelines.train.worker import RankResult, WorkerSpec, train_worker
 
 if TYPE_CHECKING:
@@ -184,17 +185,20 @@ def _train_in_run(
         rows=manifest.splits,
         run_dir=run_dir,
         resume=resume,
+        run_id=run_id,  # rank 0 logs each epoch to it as the epoch ends
     )
     run_dir.clear_ranks()  # the ranks of this start write anew
     clock.lap("prepare")
     try:
-        ranks: list[RankResult] = launcher.run(
-            train_worker,
-            [spec],
-            elastic=config.train.elastic,
-            min_num_proc=config.train.min_num_proc,
-            rank_timeout_s=config.train.rank_timeout_s,
-        )
+        with EpochProgress(run_dir, config.train.epochs):
+            ranks: list[RankResult] = launcher.run(
+                train_worker,
+                [spec],
+                elastic=config.train.elastic,
+                min_num_proc=config.train.min_num_proc,
+                rank_timeout_s=config.train.rank_timeout_s,
+                env=tracking.rank_environment(store.tracking_uri),
+            )
     except Exception as exc:
         from pipelines.train.launchers import RankLostError
 
@@ -221,10 +225,11 @@ def _train_in_run(
     clock.add("fit", fit)
     # Elastic: the world size from each epoch on where it changed (a lost rank, a new one).
     mlflow.set_tag("world_size_changes", json.dumps(rank0.world_sizes[1:]))
-    log_new_epochs(run_id, rank0.history)
+    # Rank 0 logged each epoch as it ended; this logs what it could not (its tracking
+    # server unreachable, a rank killed between commit and log), never an epoch twice.
     # Per-layer statistics of rank 0 (train.layer_stats), step = epoch like the history.
     layer_stats = rank0.layer_stats
-    log_new_epochs(run_id, {f"layer/{name}": values for name, values in layer_stats.items()})
+    log_new_epochs(run_id, epoch_metrics(rank0.history, layer_stats))
     mlflow.log_metrics(
         {"epochs_run": rank0.epochs, "seconds_training": max(r.seconds for r in ranks)}
     )
