@@ -64,24 +64,39 @@ def write_batch(rows: DataFrame, table: ScoringTable, batch_id: str) -> None:
         ValueError: ``batch_id`` holds characters other than :data:`BATCH_ID`'s (it goes
             into a partition folder's name and a SQL predicate).
     """
-    if not BATCH_ID.fullmatch(batch_id):
-        raise ValueError(f"batch id {batch_id!r} does not match {BATCH_ID.pattern}")
     writer = rows.write.mode("overwrite").partitionBy(ScoringTable.PARTITION_COLUMN)
     if table.format == "delta":
-        # Delta replaces exactly the rows of this batch, atomically; columns this version
-        # adds to the contract join the table's schema (older batches read them as null).
-        writer = (
-            writer.format("delta")
-            .option("replaceWhere", f"{ScoringTable.PARTITION_COLUMN} = '{batch_id}'")
-            .option("mergeSchema", "true")
-        )
+        writer = writer.format("delta").options(**delta_write_options(batch_id))
         if table.is_catalog_table:
             writer.saveAsTable(table.location)
         else:
             writer.save(table.location)
         return
+    _check_batch_id(batch_id)
     # Parquet: Spark stages the new partition and swaps only it in; other batches stay.
     writer.option("partitionOverwriteMode", "dynamic").parquet(table.url)
+
+
+def delta_write_options(batch_id: str) -> dict[str, str]:
+    """The Delta writer's options for one batch (mode ``overwrite``, partitioned by batch).
+
+    ``replaceWhere`` replaces exactly the rows of this batch, atomically; ``mergeSchema``
+    lets the columns this version adds to the contract join an existing table's schema
+    (older batches read them as null).
+
+    Raises:
+        ValueError: ``batch_id`` holds characters other than :data:`BATCH_ID`'s.
+    """
+    _check_batch_id(batch_id)
+    return {
+        "replaceWhere": f"{ScoringTable.PARTITION_COLUMN} = '{batch_id}'",
+        "mergeSchema": "true",
+    }
+
+
+def _check_batch_id(batch_id: str) -> None:
+    if not BATCH_ID.fullmatch(batch_id):
+        raise ValueError(f"batch id {batch_id!r} does not match {BATCH_ID.pattern}")
 
 
 def record_classes(

@@ -18,6 +18,7 @@ from pipelines.score_table import (
     class_property,
     delta_class_statements,
     delta_identifier,
+    delta_write_options,
 )
 from pipelines.store import ScoringTable
 
@@ -155,3 +156,12 @@ def test_delta_keeps_the_class_order_as_a_table_property_and_a_column_comment() 
     assert delta_identifier(path) == "delta.`/Volumes/main/dlpipe/files/scores`"
     other = ResolvedModel("runs:/abc/model", None, None)
     assert class_property(other).startswith("dlpipe.classes.uri-")
+
+
+def test_delta_replaces_exactly_one_batch_and_merges_new_columns() -> None:
+    assert delta_write_options("2026-11-22") == {
+        "replaceWhere": "batch_id = '2026-11-22'",
+        "mergeSchema": "true",
+    }
+    with pytest.raises(ValueError, match="does not match"):
+        delta_write_options("x' OR batch_id <> 'y")  # never a predicate of more batches
