@@ -162,6 +162,23 @@ def _score(args: argparse.Namespace, config: Config) -> ScoreResult:
     return pipeline.score_stage(config, args.source, args.output, args.model, args.batch_id)
 
 
+def _promote(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    done = pipeline.promote_stage(
+        config,
+        version=None if args.version is None else str(args.version),
+        rollback=args.rollback,
+        reason=args.reason,
+    )
+    previous = f"v{done.previous}" if done.previous else "none"
+    human = [
+        f"{done.model_name}@{done.alias}: {previous} -> v{done.champion}",
+        f"previous: {previous}",
+        f"champion: v{done.champion}",
+        f"decision: {done.decision}",
+    ]
+    return {**done.to_dict(), HUMAN: "\n".join(human)}
+
+
 def _run(args: argparse.Namespace, config: Config) -> RunSummary:
     return pipeline.run(config)
 
@@ -277,6 +294,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_ingest,
         _add_train,
         _add_score,
+        _add_promote,
         _add_serve,
         _add_report,
         _add_explain,
@@ -380,7 +398,8 @@ def _add_score(add: _Add) -> None:
         "score",
         _score,
         "score images into the scoring table with a registered model (default: the champion), "
-        "on the Spark executors; re-running a batch replaces only that batch",
+        "on the Spark executors, as one batch; re-running a batch id replaces only that batch; "
+        "score.only_new=true skips files earlier batches scored",
     )
     score.add_argument(
         "--source",
@@ -393,7 +412,10 @@ def _add_score(add: _Add) -> None:
         "--model", metavar="URI", help="model URI (default: models:/<model_name>@champion)"
     )
     score.add_argument(
-        "--batch-id", metavar="ID", help="partition to (re)write (default: the source folder name)"
+        "--batch-id",
+        metavar="ID",
+        help="batch (partition) to (re)write, or a template with {date} / {datetime} "
+        "(default: the run's UTC date-time, e.g. 20261122T020000Z, which never replaces a batch)",
     )
     score.add_argument(
         "--source-format",
@@ -402,6 +424,19 @@ def _add_score(add: _Add) -> None:
         "auto: a table only if its first Parquet file is one with path + image column)",
     )
     score.set_defaults(overrides=_score_overrides)
+
+
+def _add_promote(add: _Add) -> None:
+    promote = add(
+        "promote",
+        _promote,
+        "move the champion alias by hand: to a version (--version N) or back to the version "
+        "that held it before (--rollback); the version is tagged with who, when and why",
+    )
+    which = promote.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int, metavar="N", help="the version to promote")
+    which.add_argument("--rollback", action="store_true", help="back to the previous champion")
+    promote.add_argument("--reason", metavar="TEXT", help="why (tagged on the version)")
 
 
 def _add_serve(add: _Add) -> None:

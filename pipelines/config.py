@@ -342,6 +342,31 @@ class MlflowConfig:
 
 @with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
+class RegistryConfig:
+    """When a newly trained version takes the champion alias.
+
+    Before the alias moves, the champion is evaluated on the new run's test split, and the
+    two models are compared on that one split.
+
+    Attributes:
+        metric: What a classifier is judged by: ``accuracy``, ``macro_f1`` (the mean of the
+            per-class F1 scores: every class counts alike, whatever its size) or
+            ``log_loss`` (lower is better). A reconstruction model keeps its own metric
+            (``reconstruction_error``, lower is better).
+        min_improvement: How much better (in the metric's units) the new version must be
+            to take the alias; 0 promotes on any strict improvement.
+        incomparable: What happens when the champion cannot be evaluated on the new split
+            (other classes, input shape or task; its files gone): ``promote`` the new
+            version (it answers the dataset as it now is) or ``keep`` the champion.
+    """
+
+    metric: Literal["accuracy", "macro_f1", "log_loss"] = "accuracy"
+    min_improvement: Annotated[StrictFloat, Field(ge=0)] = 0.0
+    incomparable: Literal["promote", "keep"] = "promote"
+
+
+@with_config(_FORBID_UNKNOWN)
+@dataclass(frozen=True)
 class ScoreConfig:
     """Batch scoring.
 
@@ -357,6 +382,21 @@ class ScoreConfig:
         arrow_batch_size: Rows per Arrow batch into the model; bounds executor memory.
         use_gpu: ``false`` (CPU, GPUs hidden), ``true`` (each Python worker pins a GPU; no
             GPU is an error) or ``auto`` (a GPU where there is one).
+        only_new: Skip the files that an earlier batch scored without error with the same
+            model version (see ``identity``); the batch being rewritten does not count.
+        identity: What makes a file "the same" for ``only_new``: ``stat`` (path, size and
+            modification time) or ``sha256`` (path and a digest of the content: each
+            file is read once more before scoring).
+        rescore_on_new_version: With ``only_new``, a new model version scores every file
+            again; ``false`` skips files scored by any version of the model.
+        top_k: How many of the most probable classes ``top_labels``/``top_probabilities``
+            hold (0: none, the columns are null).
+        low_confidence_below: A prediction whose probability is below this counts as low
+            confidence in the batch summary.
+        log_summary: Log each batch's summary to MLflow, as a run of its own in
+            ``experiment``.
+        experiment: The MLflow experiment of the batch summaries (``null``:
+            ``<mlflow.experiment>-scoring``).
     """
 
     model: StrictStr | None = None
@@ -367,6 +407,13 @@ class ScoreConfig:
     image_column: StrictStr = "content"
     arrow_batch_size: Annotated[StrictInt, Field(ge=1)] = 256
     use_gpu: StrictBool | Literal["auto"] = False
+    only_new: StrictBool = False
+    identity: Literal["stat", "sha256"] = "stat"
+    rescore_on_new_version: StrictBool = True
+    top_k: Annotated[StrictInt, Field(ge=0, le=1000)] = 3
+    low_confidence_below: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.5
+    log_summary: StrictBool = True
+    experiment: StrictStr | None = None
 
 
 @with_config(_FORBID_UNKNOWN)
@@ -401,6 +448,7 @@ class Config:
     ingest: Annotated[IngestConfig, _SECTION] = field(default_factory=IngestConfig)
     train: Annotated[TrainConfig, _SECTION] = field(default_factory=TrainConfig)
     mlflow: Annotated[MlflowConfig, _SECTION] = field(default_factory=MlflowConfig)
+    registry: Annotated[RegistryConfig, _SECTION] = field(default_factory=RegistryConfig)
     score: Annotated[ScoreConfig, _SECTION] = field(default_factory=ScoreConfig)
     serve: Annotated[ServeConfig, _SECTION] = field(default_factory=ServeConfig)
 

@@ -167,6 +167,7 @@ def ingest(
             skipped=plan.skipped,
             splits=splits,
             classes=_class_counts(plan, rejected),
+            split_classes=_split_class_counts(plan, rejected, config.splits),
             label_names=plan.label_names,
             image_shape=shape,
             started_at=_iso(started),
@@ -543,6 +544,22 @@ def _class_counts(plan: _Plan, rejected: dict[str, str]) -> dict[str, int]:
         if path not in rejected
     )
     return {name: counts.get(name, 0) for name in plan.label_names}
+
+
+def _split_class_counts(
+    plan: _Plan, rejected: dict[str, str], fractions: SplitConfig
+) -> dict[str, dict[str, int]]:
+    """Ingested records per class in each split (the split is a function of the path alone)."""
+    records = plan.records
+    splits = _splits_of(records.rel, fractions)
+    counts: dict[str, Counter] = {split: Counter() for split in schema.SPLITS}
+    for path, name, split in zip(records.path, records.label_name, splits, strict=True):
+        if path not in rejected:
+            counts[split][name] += 1
+    return {
+        split: {name: counts[split].get(name, 0) for name in plan.label_names}
+        for split in schema.SPLITS
+    }
 
 
 def _write_quarantine(rejected: dict[str, str], staged: DatasetDir) -> None:

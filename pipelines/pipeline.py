@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipelines.demo import DemoData
     from pipelines.explain import ExplainResult
     from pipelines.ingest import IngestResult
+    from pipelines.promote import HandPromotion
     from pipelines.score import ScoreResult
     from pipelines.train.driver import Trained, TrainResult
 
@@ -229,6 +230,32 @@ def score_stage(
         ),
     ):
         return score(spark_session(config), config, source, output, model, batch_id, store=store)
+
+
+def promote_stage(
+    config: Config,
+    version: str | None = None,
+    rollback: bool = False,
+    reason: str | None = None,
+    store: Store | None = None,
+) -> HandPromotion:
+    """Move ``mlflow.champion_alias`` of ``mlflow.model_name`` by hand (or roll it back).
+
+    Raises:
+        UserError: No such model or version, or nothing to roll back to.
+    """
+    from pipelines.promote import promote
+
+    store = store or Store.of(config)
+    return promote(
+        model_name=config.mlflow.model_name,
+        alias=config.mlflow.champion_alias,
+        tracking_uri=store.tracking_uri,
+        registry_uri=store.registry_uri,
+        version=version,
+        rollback=rollback,
+        reason=reason,
+    )
 
 
 def report_stage(

@@ -1,9 +1,12 @@
 """Model registry: register a logged model, move the champion alias only when it is better.
 
 In: the URI of a logged model (``models:/m-...`` from :func:`pipelines.image_model.log_image_model`,
-or ``runs:/<run_id>/model``), the id of the run that logged it and the metric to judge by.
-Out: a :class:`Registration` saying which version was created and whether the alias moved,
-with the decision recorded as tags on the model version and on the run.
+or ``runs:/<run_id>/model``), the id of the run that logged it, the metric to judge by and,
+from the training stage, a *challenge*: the current champion evaluated on the new run's
+test split, so that both models are compared on one split. Out: a :class:`Registration`
+saying which version was created and whether the alias moved, with the decision, both
+scores and the evidence (the split's digest) recorded as tags on the model version and on
+the run. :func:`decide` is the rule itself, from numbers alone.
 
 Deployment moves an alias, it never retrains: scoring and serving ask for
 ``models:/<name>@<alias>``, which :func:`resolve_model_uri` pins to a concrete version.
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -25,6 +30,18 @@ from pipelines.errors import UserError
 
 #: Tag on the model version: the one-line promotion decision.
 DECISION_TAG = "promotion_decision"
+#: Tags on the model version: what the decision compared.
+METRIC_TAG = "promotion_metric"
+SCORE_TAG = "promotion_score"
+CHAMPION_VERSION_TAG = "promotion_champion_version"
+CHAMPION_SCORE_TAG = "promotion_champion_score"
+MIN_IMPROVEMENT_TAG = "promotion_min_improvement"
+COMPARABLE_TAG = "promotion_comparable"
+#: Tag on a version that took the alias: the version that held it before (for a rollback).
+PREVIOUS_CHAMPION_TAG = "previous_champion"
+#: Tags on a version that took the alias: who moved it, when (and, by hand, why).
+PROMOTED_BY_TAG = "promoted_by"
+PROMOTED_AT_TAG = "promoted_at"
 #: Tags on the training run.
 RUN_DECISION_TAG = "registry.decision"
 RUN_VERSION_TAG = "registry.version"
@@ -61,6 +78,10 @@ class Registration:
         promoted: Whether the alias now points to the new version.
         decision: One line, e.g. ``promoted: test_accuracy 0.991 > champion v3 0.985``.
         champion_version: The version holding the alias after the decision.
+        score: The new version's metric.
+        champion_score: The previous champion's on the same split (None: none, or not
+            comparable).
+        previous_champion: The version that held the alias before (None: none did).
     """
 
     model_name: str
@@ -70,6 +91,31 @@ class Registration:
     promoted: bool
     decision: str
     champion_version: str
+    score: float | None = None
+    champion_score: float | None = None
+    previous_champion: str | None = None
+
+
+@dataclass(frozen=True)
+class ChampionScore:
+    """The champion, evaluated on the new version's split (what a challenge returns).
+
+    Attributes:
+        value: Its metric on that split; None when it could not be evaluated there.
+        reason: Why it could not (other classes, input shape or task; files gone).
+    """
+
+    value: float | None
+    reason: str = ""
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the champion was evaluated on the split."""
+        return self.value is not None
+
+
+#: Evaluates the champion (a model version) on the new version's split.
+Challenge = Callable[[ModelVersion], ChampionScore]
 
 
 @dataclass(frozen=True)
@@ -97,14 +143,20 @@ def register_and_promote(
     higher_is_better: bool,
     tracking_uri: str,
     registry_uri: str | None = None,
+    challenge: Challenge | None = None,
+    min_improvement: float = 0.0,
+    incomparable: str = "promote",
+    evidence: Mapping[str, str] | None = None,
 ) -> Registration:
     """Register ``model_uri`` as a new version and move ``alias`` to it if it is better.
 
-    The new version's metric (from run ``run_id``) is compared with that of the run behind
-    the version holding ``alias``. The alias moves only on a strict improvement, or when no
-    version holds it, or when the holder's run lacks the metric. The decision is tagged on
-    the version (``promotion_decision``) and on the run (``registry.decision``,
-    ``registry.version``, ``registry.model_name``, ``registry.promoted``).
+    The new version's ``metric`` (from run ``run_id``) is compared with the champion's: as
+    ``challenge`` evaluates it on the same split (the training stage passes one), else as
+    the champion's own run logged it (a different split once the data changed). The alias
+    moves when :func:`decide` says so, or when no version holds it. A champion the
+    challenge cannot evaluate is not comparable: ``incomparable`` (``promote`` or
+    ``keep``) decides. The decision, both scores and ``evidence`` (e.g. the split's digest)
+    are tagged on the version; the decision on the run too.
 
     Args:
         model_uri: The logged model, e.g. ``ModelInfo.model_uri``.
@@ -116,6 +168,10 @@ def register_and_promote(
         tracking_uri: Tracking (and, unless configured otherwise, registry) URI.
         registry_uri: Registry URI when it differs from the tracking store's, e.g.
             ``databricks-uc``; None keeps MLflow's default.
+        challenge: Evaluates the champion on the new version's split.
+        min_improvement: How much better the new version must be (``registry.min_improvement``).
+        incomparable: ``promote`` or ``keep`` when the champion is not comparable.
+        evidence: More tags for the new version (``promotion_split_sha256``, ...).
 
     Returns:
         What was registered and decided.
@@ -140,14 +196,53 @@ def register_and_promote(
     version = _wait_until_ready(client, model_name, str(created.version))
 
     champion = _alias_holder(client, model_name, alias)
-    promoted, decision = _decide(
-        client, champion, metric=metric, value=value, higher_is_better=higher_is_better
-    )
+    champion_score: float | None = None
+    if champion is None:
+        promoted, decision = True, "promoted: no champion yet"
+    else:
+        name = f"champion v{champion.version}"
+        if challenge is not None:
+            scored = challenge(champion)
+            champion_score = scored.value
+        else:  # the champion's own logged metric: a different split once the data changed
+            scored = ChampionScore(_run_metric(client, champion.run_id, metric))
+            champion_score = scored.value
+            if not scored.comparable:
+                scored = ChampionScore(None, f"its run has no {metric}")
+        if scored.comparable:
+            promoted, decision = decide(
+                value,
+                champion_score,
+                metric=metric,
+                champion=name,
+                higher_is_better=higher_is_better,
+                min_improvement=min_improvement,
+            )
+        else:
+            promoted, decision = decide_incomparable(name, scored.reason, incomparable)
     if promoted:
         client.set_registered_model_alias(model_name, alias, version)
     champion_version = version if promoted else str(champion.version)  # type: ignore[union-attr]
 
-    client.set_model_version_tag(model_name, version, DECISION_TAG, decision)
+    tags = {
+        DECISION_TAG: decision,
+        METRIC_TAG: metric,
+        SCORE_TAG: repr(value),
+        MIN_IMPROVEMENT_TAG: repr(float(min_improvement)),
+        **dict(evidence or {}),
+    }
+    if champion is not None:
+        tags[CHAMPION_VERSION_TAG] = str(champion.version)
+        tags[COMPARABLE_TAG] = str(champion_score is not None).lower()
+        if champion_score is not None:
+            tags[CHAMPION_SCORE_TAG] = repr(champion_score)
+    if promoted:
+        tags[PROMOTED_BY_TAG] = f"dlpipe train (run {run_id})"
+        tags[PROMOTED_AT_TAG] = _now()
+        if champion is not None:
+            tags[PREVIOUS_CHAMPION_TAG] = str(champion.version)
+    for key, tag in tags.items():
+        client.set_model_version_tag(model_name, version, key, tag)
     client.set_tag(run_id, RUN_DECISION_TAG, decision)
     client.set_tag(run_id, RUN_VERSION_TAG, version)
     client.set_tag(run_id, RUN_MODEL_TAG, model_name)
@@ -160,6 +255,9 @@ def register_and_promote(
         promoted=promoted,
         decision=decision,
         champion_version=champion_version,
+        score=value,
+        champion_score=champion_score,
+        previous_champion=str(champion.version) if champion is not None else None,
     )
 
 
@@ -227,6 +325,36 @@ def resolve_model_uri(
     return ResolvedModel(uri=f"models:/{name}/{version}", name=name, version=version)
 
 
+def download_model(
+    model: ResolvedModel, cache: Path, tracking_uri: str, registry_uri: str | None = None
+) -> Path:
+    """The model's files on this machine, downloaded once per model version into ``cache``.
+
+    A registered version (or a run's artifact) never changes, so a copy made once serves
+    every later job, and its folder name identifies it (to scoring's executors too).
+    """
+    import hashlib
+    import re
+    import tempfile
+
+    from pipelines.store import remove, replace_dir
+
+    key = f"{model.name}-v{model.version}" if model.name and model.version else model.uri
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-")[:80]
+    name += "-" + hashlib.sha256(model.uri.encode()).hexdigest()[:8]
+    target = cache / name
+    if not target.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+        try:
+            with tracking.pointed_at(tracking_uri, registry_uri):
+                downloaded = mlflow.artifacts.download_artifacts(model.uri, dst_path=str(staging))
+            replace_dir(downloaded, target)
+        finally:
+            remove(staging)
+    return target
+
+
 def _parse_registry_uri(uri: str) -> tuple[str, str, bool] | None:
     """Split ``models:/name@alias`` or ``models:/name/version``; None for other URIs.
 
@@ -271,27 +399,6 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         raise
 
 
-def _decide(
-    client: MlflowClient,
-    champion: ModelVersion | None,
-    *,
-    metric: str,
-    value: float,
-    higher_is_better: bool,
-) -> tuple[bool, str]:
-    """Compare ``value`` with the champion's metric; return (promote?, one-line reason)."""
-    if champion is None:
-        return True, "promoted: no champion yet"
-    previous = _run_metric(client, champion.run_id, metric)
-    return decide(
-        value,
-        previous,
-        metric=metric,
-        champion=f"champion v{champion.version}",
-        higher_is_better=higher_is_better,
-    )
-
-
 def decide(
     value: float,
     previous: float | None,
@@ -299,26 +406,59 @@ def decide(
     metric: str,
     champion: str,
     higher_is_better: bool,
+    min_improvement: float = 0.0,
 ) -> tuple[bool, str]:
     """Whether a new model beats the champion on ``metric``; (promote?, one-line reason).
 
+    The new model must be strictly better, and better by at least ``min_improvement`` (in
+    the metric's units; a hair of floating-point rounding is forgiven).
+
     Args:
         value: The new model's metric (NaN never promotes).
-        previous: The champion's; None (unknown) promotes.
+        previous: The champion's on the same split; None (unknown) promotes.
         metric: The metric's name, for the reason.
         champion: How the reason names the champion, e.g. ``champion v3``.
         higher_is_better: False for losses and errors.
+        min_improvement: The least improvement that promotes (``registry.min_improvement``).
     """
     if previous is None:
         return True, f"promoted: {champion} has no {metric}"
     if math.isnan(value):
         return False, f"kept {champion}: {metric} is NaN"
-    better = value > previous if higher_is_better else value < previous
-    if better:
-        op = ">" if higher_is_better else "<"
-        return True, f"promoted: {metric} {value:.6g} {op} {champion} {previous:.6g}"
-    op = "<=" if higher_is_better else ">="
-    return False, f"kept {champion}: {metric} {value:.6g} {op} {previous:.6g}"
+    gain = value - previous if higher_is_better else previous - value
+    better, worse = (">", "<=") if higher_is_better else ("<", ">=")
+    if gain > 0 and gain >= min_improvement - 1e-12:
+        reason = f"promoted: {metric} {value:.6g} {better} {champion} {previous:.6g}"
+        if min_improvement > 0:
+            reason += f" (by {gain:.6g} >= min_improvement {min_improvement:g})"
+        return True, reason
+    if gain > 0:
+        return False, (
+            f"kept {champion}: {metric} {value:.6g} beats {previous:.6g} by only {gain:.6g} "
+            f"< min_improvement {min_improvement:g}"
+        )
+    return False, f"kept {champion}: {metric} {value:.6g} {worse} {previous:.6g}"
+
+
+def decide_incomparable(champion: str, reason: str, rule: str) -> tuple[bool, str]:
+    """The decision when the champion cannot be evaluated on the new split.
+
+    Args:
+        champion: How the reason names the champion, e.g. ``champion v3``.
+        reason: Why it cannot (other classes, input shape or task; its files gone).
+        rule: ``registry.incomparable``: ``promote`` (the new version answers the dataset
+            as it is now) or ``keep`` (the champion stays until a person decides).
+    """
+    if rule == "keep":
+        return False, f"kept {champion}: not comparable ({reason}); registry.incomparable=keep"
+    return True, f"promoted: {champion} is not comparable ({reason}); registry.incomparable=promote"
+
+
+def _now() -> str:
+    """The time now, UTC, ISO 8601 to the second."""
+    from datetime import UTC, datetime
+
+    return datetime.now(tz=UTC).isoformat(timespec="seconds")
 
 
 def _run_metric(client: MlflowClient, run_id: str | None, metric: str) -> float | None:

@@ -188,6 +188,8 @@ class Manifest:
         skipped: Files skipped as not images.
         splits: Rows per split.
         classes: Rows per class name.
+        split_classes: Rows per class name in each split (empty in manifests written
+            before 2026-12); what a scoring batch's predictions are compared with.
         label_names: Class names; a label is an index into this list.
         image_shape: ``[height, width, channels]`` of every image.
         started_at: ISO time the ingest started.
@@ -202,6 +204,7 @@ class Manifest:
     skipped: int = 0
     splits: dict[str, int] = field(default_factory=dict)
     classes: dict[str, int] = field(default_factory=dict)
+    split_classes: dict[str, dict[str, int]] = field(default_factory=dict)
     label_names: list[str] = field(default_factory=list)
     image_shape: list[int] = field(default_factory=list)
     started_at: str = ""
@@ -227,7 +230,15 @@ class Manifest:
         values["splits"] = {str(k): int(v) for k, v in data["splits"].items()}
         values["label_names"] = [str(name) for name in data["label_names"]]
         values["image_shape"] = [int(d) for d in data["image_shape"]]
+        values["split_classes"] = {
+            str(split): {str(k): int(v) for k, v in counts.items()}
+            for split, counts in (data.get("split_classes") or {}).items()
+        }
         return cls(**values)
+
+    def class_distribution(self, split: str = "train") -> dict[str, int]:
+        """Rows per class in ``split``; every split's together for an older manifest."""
+        return dict(self.split_classes.get(split) or self.classes)
 
     def manifest_dict(self) -> dict[str, Any]:
         """The manifest's keys and values only (not those a subclass adds)."""
@@ -254,6 +265,22 @@ MODEL_OUTPUTS: dict[str, str] = {
 RECONSTRUCTION_ERROR = "reconstruction_error"
 RECONSTRUCTION_OUTPUTS: dict[str, str] = {RECONSTRUCTION_ERROR: "double"}
 
+#: What scoring derives from a classifier's ``probabilities`` for readers of SQL alone: the
+#: ``score.top_k`` most probable class names and their probabilities, most probable first.
+TOP_K_OUTPUTS: dict[str, str] = {
+    "top_labels": "array<string>",
+    "top_probabilities": "array<double>",
+}
+
+#: What identifies the scored file, so that a later run can skip it (``score.only_new``): its
+#: size and modification time, and its content's SHA-256 where ``score.identity`` asks for it
+#: (null otherwise, and in batches written before these columns existed).
+FILE_IDENTITY: dict[str, str] = {
+    "file_size": "bigint",
+    "file_modified": "timestamp",
+    "file_sha256": "string",
+}
+
 #: What scoring adds after the model's outputs: where the prediction came from, and when.
 SCORING_PROVENANCE: dict[str, str] = {
     "model_name": "string",
@@ -263,10 +290,17 @@ SCORING_PROVENANCE: dict[str, str] = {
     "batch_id": "string",
 }
 
-#: The scoring table, in column order: the image's path, every task's model outputs (null
-#: where a model has no such output), provenance. One schema for every batch of a table.
+#: The image's path and every task's model outputs (null where a model has no such output).
 SCORED_ROW: dict[str, str] = {PATH: "string", **MODEL_OUTPUTS, **RECONSTRUCTION_OUTPUTS}
-SCORING_TABLE: dict[str, str] = {**SCORED_ROW, **SCORING_PROVENANCE}
+#: The scoring table, in column order: the scored row, the top classes, the file's identity,
+#: provenance. One schema for every batch of a table; columns added after a batch was
+#: written read as null in it (Parquet is read with ``mergeSchema``, Delta written with it).
+SCORING_TABLE: dict[str, str] = {
+    **SCORED_ROW,
+    **TOP_K_OUTPUTS,
+    **FILE_IDENTITY,
+    **SCORING_PROVENANCE,
+}
 
 
 def ddl(columns: Mapping[str, str]) -> str:

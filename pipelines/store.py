@@ -713,16 +713,37 @@ class ModelDir:
     ARTIFACTS_DIR = "artifacts"
     KERAS_FILE = "model.h5"
     LABELS_FILE = "labels.json"
+    #: MLflow's description of the model (flavours, signature, the run that logged it).
+    MLMODEL_FILE = "MLmodel"
 
     @property
     def labels_path(self) -> Path:
         """The label sidecar."""
         return Path(self.root) / self.ARTIFACTS_DIR / self.LABELS_FILE
 
+    @property
+    def keras_path(self) -> Path:
+        """The Keras model file (float32, no optimizer state)."""
+        return Path(self.root) / self.ARTIFACTS_DIR / self.KERAS_FILE
+
+    def meta(self) -> dict[str, Any]:
+        """The label sidecar: ``label_names``, ``image_shape``, ``task``; {} without one."""
+        path = self.labels_path
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     def label_names(self) -> list[str]:
         """Class names (the order of ``probabilities``); [] when the model has none."""
-        path = self.labels_path
-        return json.loads(path.read_text())["label_names"] if path.is_file() else []
+        return list(self.meta().get("label_names", []))
+
+    def run_id(self) -> str | None:
+        """The MLflow run that logged the model, None when MLflow did not record one."""
+        import yaml
+
+        path = Path(self.root) / self.MLMODEL_FILE
+        if not path.is_file():
+            return None
+        run_id = (yaml.safe_load(path.read_text()) or {}).get("run_id")
+        return str(run_id) if run_id else None
 
 
 #: Where a training run keeps the manifest of the dataset it trained on (an MLflow artifact).

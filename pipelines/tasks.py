@@ -214,8 +214,16 @@ class Task:
 
     @property
     def test_metric(self) -> str:
-        """The logged metric that decides promotion: ``test_<metric>``."""
+        """The task's own logged metric on the test split: ``test_<metric>``."""
         return f"test_{self.metric}"
+
+    def promotion_metric(self, name: str) -> tuple[str, bool]:
+        """The logged metric that decides promotion for ``registry.metric`` = ``name``.
+
+        Returns:
+            ``(test metric, higher is better)``; a task without such a metric keeps its own.
+        """
+        return self.test_metric, self.higher_is_better
 
     def compile(self, model: Any, optimizer: Any, k: Any) -> None:
         """Compile ``model`` with this task's loss and metric."""
@@ -305,14 +313,26 @@ class Classification(Task):
         picked = outputs[np.arange(len(labels)), labels]
         state["log_loss"] += float(np.sum(-np.log(np.clip(picked, 1e-7, 1.0))))
 
+    #: ``registry.metric`` -> the logged metric and whether higher is better.
+    PROMOTION_METRICS = {
+        "accuracy": ("test_accuracy", True),
+        "macro_f1": ("test_macro_f1", True),
+        "log_loss": ("test_loss", False),  # the mean cross-entropy of the true class
+    }
+
+    def promotion_metric(self, name: str) -> tuple[str, bool]:
+        """``test_accuracy``, ``test_macro_f1`` or ``test_loss`` (the log loss), by name."""
+        return self.PROMOTION_METRICS[name]
+
     def finish_metrics(
         self, state: dict[str, Any], rows: int
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        """``test_accuracy``, ``test_loss``; the confusion matrix and the error count."""
+        """``test_accuracy``, ``test_macro_f1``, ``test_loss``; the confusion matrix, errors."""
         confusion = state["confusion"]
         correct = int(np.trace(confusion))
         metrics = {
             "test_accuracy": correct / rows if rows else 0.0,
+            "test_macro_f1": macro_f1(confusion),
             "test_loss": state["log_loss"] / rows if rows else 0.0,
             "test_rows": float(rows),
         }
@@ -385,6 +405,20 @@ class Reconstruction(Task):
     ) -> dict[str, list[Any]]:
         """Each image's mean absolute reconstruction error."""
         return {schema.RECONSTRUCTION_ERROR: row_errors(images, outputs).tolist()}
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+    """The mean F1 score of the classes in a confusion matrix (rows: true, columns: predicted).
+
+    F1 of a class is ``2 TP / (2 TP + FP + FN)``. A class neither present nor predicted
+    (no test rows, no prediction) has no F1 and is left out of the mean; 0 for an empty
+    matrix.
+    """
+    matrix = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(matrix)
+    denominator = matrix.sum(axis=0) + matrix.sum(axis=1)  # = 2 TP + FP + FN
+    seen = denominator > 0
+    return float(np.mean(2 * tp[seen] / denominator[seen])) if seen.any() else 0.0
 
 
 def row_errors(images: np.ndarray, outputs: np.ndarray) -> np.ndarray:

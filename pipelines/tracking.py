@@ -33,6 +33,48 @@ def client(tracking_uri: str | None = None, registry_uri: str | None = None) -> 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
 
 
+#: What MLflow reads from the environment to reach (and log in to) a tracking server.
+CREDENTIAL_VARIABLES = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "DATABRICKS_HOST",
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_CLIENT_ID",
+    "DATABRICKS_CLIENT_SECRET",
+)
+
+
+def rank_environment(tracking_uri: str) -> dict[str, str]:
+    """What a training rank needs in its environment to log to the tracking server.
+
+    The tracking URI, and the credentials this process has in its own environment. On a
+    Databricks driver, where the credentials come from the runtime's context rather than
+    the environment, MLflow's own lookup supplies the workspace's host and a token (as
+    Databricks documents for logging from workers). Nothing comes from the config file.
+    The values travel to the ranks with the launch; never log them.
+    """
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    env.update({name: os.environ[name] for name in CREDENTIAL_VARIABLES if name in os.environ})
+    if tracking_uri.startswith("databricks") and not (
+        "DATABRICKS_TOKEN" in env or "DATABRICKS_CLIENT_SECRET" in env
+    ):
+        try:
+            from mlflow.utils.databricks_utils import get_databricks_host_creds
+
+            creds = get_databricks_host_creds(tracking_uri)
+        except Exception:  # noqa: BLE001 - not on Databricks: the ranks go without
+            return env
+        if creds.host:
+            env["DATABRICKS_HOST"] = creds.host
+        if creds.token:
+            env["DATABRICKS_TOKEN"] = creds.token
+    return env
+
+
 def use_stores(tracking_uri: str | None, registry_uri: str | None = None) -> None:
     """Point MLflow's fluent API at the tracking store and, when given, a separate registry.
 
@@ -110,9 +152,7 @@ def use_experiment(store: Store, name: str) -> str:
 
     use_stores(store.tracking_uri, store.registry_uri)
     if store.local_store:
-        tracking = client(store.tracking_uri)
-        if tracking.get_experiment_by_name(name) is None:
-            tracking.create_experiment(name, artifact_location=store.artifacts.as_uri())
+        experiment_id(store, name)
     return mlflow.set_experiment(name).experiment_id
 
 
@@ -154,3 +194,25 @@ def redacted(params: Mapping[str, Any]) -> dict[str, Any]:
         else value
         for key, value in params.items()
     }
+
+
+def experiment_id(store: Store, name: str) -> str:
+    """The id of experiment ``name`` in the store's tracking server, created if needed.
+
+    Leaves the fluent API as it is. In the local sqlite store a new experiment keeps its
+    artifacts in the work directory (:attr:`Store.artifacts`), as :func:`use_experiment`'s.
+    """
+    from mlflow.exceptions import MlflowException
+
+    tracking = client(store.tracking_uri)
+    found = tracking.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = store.artifacts.as_uri() if store.local_store else None
+    try:
+        return tracking.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        found = tracking.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id

@@ -25,10 +25,11 @@ from pipelines import schema, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
-from pipelines.store import MANIFEST_ARTIFACT, DatasetDir, RunDir, Store
-from pipelines.tasks import Evaluation, Task, task_for_model
+from pipelines.store import MANIFEST_ARTIFACT, DatasetDir, ModelDir, RunDir, Store
+from pipelines.tasks import REPORT_SAMPLE_IMAGES, Evaluation, Task, task_for_model
 from pipelines.train.checkpoint import load_final_model, read_checkpoint, read_rank_placements
 from pipelines.train.runs import log_new_epochs, training_run
+from pipelines.train.watch import EpochProgress, epoch_metrics
 from pipelines.train.worker import RankResult, WorkerSpec, train_worker
 
 if TYPE_CHECKING:
@@ -53,8 +54,13 @@ class TrainResult:
     inputs), ``rank_start`` (the ranks' Spark job, Horovod and TensorFlow start-up, the
     final model saved: the launch less ``fit``), ``fit`` (the slowest rank's ``fit``,
     checkpoints and per-layer statistics included), ``evaluate`` (the test split), ``report``
-    (the run report, when there is one) and ``log_register`` (metrics, model logged,
-    registered, alias decided).
+    (the run report, when there is one), ``log_register`` (metrics, model logged,
+    registered, alias decided) and ``challenge`` (the champion loaded and evaluated on this
+    run's split).
+
+    ``promotion_metric`` is what the decision compared; ``champion_score`` the champion's
+    value of it on this run's split (None without a comparable champion);
+    ``previous_champion`` the version that held the alias before.
     """
 
     run_id: str
@@ -72,6 +78,9 @@ class TrainResult:
     decision: str
     phases: dict[str, float]
     seconds: float
+    promotion_metric: str = ""
+    champion_score: float | None = None
+    previous_champion: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The result as a JSON-ready dict."""
@@ -176,17 +185,20 @@ def _train_in_run(
         rows=manifest.splits,
         run_dir=run_dir,
         resume=resume,
+        run_id=run_id,  # rank 0 logs each epoch to it as the epoch ends
     )
     run_dir.clear_ranks()  # the ranks of this start write anew
     clock.lap("prepare")
     try:
-        ranks: list[RankResult] = launcher.run(
-            train_worker,
-            [spec],
-            elastic=config.train.elastic,
-            min_num_proc=config.train.min_num_proc,
-            rank_timeout_s=config.train.rank_timeout_s,
-        )
+        with EpochProgress(run_dir, config.train.epochs):
+            ranks: list[RankResult] = launcher.run(
+                train_worker,
+                [spec],
+                elastic=config.train.elastic,
+                min_num_proc=config.train.min_num_proc,
+                rank_timeout_s=config.train.rank_timeout_s,
+                env=tracking.rank_environment(store.tracking_uri),
+            )
     except Exception as exc:
         from pipelines.train.launchers import RankLostError
 
@@ -213,10 +225,11 @@ def _train_in_run(
     clock.add("fit", fit)
     # Elastic: the world size from each epoch on where it changed (a lost rank, a new one).
     mlflow.set_tag("world_size_changes", json.dumps(rank0.world_sizes[1:]))
-    log_new_epochs(run_id, rank0.history)
+    # Rank 0 logged each epoch as it ended; this logs what it could not (its tracking
+    # server unreachable, a rank killed between commit and log), never an epoch twice.
     # Per-layer statistics of rank 0 (train.layer_stats), step = epoch like the history.
     layer_stats = rank0.layer_stats
-    log_new_epochs(run_id, {f"layer/{name}": values for name, values in layer_stats.items()})
+    log_new_epochs(run_id, epoch_metrics(rank0.history, layer_stats))
     mlflow.log_metrics(
         {"epochs_run": rank0.epochs, "seconds_training": max(r.seconds for r in ranks)}
     )
@@ -249,18 +262,31 @@ def _train_in_run(
         task=task,
         input_example_png=evaluation.example_png,
     )
+    metric, higher_is_better = task.promotion_metric(config.registry.metric)
+    challenge = ChampionChallenge(config, store, dataset, manifest, task, metric)
     registration = registry.register_and_promote(
         info.model_uri,
         run_id,
         model_name=config.mlflow.model_name,
         alias=config.mlflow.champion_alias,
-        metric=task.test_metric,
-        higher_is_better=task.higher_is_better,
+        metric=metric,
+        higher_is_better=higher_is_better,
         tracking_uri=store.tracking_uri,
         registry_uri=store.registry_uri,
+        challenge=challenge,
+        min_improvement=config.registry.min_improvement,
+        incomparable=config.registry.incomparable,
+        evidence={
+            "promotion_split": evaluation_split(manifest),
+            "promotion_split_sha256": hashlib.sha256(dataset.manifest_bytes()).hexdigest(),
+            "promotion_dataset": dataset.root,
+        },
     )
     log.info("train: %s", registration.decision)
     clock.lap("log_register")
+    if challenge.seconds:  # there was a champion to evaluate
+        clock.add("log_register", -challenge.seconds)
+        clock.add("challenge", challenge.seconds)
     log.info(
         "train: seconds by phase: %s", ", ".join(f"{k} {v:g}" for k, v in clock.phases.items())
     )
@@ -278,6 +304,9 @@ def _train_in_run(
         "alias": registration.alias,
         "promoted": registration.promoted,
         "decision": registration.decision,
+        "promotion_metric": metric,
+        "champion_score": registration.champion_score,
+        "previous_champion": registration.previous_champion,
         "phases": clock.phases,
     }
 
@@ -301,24 +330,139 @@ class Trained:
 ReportStep = Callable[[Config, Trained], None]
 
 
-def evaluate(model: Any, dataset: DatasetDir, manifest: schema.Manifest, task: Task) -> Evaluation:
+def evaluation_split(manifest: schema.Manifest) -> str:
+    """The split models are evaluated (and compared) on: test, else val when test is empty."""
+    return "test" if manifest.splits.get("test", 0) else "val"
+
+
+def evaluate(
+    model: Any,
+    dataset: DatasetDir,
+    manifest: schema.Manifest,
+    task: Task,
+    sample_limit: int = REPORT_SAMPLE_IMAGES,
+) -> Evaluation:
     """Evaluate the model on the test split (the val split if test is empty), streaming.
 
     The split is read one row group at a time: the driver holds one row group and the
-    report's bounded sample (:data:`~pipelines.tasks.REPORT_SAMPLE_IMAGES`), whatever the
-    split's size.
+    report's bounded sample (at most ``sample_limit`` images), whatever the split's size.
     """
     from pipelines.images import normalise
     from pipelines.train.feed import iter_split
 
-    split = "test" if manifest.splits.get("test", 0) else "val"
+    split = evaluation_split(manifest)
     if not manifest.splits.get(split, 0):
         raise UserError(f"{dataset.root} has neither test nor val rows to evaluate on")
-    evaluator = task.evaluator(manifest.label_names)
+    evaluator = task.evaluator(manifest.label_names, limit=sample_limit)
     for images, labels, paths in iter_split(dataset.split(split), tuple(manifest.image_shape)):
         outputs = model.predict(normalise(images), batch_size=256, verbose=0)
         evaluator.update(images, labels, paths, outputs)
     return evaluator.result()
+
+
+class ChampionChallenge:
+    """The champion evaluated on this run's split: the registry's challenge (a callable).
+
+    The champion's Keras model is loaded from its registered pyfunc's artifacts
+    (:class:`~pipelines.store.ModelDir`, downloaded once per version into the model cache)
+    and evaluated by :func:`evaluate` with the task's evaluator, streaming, as the new model
+    was. A champion trained for another task, input shape or set of classes cannot be
+    evaluated on this split: it is not comparable, and says why.
+
+    Attributes:
+        seconds: Time spent in the challenge (download and evaluation).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        dataset: DatasetDir,
+        manifest: schema.Manifest,
+        task: Task,
+        metric: str,
+    ) -> None:
+        self.config, self.store, self.dataset = config, store, dataset
+        self.manifest, self.task, self.metric = manifest, task, metric
+        self.seconds = 0.0
+
+    def __call__(self, champion: Any) -> Any:
+        """Evaluate ``champion`` (a registered model version); its :class:`ChampionScore`."""
+        import mlflow
+
+        from pipelines.registry import ChampionScore
+
+        started = time.time()
+        try:
+            found = self._load(champion)
+            if isinstance(found, str):
+                log.warning("train: champion v%s is not comparable: %s", champion.version, found)
+                return ChampionScore(None, found)
+            evaluation = evaluate(found, self.dataset, self.manifest, self.task, sample_limit=1)
+            value = float(evaluation.metrics[self.metric])
+            mlflow.log_metric(f"champion_{self.metric}", value)
+            log.info(
+                "train: champion v%s on this run's %s split: %s %.6g",
+                champion.version, evaluation_split(self.manifest), self.metric, value,
+            )  # fmt: skip
+            return ChampionScore(value)
+        finally:
+            self.seconds += time.time() - started
+
+    def _load(self, champion: Any) -> Any:
+        """The champion's Keras model, or why it cannot be evaluated on this split."""
+        from pipelines.keras_api import keras
+        from pipelines.registry import ResolvedModel, download_model
+        from pipelines.tasks import task_of_record
+
+        name, version = self.config.mlflow.model_name, str(champion.version)
+        try:
+            folder = ModelDir(
+                str(
+                    download_model(
+                        ResolvedModel(f"models:/{name}/{version}", name, version),
+                        self.store.model_cache,
+                        self.store.tracking_uri,
+                        self.store.registry_uri,
+                    )
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - a champion gone is a reason, not a crash
+            return f"its model could not be downloaded: {type(exc).__name__}: {exc}"[:300]
+        meta = folder.meta()
+        if not meta or not folder.keras_path.is_file():
+            return "its model has no Keras file and labels (not an image model of dlpipe?)"
+        why = incomparable(meta, self.manifest, self.task, task_of_record(meta))
+        return why or keras().models.load_model(folder.keras_path, compile=False)
+
+
+def incomparable(
+    meta: dict[str, Any], manifest: schema.Manifest, task: Task, champion_task: Task
+) -> str | None:
+    """Why a model (its label sidecar ``meta``) cannot be evaluated on ``manifest``'s data.
+
+    Returns:
+        The reason, or None when the task, input shape and (for a classifier) the classes
+        and their order are this dataset's.
+    """
+    if champion_task is not task:
+        return f"it is a {champion_task.name} model, this one {task.name}"
+    shape = [int(d) for d in meta.get("image_shape", [])]
+    if shape != list(manifest.image_shape):
+        return f"input {_shape(shape)}, this dataset {_shape(manifest.image_shape)}"
+    names = [str(n) for n in meta.get("label_names", [])]
+    if task.uses_labels and names != list(manifest.label_names):
+        return f"classes {_names(names)}, this dataset {_names(manifest.label_names)}"
+    return None
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(str(d) for d in shape) or "unknown"
+
+
+def _names(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+    return f"[{shown}]"
 
 
 def _log_inputs(

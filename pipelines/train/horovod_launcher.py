@@ -49,6 +49,7 @@ class HorovodSparkLauncher:
         elastic: bool = False,
         min_num_proc: int = 1,
         rank_timeout_s: float | None = None,
+        env: dict[str, str] | None = None,
     ) -> list[Any]:
         """Run ``fn(*args)`` as ``num_proc`` ranks with ``horovod.spark.run`` (or ``run_elastic``).
 
@@ -59,6 +60,8 @@ class HorovodSparkLauncher:
             min_num_proc: Elastic: the fewest ranks training goes on with.
             rank_timeout_s: How long a rank waits in a collective for a silent peer (Gloo's
                 timeout), and, elastic, for enough ranks after a reset. None: Horovod's.
+            env: Added to each rank's environment (e.g. where MLflow is, and its
+                credentials; Horovod sends it to the task that starts the rank).
 
         Raises:
             RankLostError: Not elastic, and a rank exited abnormally (killed, crashed).
@@ -82,7 +85,7 @@ class HorovodSparkLauncher:
         payload = cloudpickle.dumps((returning_user_errors, (fn, *args)))
         # The .zip/.egg files shipped with the application (PySpark's own list of them).
         includes = list(getattr(self.spark.sparkContext, "_python_includes", None) or [])
-        env: dict[str, str] = {}
+        env = dict(env or {})
         if rank_timeout_s:
             # Horovod: a collective waiting on a peer that went silent (a stopped process, a
             # lost host) fails after this long instead of hanging; a dead peer's closed

@@ -53,8 +53,11 @@ class Launcher(Protocol):
         elastic: bool = False,
         min_num_proc: int = 1,
         rank_timeout_s: float | None = None,
+        env: dict[str, str] | None = None,
     ) -> list[Any]:
         """Run ``fn(*args)`` on every rank; return the results in rank order.
+
+        ``env`` is added to each rank's environment (a rank in this process has it).
 
         Raises:
             RankLostError: A rank died and the job (not elastic) ended.
@@ -69,8 +72,11 @@ class LocalLauncher:
     def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
         """Nothing to wait for: the one rank runs here, not in a Spark task."""
 
-    def run(self, fn: Callable[..., Any], args: Sequence[Any], **_faults: Any) -> list[Any]:
-        """Call ``fn(*args)`` here (one rank: nothing to be elastic about, nothing to time)."""
+    def run(self, fn: Callable[..., Any], args: Sequence[Any], **_options: Any) -> list[Any]:
+        """Call ``fn(*args)`` here (one rank: nothing to be elastic about, nothing to time).
+
+        The rank is this process: it has this process's environment and MLflow set-up.
+        """
         return [fn(*args)]
 
 

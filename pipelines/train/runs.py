@@ -11,8 +11,9 @@ training stage's block; and the helpers around a run's life:
 - a run that fails is marked FAILED with the error as a tag;
 - ``--resume`` reopens the run the folder remembers, records ``resumes`` (the epoch, and
   what it resumed after) and clears the old error;
-- :func:`log_new_epochs` logs per-epoch metrics at ``step=epoch``, skipping the epochs the
-  run already holds, so a resumed or reset run never logs an epoch twice.
+- :func:`log_new_epochs` (:class:`EpochLog`) logs per-epoch metrics at ``step=epoch``,
+  skipping the epochs the run already holds, so a resumed or reset run never logs an epoch
+  twice: rank 0 logs each epoch as it ends, the driver what is left at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipelines import tracking
 from pipelines.errors import UserError
@@ -138,19 +139,54 @@ def log_new_epochs(run_id: str, history: dict[str, list[float]]) -> None:
     """Log each epoch's metrics at step=epoch, skipping epochs the run already holds.
 
     A resumed run gets the epochs of its checkpoint's history again: those logged by the
-    interrupted attempt are not logged twice.
+    interrupted attempt (or by rank 0 as each epoch ended) are not logged twice.
     """
-    from mlflow.entities import Metric
+    EpochLog(run_id).log(history)
 
-    client = tracking.client()
-    now = int(time.time() * 1000)
-    metrics = []
-    for name, values in history.items():
-        logged = {m.step for m in client.get_metric_history(run_id, name)}
-        metrics += [
-            Metric(name, float(value), now, epoch)
-            for epoch, value in enumerate(values)
-            if epoch not in logged
-        ]
-    for start in range(0, len(metrics), 500):  # MLflow's batch limit is 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start : start + 500])
+
+class EpochLog:
+    """Per-epoch metrics of one run, each (metric, epoch) logged once at ``step=epoch``.
+
+    What the run already holds is asked once per metric (only for metrics the run has at
+    all), then remembered: logging an epoch later costs one ``log_batch``. The tracking
+    server is the one MLflow resolves from the environment (``MLFLOW_TRACKING_URI`` and its
+    credentials), which is how a rank on an executor reaches it.
+
+    Args:
+        run_id: The run.
+        client: An MLflow client (default: one for the environment's tracking server).
+    """
+
+    def __init__(self, run_id: str, client: Any = None) -> None:
+        self.run_id = run_id
+        self.client = client or tracking.client()
+        self._logged: dict[str, set[int]] | None = None
+        self._present: set[str] = set()
+
+    def log(self, history: dict[str, list[float]]) -> int:
+        """Log the epochs of ``history`` the run does not hold yet; how many values went."""
+        from mlflow.entities import Metric
+
+        if self._logged is None:
+            self._present = set(self.client.get_run(self.run_id).data.metrics)
+            self._logged = {}
+        now = int(time.time() * 1000)
+        metrics = []
+        for name, values in history.items():
+            if name not in self._logged:
+                self._logged[name] = (
+                    {m.step for m in self.client.get_metric_history(self.run_id, name)}
+                    if name in self._present
+                    else set()
+                )
+            logged = self._logged[name]
+            metrics += [
+                Metric(name, float(value), now, epoch)
+                for epoch, value in enumerate(values)
+                if epoch not in logged
+            ]
+        for start in range(0, len(metrics), 500):  # MLflow's batch limit is 1000 metrics
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + 500])
+        for metric in metrics:
+            self._logged[metric.key].add(metric.step)
+        return len(metrics)

@@ -71,10 +71,14 @@ class WorkerSpec(RankSpec):
     Attributes:
         run_dir: Where rank 0 writes checkpoints and the final model.
         resume: Continue from the checkpoint in ``run_dir`` if there is one.
+        run_id: The MLflow run rank 0 logs each completed epoch to (None: not logged by
+            the rank). The tracking server and its credentials come from the rank's
+            environment, not from here.
     """
 
     run_dir: RunDir
     resume: bool = False
+    run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -372,12 +376,18 @@ def _fit(
     if dist.rank == 0:
         # Horovod: checkpoints only on rank 0, so ranks never write the same file.
         callbacks.append(checkpoint_callback(spec.run_dir, history, k, layers))
+    watch = []
+    if dist.rank == 0 and spec.run_id:
+        from pipelines.train.watch import live_metrics_callback
+
+        # Last, after the checkpoint and Horovod elastic's commit: only committed epochs.
+        watch.append(live_metrics_callback(k, spec.run_id, history, layers or {}))
     rank.model.fit(
         rank.train_data,
         epochs=cfg.epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=rank.steps_per_epoch,
-        callbacks=callbacks + extra_callbacks,
+        callbacks=callbacks + extra_callbacks + watch,
         verbose=2 if dist.rank == 0 else 0,
         **rank.validation,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -150,12 +151,14 @@ def test_pipeline_on_a_secured_standalone_cluster(
         scored = submit("score.py", "--source", str(batch))
         images = len(list(batch.glob("*.png")))
         assert scored["rows"] == scored["scored"] == images and scored["errors"] == 0
-        assert scored["model_version"] == "1" and scored["batch_id"] == "3"
+        # The batch is the run's UTC date-time: a night of its own.
+        assert scored["model_version"] == "1" and re.fullmatch(r"\d{8}T\d{6}Z", scored["batch_id"])
         table = Path(scored["table"])
-        assert table.is_relative_to(shared) and (table / "batch_id=3").is_dir()
+        partition = table / f"batch_id={scored['batch_id']}"
+        assert table.is_relative_to(shared) and partition.is_dir()
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(table / "batch_id=3")
+        rows = pq.read_table(partition)
         assert rows.num_rows == images
         assert set(rows.column("predicted_label").to_pylist()) <= set(manifest["label_names"])
 

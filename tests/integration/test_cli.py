@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ["demo-data", "ingest", "train", "score", "serve", "report", "bench", "run"]
+COMMANDS = ["demo-data", "ingest", "train", "score", "promote", "serve", "report", "bench", "run"]
 
 
 def _dlpipe(env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -36,6 +36,7 @@ def test_every_command_has_help(command, dlpipe_env):
         (["report", "--run-id", "0123456789abcdef"], "0123456789abcdef"),
         (["train", "--dataset", "/no/such/dataset"], "/no/such/dataset"),
         (["ingest", "--set", "ingest.image_size=-3"], "ingest.image_size"),
+        (["promote", "--version", "3"], "registered model digits-classifier not found"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_1(args, expected, dlpipe_env, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,9 @@ def test_ingest_train_score_through_spark_submit(dlpipe_env, tmp_path):
 
     table = tmp_path / "scores"
     scored = _submit(
-        dlpipe_env, "score.py", "--source", str(source / "3"), "--output", str(table), *options
-    )
+        dlpipe_env, "score.py", "--source", str(source / "3"), "--output", str(table),
+        "--batch-id", "threes-{date}", *options,
+    )  # fmt: skip
     assert scored["rows"] == scored["scored"] == len(list((source / "3").glob("*.png")))
-    assert scored["batch_id"] == "3" and (table / "batch_id=3").is_dir()
+    assert re.fullmatch(r"threes-\d{4}-\d{2}-\d{2}", scored["batch_id"])  # the UTC date
+    assert (table / f"batch_id={scored['batch_id']}").is_dir()

@@ -9,9 +9,11 @@ touches the repository's work/ or mlruns/.
 from __future__ import annotations
 
 import base64
+import getpass
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -27,14 +29,17 @@ from mlflow.pyfunc.scoring_server import invocations
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipelines.cli import main
 from pipelines.config import TrainConfig
 from pipelines.errors import UserError
 from pipelines.image_model import OUTPUT_COLUMNS, log_image_model, model_signature, pip_requirements
 from pipelines.images import encode_png
 from pipelines.keras_api import keras
 from pipelines.models import build_model
+from pipelines.promote import PromotionError, promote
 from pipelines.registry import (
     DECISION_TAG,
+    ChampionScore,
     MissingMetricError,
     ModelNotFoundError,
     register_and_promote,
@@ -289,7 +294,107 @@ def _register(store: TrackingStore, logged: Logged, name: str, metric: str = "te
         metric=metric,
         higher_is_better=kw.pop("higher_is_better", True),
         tracking_uri=store.uri,
+        **kw,
     )
+
+
+def test_the_champion_is_judged_on_the_new_split_by_the_challenge(
+    store: TrackingStore, classifier: Logged
+) -> None:
+    name = "digits-challenge"
+    client = MlflowClient(store.uri)
+    _register(store, classifier, name)  # v1, test_accuracy 0.9 on its own split
+    challenged = []
+
+    def challenge(score):
+        def evaluate(champion):
+            challenged.append(str(champion.version))
+            return score
+
+        return evaluate
+
+    # On the new split the champion scores 0.7: the new version's 0.8 wins, although the
+    # champion's own run logged 0.9 on the split it was trained with.
+    newer = _log(store, classifier.model, {"test_accuracy": 0.8})
+    evidence = {"promotion_split_sha256": "ab" * 32, "promotion_split": "test"}
+    second = _register(
+        store, newer, name, challenge=challenge(ChampionScore(0.7)), evidence=evidence
+    )
+    assert challenged == ["1"] and second.promoted
+    assert second.decision == "promoted: test_accuracy 0.8 > champion v1 0.7"
+    assert (second.score, second.champion_score, second.previous_champion) == (0.8, 0.7, "1")
+    tags = client.get_model_version(name, "2").tags
+    assert tags[DECISION_TAG] == second.decision
+    assert (tags["promotion_metric"], tags["promotion_score"]) == ("test_accuracy", "0.8")
+    assert (tags["promotion_champion_version"], tags["promotion_champion_score"]) == ("1", "0.7")
+    assert tags["promotion_comparable"] == "true" and tags["previous_champion"] == "1"
+    assert tags["promotion_split_sha256"] == "ab" * 32 and tags["promotion_split"] == "test"
+    assert tags["promoted_by"] == f"dlpipe train (run {newer.run_id})" and tags["promoted_at"]
+
+    # Not better by the least improvement asked: kept.
+    close = _register(
+        store, _log(store, classifier.model, {"test_accuracy": 0.82}), name,
+        challenge=challenge(ChampionScore(0.8)), min_improvement=0.05,
+    )  # fmt: skip
+    assert not close.promoted and "min_improvement 0.05" in close.decision
+    assert "previous_champion" not in client.get_model_version(name, "3").tags
+
+    # A champion that cannot be evaluated on the split: the configured rule decides.
+    why = "input 28x28x1, this dataset 8x8x1"
+    kept = _register(
+        store, _log(store, classifier.model, {"test_accuracy": 0.5}), name,
+        challenge=challenge(ChampionScore(None, why)), incomparable="keep",
+    )  # fmt: skip
+    assert not kept.promoted and kept.champion_version == "2"
+    assert kept.decision == f"kept champion v2: not comparable ({why}); registry.incomparable=keep"
+    assert client.get_model_version(name, "4").tags["promotion_comparable"] == "false"
+    replaced = _register(
+        store, _log(store, classifier.model, {"test_accuracy": 0.5}), name,
+        challenge=challenge(ChampionScore(None, why)),
+    )  # fmt: skip
+    assert replaced.promoted and "is not comparable" in replaced.decision
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "5"
+
+
+def test_promote_by_hand_and_roll_back_are_tagged_with_who_and_why(
+    store: TrackingStore, classifier: Logged, capsys
+) -> None:
+    name = "digits-by-hand"
+    client = MlflowClient(store.uri)
+    for accuracy in (0.8, 0.85, 0.7):  # v1 and v2 promoted in turn, v3 kept
+        _register(store, _log(store, classifier.model, {"test_accuracy": accuracy}), name)
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+
+    done = promote(
+        model_name=name, alias="champion", tracking_uri=store.uri, version="3", reason="hotfix"
+    )
+    assert (done.previous, done.champion, done.by) == ("2", "3", who)
+    assert done.decision == f"promoted by hand over v2 by {who}: hotfix"
+    tags = client.get_model_version(name, "3").tags
+    assert (tags["promoted_by"], tags["promotion_reason"]) == (who, "hotfix")
+    assert tags["previous_champion"] == "2" and tags[DECISION_TAG] == done.decision
+
+    # Roll back walks back the champions: v3 -> v2 (before v3) -> v1 (before v2).
+    back = promote(model_name=name, alias="champion", tracking_uri=store.uri, rollback=True)
+    assert (back.previous, back.champion) == ("3", "2")
+    assert back.decision == f"rolled back from v3 by {who}: no reason given"
+    assert client.get_model_version(name, "2").tags["rolled_back_from"] == "3"
+    code = main(
+        [
+            "promote", "--rollback", "--reason", "v2 mislabels cats",
+            "--set", f"mlflow.tracking_uri={store.uri}", "--set", f"mlflow.model_name={name}",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and out[:3] == [f"{name}@champion: v2 -> v1", "previous: v2", "champion: v1"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    with pytest.raises(PromotionError, match="records no previous champion") as caught:
+        promote(model_name=name, alias="champion", tracking_uri=store.uri, rollback=True)
+    assert isinstance(caught.value, UserError) and "\n" not in str(caught.value)
+    with pytest.raises(ModelNotFoundError, match="has no version 99"):
+        promote(model_name=name, alias="champion", tracking_uri=store.uri, version="99")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
 def test_alias_moves_only_on_strict_improvement(store: TrackingStore, classifier: Logged) -> None:

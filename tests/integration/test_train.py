@@ -133,6 +133,65 @@ def test_champion_moves_only_on_improvement(digits, tmp_path, monkeypatch, small
     assert "kept" in worse.decision
 
 
+def test_the_champion_is_evaluated_on_the_new_runs_split_before_the_alias_moves(
+    spark, digits, tmp_path, small_config
+):
+    """Both models are compared on the new dataset's test split, not on their own."""
+    import mlflow
+    from sklearn.metrics import f1_score
+
+    from pipelines.config import IngestConfig, SplitConfig
+    from pipelines.ingest import ingest
+    from pipelines.keras_api import keras
+    from pipelines.train.feed import read_split
+
+    first = train(small_config("train.launcher=local"), LocalLauncher(), digits)
+    # The same images split anew: another test split, as after a new ingest.
+    other = tmp_path / "other"
+    splits = SplitConfig(train=0.6, val=0.1, test=0.3)
+    ingest(spark, IngestConfig(image_size=16, rows_per_row_group=64, splits=splits),
+           digits.parent / "png", other)  # fmt: skip
+    config = small_config("train.launcher=local", "registry.metric=macro_f1")
+    second = train(config, LocalLauncher(), other)
+    assert (first.model_version, second.model_version) == ("1", "2")
+    assert second.promotion_metric == "test_macro_f1" and second.previous_champion == "1"
+    assert "challenge" in second.phases
+
+    # The champion's score, computed here from its registered files on the new test split.
+    store = Store.of(config)
+    mlflow.set_tracking_uri(store.tracking_uri)
+    folder = Path(mlflow.artifacts.download_artifacts("models:/digits-classifier/1"))
+    champion = keras().models.load_model(folder / "artifacts" / "model.h5", compile=False)
+    test = read_split(DatasetDir(str(other)).split("test"), (16, 16, 1))
+    predicted = champion.predict(test.images.astype(np.float32) / 255.0, verbose=0).argmax(1)
+    expected = f1_score(test.labels, predicted, average="macro")
+    assert second.champion_score == pytest.approx(expected, abs=1e-9)
+    new_score = second.test_metrics["test_macro_f1"]
+    assert second.promoted == (new_score > expected)
+
+    client = mlflow.MlflowClient()
+    tags = client.get_model_version("digits-classifier", "2").tags
+    assert float(tags["promotion_champion_score"]) == pytest.approx(expected, abs=1e-9)
+    assert float(tags["promotion_score"]) == pytest.approx(new_score)
+    assert tags["promotion_metric"] == "test_macro_f1" and tags["promotion_split"] == "test"
+    params = client.get_run(second.run_id).data.params
+    assert tags["promotion_split_sha256"] == params["dataset_manifest_sha256"]
+    assert tags["promotion_dataset"] == str(other)
+    assert tags["promotion_decision"] == second.decision
+    logged = client.get_run(second.run_id).data.metrics["champion_test_macro_f1"]
+    assert logged == pytest.approx(expected, abs=1e-9)
+
+    # A champion for other images (16x16) cannot be evaluated on 12x12 ones: not comparable,
+    # and by the default rule the new version takes the alias.
+    small = tmp_path / "small"
+    ingest(spark, IngestConfig(image_size=12, rows_per_row_group=64), digits.parent / "png", small)
+    third = train(config, LocalLauncher(), small)
+    holder = client.get_model_version_by_alias("digits-classifier", "champion").version
+    assert third.promoted and str(holder) == third.model_version == "3"
+    assert third.champion_score is None
+    assert "is not comparable (input 16x16x1, this dataset 12x12x1)" in third.decision
+
+
 def test_a_failing_run_is_marked_failed(digits, tmp_path, monkeypatch, small_config):
     import mlflow
 

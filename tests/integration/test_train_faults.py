@@ -120,6 +120,9 @@ def test_killed_job_resumes_the_same_run_to_the_configured_epochs(
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     client = _mlflow(tmp_path)
     assert client.get_run(run_id).info.status == "RUNNING"  # nothing could end it
+    # Rank 0 logged the epochs as they ended (the last one maybe not: killed in between).
+    live = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert live == list(range(len(live))) and killed_at - 1 <= len(live) <= killed_at
 
     resumed = subprocess.run(
         _cli_args(digits, sets, "--resume"),

@@ -103,6 +103,18 @@ def test_manifest_records_counts_shape_and_label_order(prepared):
     assert manifest["started_at"] <= manifest["finished_at"]
 
 
+def test_manifest_counts_each_class_in_each_split_as_written(spark, prepared):
+    result, output, _ = prepared
+    written = spark.read.parquet(str(output)).groupBy("split", "label_name").count().collect()
+    counted = {split: {"cat": 0, "dog": 0} for split in ("train", "val", "test")}
+    for row in written:
+        counted[row["split"]][row["label_name"]] = row["count"]
+    assert result.split_classes == counted
+    manifest = json.loads((output / DatasetDir.MANIFEST_FILE).read_text())
+    assert manifest["split_classes"] == counted
+    assert {k: sum(v.values()) for k, v in counted.items()} == result.splits
+
+
 def test_petastorm_make_reader_reads_every_split(prepared):
     from petastorm import make_reader
 

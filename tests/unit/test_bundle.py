@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,67 @@ def cli_problems(jobs: dict[str, Any], where: str) -> list[str]:
     return problems
 
 
+# Databricks' dynamic value references ({{...}}, resolved when a job runs; the bundle leaves
+# them alone). The names Databricks documents at
+# https://docs.databricks.com/aws/en/jobs/dynamic-value-references: a reference in a known
+# namespace that is not one of them is refused when the job is created or run.
+DYNAMIC_REFERENCES = {
+    "job.id", "job.name", "job.run_id", "job.repair_count", "job.trigger.type",
+    "job.trigger.file_arrival.location", "task.name", "task.run_id", "task.execution_count",
+    "task.notebook_path", "workspace.id", "workspace.url",
+}  # fmt: skip
+#: ``{{job.start_time.<argument>}}`` and ``{{job.trigger.time.<argument>}}``, in UTC.
+TIME_ARGUMENTS = {
+    "iso_weekday": "7", "is_weekday": "false", "iso_date": "2026-11-22",
+    "iso_datetime": "2026-11-22T02:00:00.000Z", "year": "2026", "month": "11", "day": "22",
+    "hour": "2", "minute": "0", "second": "0", "timestamp_ms": "1795312800000",
+}  # fmt: skip
+_DYNAMIC = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+
+
+def dynamic_value(reference: str, parameters: dict[str, str]) -> str | None:
+    """What Databricks puts in place of ``{{reference}}`` on the night of 2026-11-22, 02:00 UTC.
+
+    Job parameters resolve to their defaults (themselves resolved). None for a reference
+    Databricks does not know.
+    """
+    if reference in DYNAMIC_REFERENCES:
+        return f"<{reference}>"
+    for prefix in ("job.start_time.", "job.trigger.time."):
+        if reference.startswith(prefix):
+            return TIME_ARGUMENTS.get(reference.removeprefix(prefix))
+    if reference.startswith("job.parameters."):
+        name = reference.removeprefix("job.parameters.")
+        if name in parameters:
+            return resolve_dynamic(parameters[name], {})
+    return None
+
+
+def resolve_dynamic(text: str, parameters: dict[str, str]) -> str:
+    """``text`` as a job run on 2026-11-22 sees it (unknown references left as they are)."""
+    return _DYNAMIC.sub(lambda m: dynamic_value(m.group(1), parameters) or m.group(0), text)
+
+
+def dynamic_problems(jobs: dict[str, Any], where: str) -> list[str]:
+    """Every ``{{...}}`` of every job is a reference Databricks documents (or a parameter)."""
+    problems = []
+    for name, job in jobs.items():
+        parameters = {p["name"]: p["default"] for p in job.get("parameters", [])}
+        for text in _strings(job):
+            for reference in _DYNAMIC.findall(text):
+                if dynamic_value(reference, parameters) is None:
+                    problems.append(f"{where}: job {name}: unknown reference {{{{{reference}}}}}")
+    return problems
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
 def check_bundle(root: Path) -> dict[str, dict[str, Any]]:
     """Every check, for every target; return the resolved jobs per target or raise."""
     bundle = load_bundle(root)
@@ -268,6 +330,7 @@ def check_bundle(root: Path) -> dict[str, dict[str, Any]]:
         tree, found = resolved_bundle(bundle, target)
         jobs = tree.get("resources", {}).get("jobs", {})
         problems += found + job_problems(jobs, target) + cli_problems(jobs, target)
+        problems += dynamic_problems(jobs, target)
         resolved[target] = tree
     if problems:
         raise BundleError("\n".join(problems))
@@ -319,11 +382,14 @@ def test_the_pipeline_runs_ingest_then_train_then_score(deployed):
     assert order == {"ingest": [], "train": ["ingest"], "score": ["train"]}
     commands = [t["python_wheel_task"]["parameters"][0] for t in pipeline["tasks"]]
     assert commands == ["ingest", "train", "score"]
-    # The stand-alone jobs run the same commands as the pipeline's tasks.
+    # The other jobs run the same tasks as the pipeline, parameter for parameter.
     jobs = deployed["prod"]["resources"]["jobs"]
-    for task in pipeline["tasks"]:
-        alone = jobs[f"dlpipe_{task['task_key']}"]["tasks"][0]
-        assert alone["python_wheel_task"] == task["python_wheel_task"]
+    pipeline_tasks = {t["task_key"]: t["python_wheel_task"] for t in pipeline["tasks"]}
+    for job, task in tasks({k: v for k, v in jobs.items() if k != "dlpipe_pipeline"}):
+        assert task["python_wheel_task"] == pipeline_tasks[task["task_key"]], job
+    train = [t["task_key"] for t in jobs["dlpipe_train"]["tasks"]]
+    assert train == ["ingest", "train"]  # the weekly training ingests the new images first
+    assert jobs["dlpipe_train"]["tasks"][1]["depends_on"] == [{"task_key": "ingest"}]
 
 
 def test_every_task_names_a_job_cluster_of_its_job(deployed):
@@ -343,11 +409,17 @@ def test_schedule_is_paused_in_dev_and_runs_in_prod(deployed):
     for target, status in (("dev", "PAUSED"), ("prod", "UNPAUSED")):
         jobs = deployed[target]["resources"]["jobs"]
         scheduled = {name for name, job in jobs.items() if "schedule" in job}
-        assert scheduled == {"dlpipe_pipeline"}
-        schedule = jobs["dlpipe_pipeline"]["schedule"]
-        assert schedule["pause_status"] == status
-        assert len(schedule["quartz_cron_expression"].split()) in (6, 7)  # quartz, with seconds
-        assert schedule["timezone_id"]
+        assert scheduled == {"dlpipe_score", "dlpipe_train"}  # not ingest, not the pipeline
+        for name in scheduled:
+            schedule = jobs[name]["schedule"]
+            assert schedule["pause_status"] == status
+            assert schedule["timezone_id"]
+            assert jobs[name]["queue"] == {"enabled": True}  # a late night waits, not skipped
+        # Quartz (seconds first): scoring every day, training on one day of the week.
+        nightly = jobs["dlpipe_score"]["schedule"]["quartz_cron_expression"].split()
+        weekly = jobs["dlpipe_train"]["schedule"]["quartz_cron_expression"].split()
+        assert len(nightly) in (6, 7) and nightly[3:6] == ["*", "*", "?"]
+        assert len(weekly) in (6, 7) and weekly[3] == "?" and weekly[5] not in ("*", "?")
 
 
 def test_training_cluster_runs_one_rank_per_gpu_worker(deployed):
@@ -490,6 +562,91 @@ def test_registry_uri_defaults_to_none():
     assert load_config().mlflow.registry_uri is None
 
 
+def test_nothing_in_the_bundle_is_specific_to_one_dataset():
+    # Data set, model name, image size, channels, model: variables (the model's default is
+    # the zoo's default architecture, which is a choice of the deployment, not of the data).
+    files = [REPO / "databricks.yml", *sorted((REPO / "resources").rglob("*"))]
+    for path in (p for p in files if p.is_file()):
+        assert not re.search(r"digit", path.read_text(), re.I), path
+
+
+def _configs(tree: dict[str, Any], command: str) -> list[tuple[Any, Any]]:
+    """(parsed arguments, config) of every task of the deployed ``tree`` running ``command``."""
+    found = []
+    for _, task in tasks(tree["resources"]["jobs"]):
+        args = parse_dlpipe(task["python_wheel_task"]["parameters"])
+        if args.command == command:
+            found.append((args, load_config(args.conf, [*(args.set or ()), *args.overrides(args)])))
+    return found
+
+
+def _check_variables_reach_the_tasks(deployed, bundle) -> None:
+    for target, tree in deployed.items():
+        v, _ = target_variables(bundle, target)
+        model_name = f"{v['catalog']}.{v['schema']}.{v['model_name']}"
+        for _, config in _configs(tree, "ingest"):
+            assert (config.ingest.image_size, config.ingest.channels) == (
+                v["image_size"], v["channels"],
+            )  # fmt: skip
+        trainings = _configs(tree, "train")
+        scorings = _configs(tree, "score")
+        assert len(trainings) == len(scorings) == 2  # dlpipe_train and dlpipe_score, pipeline
+        for _, config in trainings:
+            assert config.train.model == v["model"]
+            assert config.mlflow.model_name == model_name
+            assert config.mlflow.experiment == v["experiment"]
+        for _, config in scorings:
+            assert config.mlflow.model_name == model_name  # what training registers
+            assert config.mlflow.experiment == v["experiment"]  # summaries: <experiment>-scoring
+
+
+def test_model_name_image_size_channels_and_model_are_variables_of_every_task(deployed):
+    _check_variables_reach_the_tasks(deployed, load_bundle(REPO))
+
+
+def test_a_deployment_for_other_images_changes_only_variables(tmp_path):
+    root = bundle_copy(tmp_path)
+    edit(
+        root / "databricks.yml",
+        "      schema: dlpipe\n",
+        "      schema: dlpipe\n      model_name: flowers\n      model: resnet_small\n"
+        "      image_size: 64\n      channels: 3\n",
+    )
+    bundle = load_bundle(root)
+    deployed = check_bundle(root)
+    assert target_variables(bundle, "prod")[0]["model_name"] == "flowers"
+    _check_variables_reach_the_tasks(deployed, bundle)
+    ingests = _configs(deployed["prod"], "ingest")
+    assert len(ingests) == 3  # dlpipe_ingest, dlpipe_train, dlpipe_pipeline
+    assert all((c.ingest.image_size, c.ingest.channels) == (64, 3) for _, c in ingests)
+    assert all(c.train.model == "resnet_small" for _, c in _configs(deployed["prod"], "train"))
+
+
+def test_nightly_scoring_writes_one_batch_per_night_of_only_new_files(deployed):
+    from pipelines.batch_ids import BatchIdError, resolve_batch_id
+
+    when = datetime(2026, 11, 22, 2, 0, 7, tzinfo=UTC)
+    for tree in deployed.values():
+        jobs = tree["resources"]["jobs"]
+        for name in ("dlpipe_score", "dlpipe_pipeline"):
+            job = jobs[name]
+            parameters = {p["name"]: p["default"] for p in job["parameters"]}
+            # The schedule's trigger date: a retried or repaired night keeps its batch id.
+            assert parameters == {"batch_id": "{{job.trigger.time.iso_date}}"}
+            (task,) = [t for t in job["tasks"] if t["task_key"] == "score"]
+            raw = parse_dlpipe(task["python_wheel_task"]["parameters"])
+            assert raw.batch_id == "{{job.parameters.batch_id}}"
+            # Outside a job the reference is refused, with why; in the job it is the night.
+            with pytest.raises(BatchIdError, match="Databricks dynamic value reference"):
+                resolve_batch_id(raw.batch_id, when)
+            given = task["python_wheel_task"]["parameters"]
+            args = parse_dlpipe([resolve_dynamic(p, parameters) for p in given])
+            assert resolve_batch_id(args.batch_id, when) == ("2026-11-22", False)
+            config = load_config(args.conf, args.set or ())
+            assert config.score.only_new and config.score.identity == "stat"
+            assert config.score.format == "delta" and config.score.log_summary
+
+
 # --- ... and a copy with one mistake fails -----------------------------------------------------
 
 
@@ -498,7 +655,7 @@ def test_registry_uri_defaults_to_none():
     [
         # job level
         (
-            "resources/pipeline.job.yml",
+            "resources/score.job.yml",
             "      schedule:\n",
             "      shedule:\n",
             "Unexpected field 'shedule' for class Job",
@@ -572,8 +729,8 @@ def test_an_unknown_cli_option_fails(tmp_path):
     root = bundle_copy(tmp_path)
     edit(
         root / "resources/train.job.yml",
-        "              - --json\n",
-        "              - --epochs\n              - '3'\n",
+        "an error\n              - --json\n",
+        "an error\n              - --epochs\n              - '3'\n",
     )
     with pytest.raises(
         BundleError,
@@ -589,6 +746,28 @@ def test_an_unknown_config_key_in_a_task_fails(tmp_path):
     with pytest.raises(
         BundleError, match=r"dlpipe_score\.score: unknown config key mlflow\.model "
     ):
+        check_bundle(root)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            '"{{job.trigger.time.iso_date}}"',
+            '"{{job.trigger.time.iso_dat}}"',
+            "dlpipe_score: unknown reference {{job.trigger.time.iso_dat}}",
+        ),
+        (
+            '"{{job.parameters.batch_id}}"',
+            '"{{job.parameters.batchid}}"',
+            "dlpipe_score: unknown reference {{job.parameters.batchid}}",
+        ),
+    ],
+)
+def test_an_unknown_dynamic_value_reference_fails(tmp_path, old, new, message):
+    root = bundle_copy(tmp_path)
+    edit(root / "resources/score.job.yml", old, new)
+    with pytest.raises(BundleError, match=re.escape(message)):
         check_bundle(root)
 
 

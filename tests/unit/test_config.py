@@ -177,7 +177,7 @@ _MODELS = "'mlp', 'lenet5', 'mnist_cnn', 'resnet_small', 'autoencoder'"
         (
             ["train.epoch=3", "trian=1"],
             "unknown config key trian (known in the top level: "
-            "ingest, mlflow, score, serve, spark, train, work_dir)",
+            "ingest, mlflow, registry, score, serve, spark, train, work_dir)",
         ),
         (["train.batch_size=many"], "train.batch_size: expected an integer, got str 'many'"),
         (["train.epochs=-1"], "train.epochs: -1 is out of range (must be >= 1)"),

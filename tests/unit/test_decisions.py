@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.registry import decide
+from pipelines.registry import decide, decide_incomparable
+from pipelines.schema import Manifest
 from pipelines.store import RunDir
+from pipelines.tasks import CLASSIFICATION, RECONSTRUCTION
 from pipelines.train.checkpoint import announce_rank
-from pipelines.train.driver import _rank_died
+from pipelines.train.driver import _rank_died, incomparable
 from pipelines.train.horovod_launcher import _lost_rank
 from pipelines.train.launchers import RankLostError
 
@@ -33,6 +35,74 @@ def test_the_alias_moves_only_on_a_strict_improvement(value, previous, higher, p
         value, previous, metric="test_accuracy", champion="champion v3", higher_is_better=higher
     )
     assert decision == (promoted, reason)
+
+
+@pytest.mark.parametrize(
+    ("value", "previous", "higher", "least", "promoted", "reason"),
+    [
+        (0.99, 0.98, True, 0.005, True,
+         "promoted: test_macro_f1 0.99 > champion v3 0.98 (by 0.01 >= min_improvement 0.005)"),
+        (0.99, 0.98, True, 0.01, True,  # exactly the least improvement (rounding forgiven)
+         "promoted: test_macro_f1 0.99 > champion v3 0.98 (by 0.01 >= min_improvement 0.01)"),
+        (0.985, 0.98, True, 0.01, False,
+         "kept champion v3: test_macro_f1 0.985 beats 0.98 by only 0.005 < min_improvement 0.01"),
+        (0.97, 0.98, True, 0.01, False, "kept champion v3: test_macro_f1 0.97 <= 0.98"),
+        (0.20, 0.30, False, 0.05, True,
+         "promoted: test_macro_f1 0.2 < champion v3 0.3 (by 0.1 >= min_improvement 0.05)"),
+        (0.28, 0.30, False, 0.05, False,
+         "kept champion v3: test_macro_f1 0.28 beats 0.3 by only 0.02 < min_improvement 0.05"),
+    ],
+)  # fmt: skip
+def test_a_least_improvement_must_be_met_as_well(value, previous, higher, least, promoted, reason):
+    decision = decide(
+        value,
+        previous,
+        metric="test_macro_f1",
+        champion="champion v3",
+        higher_is_better=higher,
+        min_improvement=least,
+    )
+    assert decision == (promoted, reason)
+
+
+def test_an_incomparable_champion_is_replaced_or_kept_by_the_documented_rule() -> None:
+    why = "input 28x28x1, this dataset 16x16x1"
+    assert decide_incomparable("champion v3", why, "promote") == (
+        True,
+        "promoted: champion v3 is not comparable (input 28x28x1, this dataset 16x16x1); "
+        "registry.incomparable=promote",
+    )
+    assert decide_incomparable("champion v3", why, "keep") == (
+        False,
+        "kept champion v3: not comparable (input 28x28x1, this dataset 16x16x1); "
+        "registry.incomparable=keep",
+    )
+
+
+def test_a_champion_is_comparable_only_with_this_datasets_task_shape_and_classes() -> None:
+    manifest = Manifest(splits={"test": 5}, label_names=["cat", "dog"], image_shape=[16, 16, 1])
+    same = {"label_names": ["cat", "dog"], "image_shape": [16, 16, 1], "task": "classification"}
+    assert incomparable(same, manifest, CLASSIFICATION, CLASSIFICATION) is None
+    assert (
+        incomparable({**same, "image_shape": [28, 28, 1]}, manifest, CLASSIFICATION, CLASSIFICATION)
+        == "input 28x28x1, this dataset 16x16x1"
+    )
+    assert (
+        incomparable(
+            {**same, "label_names": ["dog", "cat"]}, manifest, CLASSIFICATION, CLASSIFICATION
+        )
+        == "classes [dog, cat], this dataset [cat, dog]"
+    )  # the same classes in another order
+    many = {**same, "label_names": [str(i) for i in range(10)]}
+    assert incomparable(many, manifest, CLASSIFICATION, CLASSIFICATION) == (
+        "classes [0, 1, 2, 3, 4, 5, ... (10 in all)], this dataset [cat, dog]"
+    )
+    assert incomparable(same, manifest, CLASSIFICATION, RECONSTRUCTION) == (
+        "it is a reconstruction model, this one classification"
+    )
+    # An autoencoder learns no classes: its class list does not matter.
+    ae = {**same, "label_names": ["x"], "task": "reconstruction"}
+    assert incomparable(ae, manifest, RECONSTRUCTION, RECONSTRUCTION) is None
 
 
 HOROVOD_FAILURE = """Horovod detected that one or more processes exited with non-zero status, \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,9 +40,18 @@ def test_manifest_round_trips_with_the_keys_ingest_has_always_written(tmp_path: 
     assert set(json.loads(path.read_text())) == {
         "source", "format", "files_seen", "ingested", "quarantined", "skipped",
         "splits", "classes", "label_names", "image_shape", "started_at", "finished_at",
+        "split_classes",  # since 2026-12: what a scoring batch is compared with
     }  # fmt: skip
     assert path.read_text().endswith("}\n")
     assert dataset.read_manifest() == manifest
+
+
+def test_the_training_distribution_is_the_train_splits_else_every_splits() -> None:
+    manifest = _manifest()
+    assert manifest.class_distribution() == {"a": 6, "b": 4}  # an older manifest: all splits
+    split = dataclasses.replace(manifest, split_classes={"train": {"a": 5, "b": 3}})
+    assert split.class_distribution() == {"a": 5, "b": 3}
+    assert schema.Manifest.from_json(split.to_json()) == split
 
 
 def test_manifest_reads_minimal_files_and_ignores_unknown_keys() -> None:
@@ -87,6 +97,8 @@ def test_scoring_table_is_path_then_model_outputs_then_provenance() -> None:
         schema.PATH,
         *schema.MODEL_OUTPUTS,
         *schema.RECONSTRUCTION_OUTPUTS,  # every task's outputs: one schema for every batch
+        *schema.TOP_K_OUTPUTS,
+        *schema.FILE_IDENTITY,
         *schema.SCORING_PROVENANCE,
     ]
     assert schema.ddl({"a": "string", "b": "array<double>"}) == "a string, b array<double>"

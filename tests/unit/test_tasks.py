@@ -14,6 +14,7 @@ from pipelines.tasks import (
     CLASSIFICATION,
     RECONSTRUCTION,
     TASKS,
+    macro_f1,
     task_for_model,
     task_named,
     task_of_record,
@@ -56,6 +57,29 @@ def test_streamed_classification_metrics_are_the_whole_splits() -> None:
     expected = confusion_matrix(arrays.labels, predicted, 3)
     np.testing.assert_array_equal(result.summary["confusion_matrix"], expected)
     assert result.summary["errors"] == int(np.sum(predicted != arrays.labels))
+
+
+def test_streamed_macro_f1_is_scikit_learns_over_the_classes_seen() -> None:
+    from sklearn.metrics import f1_score
+
+    arrays, outputs = _split(1000)
+    result = _stream(CLASSIFICATION, arrays, outputs, batch=64, limit=50)
+    predicted = outputs.argmax(axis=1)
+    expected = f1_score(arrays.labels, predicted, average="macro")
+    assert result.metrics["test_macro_f1"] == pytest.approx(expected)
+    # A class with no test rows that is never predicted is no class of the mean (as sklearn).
+    confusion = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+    labels, guesses = [0] * 6 + [1] * 5, [0] * 5 + [1] + [0] * 2 + [1] * 3
+    assert macro_f1(confusion) == pytest.approx(f1_score(labels, guesses, average="macro"))
+    assert macro_f1(np.zeros((3, 3))) == 0.0
+
+
+def test_the_promotion_metric_follows_registry_metric_except_for_reconstruction() -> None:
+    assert CLASSIFICATION.promotion_metric("accuracy") == ("test_accuracy", True)
+    assert CLASSIFICATION.promotion_metric("macro_f1") == ("test_macro_f1", True)
+    assert CLASSIFICATION.promotion_metric("log_loss") == ("test_loss", False)
+    for name in ("accuracy", "macro_f1", "log_loss"):
+        assert RECONSTRUCTION.promotion_metric(name) == ("test_reconstruction_error", False)
 
 
 def test_the_sample_is_bounded_holds_the_most_confident_mistakes_and_is_reproducible() -> None:
