@@ -89,10 +89,11 @@ class Site:
         self.cluster.revive()
         log = self.logs / f"{job}-{len(list(self.logs.glob(f'{job}-*')))}.log"
         flags = [arg for item in sets for arg in ("--set", item)]
+        # spark-submit's own options go before the job's path; after it they are the job's.
+        *submit, script = spark_submit(self.cluster.master_url, self.package, self.python, job)
         with log.open("w") as out:
             process = subprocess.Popen(
-                [*spark_submit(self.cluster.master_url, self.package, self.python, job),
-                 "--conf", "spark.task.maxFailures=4",
+                [*submit, "--conf", "spark.task.maxFailures=4", script,
                  "--config", str(REPO / "conf" / "cluster.yaml"),
                  "--set", f"work_dir={self.shared / 'work'}", "--json", *args, *flags],
                 env=driver_env(), cwd=self.logs, stdout=out, stderr=subprocess.STDOUT,
@@ -301,7 +302,7 @@ def test_scoring_that_loses_a_worker_scores_every_image_once(site, ingested, ela
     assert outcome.code == 0, outcome.output[-4000:]
     assert "Lost executor" in outcome.output
     assert outcome.result["rows"] == outcome.result["scored"] == 61
-    table = Path(outcome.result["table"]) / "batch_id=incoming"
+    table = Path(outcome.result["table"]) / f"batch_id={outcome.result['batch_id']}"
     paths = paths_in(sorted(table.glob("*.parquet")))
     assert len(paths) == len(set(paths)) == 61 and str(gate.path) in paths
 
