@@ -495,10 +495,11 @@ def _add_bench(add: _Add) -> None:
         "which",
         nargs="?",
         default="all",
-        choices=["ingest", "feed", "reader", "train", "score", "all", "scale", "peer"],
+        choices=["ingest", "feed", "reader", "train", "score", "overhead", "all", "scale", "peer"],
         help=(
-            "which benchmark (default: all, the first five; scale: cost growth with size; "
-            "peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds)"
+            "which benchmark (default: all, the first six; overhead: whole train and score "
+            "processes, their seconds outside model work and why; scale: cost growth with "
+            "size; peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds)"
         ),
     )
     bench.add_argument(

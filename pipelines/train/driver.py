@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from pipelines import schema, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
+from pipelines.keras_api import keras
+from pipelines.phases import PhaseClock
 from pipelines.store import MANIFEST_ARTIFACT, DatasetDir, ModelDir, RunDir, Store
 from pipelines.tasks import REPORT_SAMPLE_IMAGES, Evaluation, Task, task_for_model
 from pipelines.train.checkpoint import load_final_model, read_checkpoint, read_rank_placements
@@ -87,26 +90,6 @@ class TrainResult:
         return asdict(self)
 
 
-class _PhaseClock:
-    """Wall seconds per phase of a training run: each lap adds the time since the last."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self._last = time.time()
-
-    def lap(self, phase: str | None = None) -> float:
-        """Seconds since the last lap, added to ``phase`` (None: only returned)."""
-        now = time.time()
-        seconds, self._last = now - self._last, now
-        if phase is not None:
-            self.add(phase, seconds)
-        return seconds
-
-    def add(self, phase: str, seconds: float) -> None:
-        """Count ``seconds`` to ``phase``."""
-        self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 2)
-
-
 def train(
     config: Config,
     launcher: Launcher,
@@ -137,7 +120,7 @@ def train(
         RanksDivergedError: The ranks' final weights differ.
     """
     started = time.time()
-    clock = _PhaseClock()
+    clock = PhaseClock()
     store = store or Store.of(config)
     if not isinstance(dataset, DatasetDir):
         dataset = store.dataset(dataset)
@@ -170,7 +153,7 @@ def _train_in_run(
     resume: bool,
     run_id: str,
     report: ReportStep | None,
-    clock: _PhaseClock,
+    clock: PhaseClock,
 ) -> dict[str, Any]:
     import mlflow
 
@@ -189,6 +172,10 @@ def _train_in_run(
     )
     run_dir.clear_ranks()  # the ranks of this start write anew
     clock.lap("prepare")
+    # The driver needs the model framework only once the ranks return (to load, evaluate
+    # and report): imported while they start and train, its seconds leave the critical path.
+    framework = threading.Thread(target=keras, name="dlpipe-import-framework", daemon=True)
+    framework.start()
     try:
         with EpochProgress(run_dir, config.train.epochs):
             ranks: list[RankResult] = launcher.run(
@@ -205,6 +192,8 @@ def _train_in_run(
         if isinstance(exc, RankLostError):
             raise _rank_died(exc, run_dir) from exc
         raise
+    finally:
+        framework.join()  # an import cut short at exit can crash the interpreter
     # What train.use_gpu (auto in particular) gave each rank: a param of the run as first
     # trained, and tags that a resume (maybe on other devices) updates.
     devices = {str(r.rank): r.device for r in sorted(ranks, key=lambda r: r.rank)}
