@@ -254,7 +254,8 @@ def _jax_epoch_function(
 
     def local(variable: Any) -> Any:
         value = variable.value
-        return jnp.asarray(value.addressable_data(0) if hasattr(value, "addressable_data") else value)
+        own = value.addressable_data(0) if hasattr(value, "addressable_data") else value
+        return jnp.asarray(own)
 
     def loss_of(trainable: list[Any], non_trainable: list[Any]) -> tuple[Any, Any]:
         values, _, losses = probe_model.stateless_call(
