@@ -168,8 +168,9 @@ ABSENT = "absent"
 _KERAS_VENV = "make venv STACK=keras"
 
 #: The Keras stack's table (``make venv STACK=keras``: Keras 3 on JAX, Spark 4, numpy 2):
-#: what the Databricks 16.4/17.3 LTS ML runtimes and later carry, and none of the pinned
-#: stack's TensorFlow, Horovod or Petastorm (a mixed environment fails with one line).
+#: what the Databricks 16.4/17.3 LTS ML runtimes and later carry, and neither Horovod nor
+#: Petastorm (a mixed environment fails with one line). TensorFlow may be there (those
+#: runtimes carry it until 18): Keras runs on JAX, and TensorFlow is never imported.
 KERAS_REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(
         "python",
@@ -218,13 +219,6 @@ KERAS_REQUIREMENTS: tuple[Requirement, ...] = (
         "pip install 'mlflow>=3.17,<3.19' (the tracking, registry and pyfunc APIs used here)",
         "mlflow",
         ("mlflow",),
-    ),
-    Requirement(
-        "tensorflow",
-        ABSENT,
-        f"pip uninstall tensorflow-cpu tensorflow: a mixed stack ({_KERAS_VENV} is clean)",
-        "tensorflow",
-        ("tensorflow-cpu", "tensorflow", "tensorflow-gpu", "tensorflow-intel"),
     ),
     Requirement(
         "horovod",
