@@ -32,9 +32,14 @@ class WrongStackError(UserError):
 
 @functools.cache
 def current() -> str:
-    """``keras`` where Keras 3 is installed (the Keras stack), else ``default``."""
+    """``keras`` where Keras 3 and JAX are installed (the Keras stack), else ``default``.
+
+    Keras 3 alone is not enough: in the pinned stack's environment it is a broken pin
+    (Horovod would stop averaging), which that stack's preflight reports as such.
+    """
     try:
         major = int(importlib.metadata.version("keras").split(".")[0])
+        importlib.metadata.version("jax")
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return DEFAULT
     return KERAS if major >= 3 else DEFAULT
