@@ -21,6 +21,8 @@ import pytest
 
 from tests.integration.rest import free_port, post_images, wait_until_serving
 
+pytestmark = pytest.mark.slow  # Spark, ranks, MLflow, a server: minutes
+
 #: Small enough for a 2-core CI: 16x16 digits, 2 epochs of mnist_cnn (it has the
 #: convolutions the report's Grad-CAM and filter sections need).
 SMALL = [

@@ -14,6 +14,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from pipelines.demo import write_demo_digits
 from tests.cluster.standalone import (
     REPO,
@@ -23,6 +25,8 @@ from tests.cluster.standalone import (
     stack_without_project,
     standalone_cluster,
 )
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # a standalone cluster
 
 
 def test_keras_pipeline_on_a_standalone_cluster(tmp_path: Path) -> None:
