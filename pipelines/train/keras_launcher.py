@@ -248,6 +248,11 @@ def _rank_task(
         with open(os.path.join(folder, "entry.pkl"), "wb") as handle:
             handle.write(entry)
         environment = {**os.environ, **env, **spec.environment(), "KERAS_BACKEND": "jax"}
+        # As TorchDistributor: a task given GPUs by Spark (spark.task.resource.gpu.amount)
+        # shows its rank only those, so ranks sharing a host never share a GPU.
+        gpus = context.resources().get("gpu")
+        if gpus is not None and gpus.addresses:
+            environment["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
         status, tail = _run_rank(folder, environment, f"{RANK_MARKER}={job}:{rank}", rank)
         if status == 0:
             with open(os.path.join(folder, "result.pkl"), "rb") as handle:
