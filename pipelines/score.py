@@ -57,6 +57,7 @@ from pipelines.score_table import (
 )
 from pipelines.sources import SourceError
 from pipelines.spark import driver_table
+from pipelines.stack import STACK_TAG, check_model_stack
 from pipelines.store import ModelDir, ScoringTable, Store, move_into, to_url
 
 if TYPE_CHECKING:
@@ -189,6 +190,8 @@ def score(
     model_dir = ModelDir(
         str(download_model(resolved, store.model_cache, store.tracking_uri, store.registry_uri))
     )
+    # On the driver, before any executor loads it: a model of the other stack, in one line.
+    check_model_stack(model_dir.meta().get(STACK_TAG), resolved.uri)
     label_names = model_dir.label_names()
     clock.lap("resolve_model")
     archive = _ship(spark, Path(model_dir.root))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines import schema, tracking
+from pipelines import schema, stack, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
@@ -272,6 +272,10 @@ def _train_in_run(
         },
     )
     log.info("train: %s", registration.decision)
+    # Which stack trained it: scoring and serving on the other one refuse it in one line.
+    tracking.client(store.tracking_uri, store.registry_uri).set_model_version_tag(
+        registration.model_name, registration.version, stack.STACK_TAG, stack.current()
+    )
     clock.lap("log_register")
     if challenge.seconds:  # there was a champion to evaluate
         clock.add("log_register", -challenge.seconds)
@@ -421,6 +425,9 @@ class ChampionChallenge:
         meta = folder.meta()
         if not meta or not folder.keras_path.is_file():
             return "its model has no Keras file and labels (not an image model of dlpipe?)"
+        trained_on = meta.get(stack.STACK_TAG) or stack.DEFAULT
+        if trained_on != stack.current():
+            return f"it was trained on the {trained_on} stack, this is the {stack.current()} stack"
         why = incomparable(meta, self.manifest, self.task, task_of_record(meta))
         return why or keras().models.load_model(folder.keras_path, compile=False)
 
@@ -472,7 +479,7 @@ def _log_inputs(
     )
     mlflow.log_params(params)
     mlflow.log_text(manifest_bytes.decode(), MANIFEST_ARTIFACT)
-    tags = {"stage": "train", "launcher": launcher.kind}
+    tags = {"stage": "train", "launcher": launcher.kind, stack.STACK_TAG: stack.current()}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
