@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class RanksDivergedError(RuntimeError):
-    """The ranks ended with different weights: gradients were not averaged."""
+class RanksDivergedError(UserError):
+    """The ranks ended with different weights; the one-line message names the layers."""
 
 
 class RankDiedError(UserError):
@@ -160,6 +160,28 @@ def train(
     return TrainResult(**{**result, "seconds": round(time.time() - started, 1)})
 
 
+#: Differing layers named in a RanksDivergedError before the rest are counted.
+_DIVERGED_SHOWN = 8
+
+
+def _diverged(ranks: list[RankResult]) -> str:
+    """One line: which ranks and layers ended with weights other than rank 0's."""
+    first, *others = sorted(ranks, key=lambda r: r.rank)
+    layers = [
+        name
+        for name, digest in first.layer_digests.items()
+        if any(r.layer_digests.get(name) != digest for r in others)
+    ]
+    apart = [r.rank for r in others if r.weights_sha256 != first.weights_sha256]
+    shown = ", ".join(layers[:_DIVERGED_SHOWN]) or "(no layer digests returned)"
+    more = f" and {len(layers) - _DIVERGED_SHOWN} more" if len(layers) > _DIVERGED_SHOWN else ""
+    return (
+        f"ranks {apart} finished with weights other than rank 0's in {len(layers)} layer(s): "
+        f"{shown}{more}; state that the ranks do not average (a layer's own variables) "
+        "drifted apart, so the model is not registered"
+    )
+
+
 def _train_in_run(
     config: Config,
     store: Store,
@@ -218,7 +240,7 @@ def _train_in_run(
     digests = {r.rank: r.weights_sha256 for r in ranks}
     mlflow.set_tag("rank_weights_sha256", json.dumps(digests, sort_keys=True))
     if len(set(digests.values())) != 1:
-        raise RanksDivergedError(f"ranks finished with different weights: {digests}")
+        raise RanksDivergedError(_diverged(ranks))
     rank0 = min(ranks, key=lambda r: r.rank)
     launch, fit = clock.lap(), max(r.fit_seconds for r in ranks)
     clock.add("rank_start", max(0.0, launch - fit))

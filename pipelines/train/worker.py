@@ -104,6 +104,9 @@ class RankResult:
         precision: The Keras dtype policy it trained under.
         layer_stats: Rank 0's per-layer statistics per epoch (empty elsewhere).
         layer_histograms: Rank 0's per-layer histograms per epoch (empty elsewhere).
+        layer_digests: Digest of each weighted layer's final weights, by layer path
+            (:func:`~pipelines.model_layers.layer_digests`): which layers differ when
+            ``weights_sha256`` does.
     """
 
     rank: int
@@ -123,6 +126,7 @@ class RankResult:
     precision: str
     layer_stats: dict[str, list[float]] = field(default_factory=dict)
     layer_histograms: dict[str, list[list[list[float]]]] = field(default_factory=dict)
+    layer_digests: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,7 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
 def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
     """The rank's training proper: fit, checkpoints, the final model, the result."""
     from pipelines.keras_api import keras
+    from pipelines.model_layers import layer_digests
     from pipelines.models import as_float32
 
     k = keras()
@@ -329,6 +334,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
             world_sizes=world_sizes,
             learning_rate=rank.scaled_lr,
             weights_sha256=weights_digest(model),
+            layer_digests=layer_digests(model),
             seconds=round(time.time() - started, 2),
             fit_seconds=round(fit_seconds, 2),
             placement=placement(),
@@ -357,7 +363,10 @@ def _fit(
     """
     cfg = spec.train
     monitor = "val_loss" if rank.validation else "loss"
-    callbacks = list(rank.callbacks)
+    # First after the Distribution's own: every later callback (early stopping's best
+    # weights, checkpoints, layer statistics) and the final weight check see the ranks'
+    # batch-norm statistics made equal.
+    callbacks = [*rank.callbacks, _SyncModelState(dist, k)]
     if cfg.early_stopping_patience > 0:
         # Runs after the metric averaging above, so every rank sees the same numbers and
         # stops at the same epoch (a rank that stopped alone would hang the others).
@@ -465,6 +474,16 @@ def limit_threads(ranks_on_this_host: int, threads: int = 0) -> None:
     """
     threads = threads or cores_per_process(ranks_on_this_host)
     limit_tf_threads(threads, min(2, threads))
+
+
+def _SyncModelState(dist: Distribution, k: Any) -> Any:  # noqa: N802
+    """A Keras callback calling ``dist.sync_model_state`` at every epoch end."""
+
+    class SyncModelState(k.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            dist.sync_model_state(self.model)
+
+    return SyncModelState()
 
 
 def _Record(history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802
