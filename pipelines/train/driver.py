@@ -160,6 +160,36 @@ def train(
     return TrainResult(**{**result, "seconds": round(time.time() - started, 1)})
 
 
+def _init_model(config: Config, store: Store, run_dir: RunDir) -> str | None:
+    """``train.init_from``'s Keras file, copied into the run's folder for every rank.
+
+    The version an alias points to is pinned now and tagged on the run (``init_from``),
+    so the run records what it started from even after the alias moves.
+    """
+    import mlflow
+
+    from pipelines.registry import download_model, resolve_model_uri
+    from pipelines.store import read_bytes, write_atomic
+
+    uri = config.train.init_from
+    if not uri:
+        return None
+    resolved = resolve_model_uri(
+        uri,
+        model_name=config.mlflow.model_name,
+        alias=config.mlflow.champion_alias,
+        tracking_uri=store.tracking_uri,
+        registry_uri=store.registry_uri,
+    )
+    local = download_model(resolved, store.model_cache, store.tracking_uri, store.registry_uri)
+    keras_file = ModelDir(str(local)).keras_path
+    if not keras_file.is_file():
+        raise UserError(f"train.init_from {uri}: not a model logged by dlpipe (no Keras file)")
+    write_atomic(run_dir.init_model, read_bytes(keras_file))
+    mlflow.set_tag("init_from", resolved.uri)
+    return str(run_dir.init_model)
+
+
 #: Differing layers named in a RanksDivergedError before the rest are counted.
 _DIVERGED_SHOWN = 8
 
@@ -208,6 +238,7 @@ def _train_in_run(
         run_dir=run_dir,
         resume=resume,
         run_id=run_id,  # rank 0 logs each epoch to it as the epoch ends
+        init_model=_init_model(config, store, run_dir),
     )
     run_dir.clear_ranks()  # the ranks of this start write anew
     clock.lap("prepare")

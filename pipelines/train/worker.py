@@ -54,6 +54,8 @@ class RankSpec:
         image_shape: (H, W, C) of the stored images.
         num_classes: Number of labels.
         rows: Rows per split, from the manifest; without ``val`` rows no validation is read.
+        init_model: A Keras model file (visible to every rank) whose weights a new model
+            starts from (``train.init_from``); None: the built weights.
     """
 
     train: TrainConfig
@@ -62,6 +64,7 @@ class RankSpec:
     image_shape: tuple[int, int, int]
     num_classes: int
     rows: dict[str, int]
+    init_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,10 @@ def prepared_rank(
                 optimizer_wrapper=dist.wrap_optimizer,
                 learning_rate=_scaled_lr(cfg, dist),
             )
+            if spec.init_model:
+                from pipelines.warm_start import warm_start
+
+                warm_start(model, spec.init_model, cfg.init_from or spec.init_model)
         yield PreparedRank(
             device=device, policy=policy, model=model, resumed=state, **_world(spec, dist)
         )
@@ -311,7 +318,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
         if cfg.elastic:
             steps, world_sizes = _fit_elastic(spec, dist, rank, initial_epoch, history, k, layers)
         else:
-            steps = _fit(spec, dist, rank, initial_epoch, history, k, [], layers)
+            steps = _fit_phases(spec, dist, rank, initial_epoch, history, k, layers)
             world_sizes = [{"epoch": initial_epoch, "size": dist.size}]
         fit_seconds = time.time() - fit_started
 
@@ -342,6 +349,47 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
             precision=rank.policy,
             **layers,  # filled on rank 0 only
         )
+
+
+def _fit_phases(
+    spec: WorkerSpec,
+    dist: Distribution,
+    rank: PreparedRank,
+    initial_epoch: int,
+    history: dict[str, list[float]],
+    k: Any,
+    layers: dict[str, dict[str, list]],
+) -> int:
+    """Fit, in two phases when ``train.fine_tune`` freezes a backbone first.
+
+    Phase one trains the head on the frozen backbone up to ``frozen_epochs``; then the
+    backbone's top layers are unfrozen and the model is compiled anew (a change of
+    ``trainable`` takes effect at compile) at ``learning_rate_factor`` times the rate,
+    with fresh Distribution callbacks and no warm-up. A run resumed past the first phase
+    reloads the unfrozen model from its checkpoint and goes straight on.
+    """
+    from pipelines.backbones import unfreeze, uses_backbone
+    from pipelines.models import compile_model
+
+    cfg = spec.train
+    frozen = cfg.fine_tune.frozen_epochs if uses_backbone(cfg) else 0
+    if not initial_epoch < frozen < cfg.epochs:
+        return _fit(spec, dist, rank, initial_epoch, history, k, [], layers)
+    first = replace(spec, train=replace(cfg, epochs=frozen))
+    _fit(first, dist, rank, initial_epoch, history, k, [], layers)
+    unfreeze(rank.model, cfg.fine_tune.unfreeze_top)
+    lr = rank.scaled_lr * cfg.fine_tune.learning_rate_factor
+    compile_model(rank.model, cfg, dist.wrap_optimizer, lr)
+    second = replace(
+        rank,
+        scaled_lr=lr,
+        callbacks=dist.callbacks(
+            initial_lr=lr, warmup_epochs=0, steps_per_epoch=rank.steps_per_epoch
+        ),
+    )
+    # Early stopping may have ended the first phase sooner: go on from the epochs done.
+    done = len(next(iter(history.values()), []))
+    return _fit(spec, dist, second, done, history, k, [], layers)
 
 
 def _fit(
