@@ -4,7 +4,8 @@ In: a built Keras model, whose layers may themselves be models (``train.model: m
 wraps Keras' MobileNetV2 as the layer ``backbone``). Out: its innermost layers with their
 ``/``-joined path names (:func:`leaf_layers`), the batch-normalisation statistics that
 training updates (:func:`moving_statistics`), and a digest of each layer's weights
-(:func:`layer_digests`). Works on ``tf.keras`` (Keras 2) and Keras 3 alike: only public
+(:func:`layer_digests`), and a nested model's output in the outer graph
+(:func:`outer_output`). Works on ``tf.keras`` (Keras 2) and Keras 3 alike: only public
 attributes (``layers``, ``weights``, ``trainable``) are read.
 """
 
@@ -32,11 +33,30 @@ def leaf_layers(model: Any, prefix: str = "") -> list[tuple[str, Any]]:
     leaves: list[tuple[str, Any]] = []
     for layer in model.layers:
         path = f"{prefix}{layer.name}"
-        if hasattr(layer, "layers"):  # a nested model
+        if is_nested_model(layer):
             leaves += leaf_layers(layer, f"{path}/")
         else:
             leaves.append((path, layer))
     return leaves
+
+
+def is_nested_model(layer: Any) -> bool:
+    """Whether ``layer`` is itself a model (a backbone), not a plain layer."""
+    return hasattr(layer, "layers")
+
+
+def outer_output(layer: Any) -> Any:
+    """``layer``'s output in the model it was last called in.
+
+    For a plain layer of a functional model, ``layer.output``. A nested model's ``output``
+    is that of its own inner graph, which a probe model of the outer inputs cannot reach
+    ("graph disconnected"); its last call node's output is the outer model's tensor.
+    """
+    if not is_nested_model(layer):
+        return layer.output
+    # Keras 2 and 3 both keep a layer's call nodes; the last is the outer model's call.
+    outputs = layer._inbound_nodes[-1].output_tensors
+    return outputs[0] if isinstance(outputs, list | tuple) and len(outputs) == 1 else outputs
 
 
 def moving_statistics(model: Any) -> list[Any]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.model_layers import is_nested_model, outer_output
 from pipelines.report.filters import conv_layers, layer_depths, receptive_fields
 from pipelines.report.numeric import class_name, jsonable, most_confident_errors
 from pipelines.report.plots import BAD, GOOD, new_figure, save_png, show_image
@@ -117,13 +118,22 @@ def last_conv_layer(model: KerasModel) -> str | None:
     """The Grad-CAM default: the deepest ``Conv2D`` layer (transposed ones excluded).
 
     Deepest on the layer graph, later in model order on a tie: a residual block's 1x1
-    shortcut, listed after the block's second convolution, is not the last one.
+    shortcut, listed after the block's second convolution, is not the last one. A nested
+    model with a 4-D output (a pretrained backbone) after every such convolution is taken
+    whole: its output is the feature maps of its last convolution block.
     """
+    order = {layer.name: i for i, layer in enumerate(model.layers)}
     convs = conv_layers(model)
+    nested = [
+        layer
+        for layer in model.layers
+        if is_nested_model(layer) and len(outer_output(layer).shape) == 4
+    ]
+    if nested and (not convs or order[nested[-1].name] > max(order[c.name] for c in convs)):
+        return nested[-1].name
     if not convs:
         return None
     depths = layer_depths(model)
-    order = {layer.name: i for i, layer in enumerate(model.layers)}
     return max(convs, key=lambda layer: (depths[layer.name], order[layer.name])).name
 
 
@@ -171,7 +181,9 @@ def grad_cam(
     logit = score_kind(model) == "logit"
     head = model.layers[-1]
     # The layer's maps and what comes right before the head (or the probabilities).
-    probe = keras().Model(model.inputs, [layer.output, head.input if logit else model.output])
+    probe = keras().Model(
+        model.inputs, [outer_output(layer), head.input if logit else model.output]
+    )
     classes = _classes(class_index, len(x))
     cams = []
     for start in range(0, len(x), BATCH_SIZE):

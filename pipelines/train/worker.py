@@ -64,7 +64,7 @@ class RankSpec:
     image_shape: tuple[int, int, int]
     num_classes: int
     rows: dict[str, int]
-    init_model: str | None = None
+    init_model: str | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
