@@ -223,3 +223,14 @@ def test_warm_start_copies_matching_layers_and_keeps_a_new_head(tmp_path):
     other = build_model(dataclasses.replace(TrainConfig(), model="mlp"), (8, 8, 1), 3)
     with pytest.raises(WarmStartError, match="no layer"):
         warm_start(other, str(path), "models:/old@champion")
+
+
+def test_the_photos_preset_builds_and_fine_tunes_its_backbone():
+    from pipelines.config import load_config
+
+    cfg = dataclasses.replace(load_config("photos").train, pretrained="none")  # no download
+    model = build_model(cfg, (224, 224, 3), 5)
+    backbone = model.get_layer(BACKBONE_LAYER)
+    assert not backbone.trainable  # the frozen first phase
+    assert unfreeze(model, cfg.fine_tune.unfreeze_top) == cfg.fine_tune.unfreeze_top
+    assert len(backbone.layers) - cfg.fine_tune.unfreeze_top == 100  # Keras' guide's cut
