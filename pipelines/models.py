@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.backbones import MIN_SIZE, build_backbone_classifier, build_custom
 from pipelines.config import TrainConfig
 from pipelines.keras_api import keras
+from pipelines.model_layers import leaf_layers
 from pipelines.tasks import task_for_model
 from pipelines.zoo import BACKBONES, NETWORKS, check_model_name, is_custom
 
@@ -202,7 +203,12 @@ def as_float32(
         twin = build_model(cfg, input_shape, num_classes, load_pretrained=False)
     finally:
         policies.set_global_policy(previous)
-    twin.set_weights(model.get_weights())
+    # Layer by layer: a model's flat weight list puts trainable weights first, so its order
+    # differs between a fine-tuned backbone and the twin built frozen.
+    mine = dict(leaf_layers(model))
+    for path, layer in leaf_layers(twin):
+        if layer.weights:  # (a nested model's input layer has none, and a generated name)
+            layer.set_weights(mine[path].get_weights())
     return twin
 
 

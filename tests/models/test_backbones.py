@@ -234,3 +234,29 @@ def test_the_photos_preset_builds_and_fine_tunes_its_backbone():
     assert not backbone.trainable  # the frozen first phase
     assert unfreeze(model, cfg.fine_tune.unfreeze_top) == cfg.fine_tune.unfreeze_top
     assert len(backbone.layers) - cfg.fine_tune.unfreeze_top == 100  # Keras' guide's cut
+
+
+def test_a_fine_tuned_mixed_precision_backbone_saves_as_its_float32_twin():
+    """The twin is built frozen; the trained model is unfrozen: weights still go layer to layer."""
+    from pipelines.models import as_float32, compile_model
+
+    k = keras()
+    k.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        cfg = cfg_for(frozen=1, use_gpu="auto", mixed_precision=True)
+        model = build_model(cfg, (SIZE, SIZE, 3), CLASSES)
+        unfreeze(model, 10)
+        compile_model(model, cfg, None, 0.01)
+        x, y = stripes(16, 2)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        twin = as_float32(model, cfg, (SIZE, SIZE, 3), CLASSES)
+    finally:
+        k.mixed_precision.set_global_policy("float32")
+    assert twin.dtype_policy.name == "float32"
+    theirs = dict(leaf_layers(twin))
+    for path, mine in leaf_layers(model):
+        if not mine.weights:
+            continue
+        for a, b in zip(mine.get_weights(), theirs[path].get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=path)
+    np.testing.assert_allclose(twin.predict(x, verbose=0), model.predict(x, verbose=0), atol=2e-2)
