@@ -6,6 +6,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from pipelines.store import DatasetDir, RunDir
 from pipelines.train.horovod_launcher import HorovodSparkLauncher
@@ -36,12 +37,40 @@ def _moving_variances(path: Path) -> list[np.ndarray]:
     return found
 
 
-def test_resnet_small_on_two_ranks_ends_with_identical_weights(
-    spark, digits, tmp_path, small_config
+@pytest.fixture(scope="module")
+def rgb_digits_32(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled digits as 32x32 RGB, the smallest input the backbones take."""
+    from pipelines.config import IngestConfig
+    from pipelines.demo import write_demo_digits
+    from pipelines.ingest import ingest
+
+    root = tmp_path_factory.mktemp("rgb32")
+    source = write_demo_digits(root / "png").path
+    output = root / "prepared"
+    ingest(spark, IngestConfig(image_size=32, channels=3, rows_per_row_group=64), source, output)
+    return output
+
+
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [
+        ("resnet_small", "digits"),
+        # Trained from scratch: its batch norm in training mode, its statistics moving.
+        ("mobilenet_v2", "rgb_digits_32"),
+    ],
+)
+def test_a_batch_normalised_model_on_two_ranks_ends_with_identical_weights(
+    spark, model, data, request, tmp_path, small_config
 ):
-    config = small_config("train.model=resnet_small", "train.epochs=1", "train.layer_stats=false")
+    dataset = request.getfixturevalue(data)
+    config = small_config(
+        f"train.model={model}",
+        "train.backbone_alpha=0.35",
+        "train.epochs=1",
+        "train.layer_stats=false",
+    )
     ranks = HorovodSparkLauncher(spark, 2).run(
-        train_worker, [_spec(config, digits, tmp_path / "out")]
+        train_worker, [_spec(config, dataset, tmp_path / "out")]
     )
     assert sorted(r.rank for r in ranks) == [0, 1]
     # Every layer, batch-norm statistics included, agrees across the ranks.
