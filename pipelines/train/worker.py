@@ -368,25 +368,26 @@ def _fit_phases(
     with fresh Distribution callbacks and no warm-up. A run resumed past the first phase
     reloads the unfrozen model from its checkpoint and goes straight on.
     """
-    from pipelines.backbones import unfreeze, uses_backbone
+    from pipelines.backbones import BACKBONE_LAYER, unfreeze, uses_backbone
     from pipelines.models import compile_model
 
     cfg = spec.train
     frozen = cfg.fine_tune.frozen_epochs if uses_backbone(cfg) else 0
-    if not initial_epoch < frozen < cfg.epochs:
+    if not 0 < frozen < cfg.epochs:
         return _fit(spec, dist, rank, initial_epoch, history, k, [], layers)
-    first = replace(spec, train=replace(cfg, epochs=frozen))
-    _fit(first, dist, rank, initial_epoch, history, k, [], layers)
-    unfreeze(rank.model, cfg.fine_tune.unfreeze_top)
-    lr = rank.scaled_lr * cfg.fine_tune.learning_rate_factor
-    compile_model(rank.model, cfg, dist.wrap_optimizer, lr)
-    second = replace(
-        rank,
-        scaled_lr=lr,
-        callbacks=dist.callbacks(
-            initial_lr=lr, warmup_epochs=0, steps_per_epoch=rank.steps_per_epoch
-        ),
-    )
+    if initial_epoch < frozen:
+        first = replace(spec, train=replace(cfg, epochs=frozen))
+        _fit(first, dist, rank, initial_epoch, history, k, [], layers)
+    second = rank
+    # Still frozen: the first phase just ended, or a resume from its last checkpoint. (The
+    # weights tell; a reloaded model's nested ``trainable`` flag does not.)
+    if not rank.model.get_layer(BACKBONE_LAYER).trainable_weights:
+        unfreeze(rank.model, cfg.fine_tune.unfreeze_top)
+        lr = rank.scaled_lr * cfg.fine_tune.learning_rate_factor
+        compile_model(rank.model, cfg, dist.wrap_optimizer, lr)
+        steps = rank.steps_per_epoch
+        callbacks = dist.callbacks(initial_lr=lr, warmup_epochs=0, steps_per_epoch=steps)
+        second = replace(rank, scaled_lr=lr, callbacks=callbacks)
     # Early stopping may have ended the first phase sooner: go on from the epochs done.
     done = len(next(iter(history.values()), []))
     return _fit(spec, dist, second, done, history, k, [], layers)

@@ -82,3 +82,24 @@ def test_a_fine_tuned_backbone_trains_on_two_ranks_and_serves_bytes(
     warm = train(again, LocalLauncher(), rgb_digits)
     tags = mlflow.get_run(warm.run_id).data.tags
     assert tags["init_from"] == f"models:/{config.mlflow.model_name}/1"
+
+
+def test_a_resume_at_the_phase_boundary_unfreezes_and_one_after_it_goes_on(
+    rgb_digits, small_config
+):
+    from pipelines.train.checkpoint import load_final_model
+
+    def backbone_after(epochs: int, resume: bool) -> list[np.ndarray]:
+        config = small_config(*BACKBONE, "train.launcher=local", f"train.epochs={epochs}")
+        train(config, LocalLauncher(), rgb_digits, resume=resume)
+        run_dir = Store.of(config).run_dir(config.mlflow.model_name)
+        return load_final_model(run_dir).get_layer("backbone").get_weights()
+
+    frozen = backbone_after(1, resume=False)  # the first phase alone: its checkpoint
+    tuned = backbone_after(2, resume=True)  # resumed at the boundary: unfrozen, fine-tuned
+    moved = [not np.array_equal(a, b) for a, b in zip(frozen, tuned, strict=True)]
+    assert 0 < sum(moved) < len(moved)  # the top 20 layers only
+    again = backbone_after(3, resume=True)  # resumed in the second phase: still fine-tuning
+    moved_again = [not np.array_equal(a, b) for a, b in zip(tuned, again, strict=True)]
+    assert any(moved_again)
+    assert not any(m and not before for m, before in zip(moved_again, moved, strict=True))
