@@ -94,6 +94,18 @@ def _scalar_to_str(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _model_name(value: Any) -> Any:
+    # A zoo name or package.module:function; the message lists the choices.
+    from pipelines.zoo import check_model_name
+
+    if not isinstance(value, str):
+        return value  # StrictStr names the type
+    try:
+        return check_model_name(value)
+    except ValueError as exc:
+        raise PydanticCustomError("model_name", str(exc)) from None
+
+
 _SECTION = BeforeValidator(_empty_if_none)
 _NO_BOOL = BeforeValidator(_reject_bool)
 _Key = Annotated[str, BeforeValidator(str)]
@@ -216,11 +228,44 @@ class HorovodConfig:
 
 @with_config(_FORBID_UNKNOWN)
 @dataclass(frozen=True)
+class FineTuneConfig:
+    """Two-phase transfer learning of a backbone model (``train.fine_tune``).
+
+    Attributes:
+        frozen_epochs: Epochs with the backbone frozen (only the new head trains, batch
+            normalisation in inference mode); then the second phase. 0: no frozen phase,
+            the whole model trains from the first epoch; ``>= train.epochs``: the backbone
+            stays frozen (feature extraction).
+        unfreeze_top: Backbone layers unfrozen for the second phase, counted from its
+            output; 0 unfreezes all of them.
+        learning_rate_factor: The second phase's learning rate is ``train.learning_rate``
+            times this (lower, so pretrained features are adjusted, not overwritten).
+    """
+
+    frozen_epochs: Annotated[StrictInt, Field(ge=0)] = 0
+    unfreeze_top: Annotated[StrictInt, Field(ge=0)] = 0
+    learning_rate_factor: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.1
+
+
+@with_config(_FORBID_UNKNOWN)
+@dataclass(frozen=True)
 class TrainConfig:
     """Model and training hyper-parameters.
 
     Attributes:
-        model: Model-zoo name.
+        model: Model-zoo name (``mobilenet_v2``, ``efficientnet_b0`` and ``resnet50`` are
+            Keras Applications backbones for transfer learning), or ``package.module:function``:
+            a function of ``(input_shape, num_classes)`` returning an uncompiled Keras
+            classifier (softmax output), importable on every rank.
+        pretrained: A backbone's starting weights: ``imagenet`` (Keras' cache,
+            ``~/.keras/models``, fetched when missing), ``none`` (random) or the path of a
+            weights file readable on every rank (e.g. a Keras ``*_notop.h5``).
+        backbone_alpha: ``mobilenet_v2``'s width multiplier (ImageNet weights exist for
+            0.35, 0.5, 0.75, 1.0, 1.3 and 1.4).
+        fine_tune: The two-phase schedule of a backbone (:class:`FineTuneConfig`).
+        init_from: Start from the weights of a registered model, ``models:/NAME@ALIAS`` or
+            ``models:/NAME/VERSION`` (layers of the same name and shape; a head for other
+            classes starts anew); null: no warm start.
         activation: Hidden-layer activation.
         optimizer: ``sgd``, ``momentum`` (SGD with momentum 0.9) or ``adam``.
         learning_rate: Base learning rate for one rank; scaled by the number of ranks.
@@ -276,7 +321,11 @@ class TrainConfig:
         horovod: Horovod's performance knobs (:class:`HorovodConfig`).
     """
 
-    model: Literal["mlp", "lenet5", "mnist_cnn", "resnet_small", "autoencoder"] = "mnist_cnn"
+    model: Annotated[StrictStr, BeforeValidator(_model_name)] = "mnist_cnn"
+    pretrained: StrictStr = "none"
+    backbone_alpha: Annotated[StrictFloat, Field(gt=0, le=2)] = 1.0
+    fine_tune: Annotated[FineTuneConfig, _SECTION] = field(default_factory=FineTuneConfig)
+    init_from: StrictStr | None = None
     activation: Literal["relu", "tanh", "sigmoid"] = "relu"
     optimizer: Literal["sgd", "momentum", "adam"] = "adam"
     learning_rate: Annotated[StrictFloat, Field(gt=0, le=10)] = 0.0005
@@ -308,6 +357,20 @@ class TrainConfig:
     horovod: Annotated[HorovodConfig, _SECTION] = field(default_factory=HorovodConfig)
 
     def __post_init__(self) -> None:
+        from pipelines.zoo import BACKBONES
+
+        backbone = self.model in BACKBONES
+        if not backbone and (self.pretrained != "none" or self.fine_tune.frozen_epochs > 0):
+            key = "pretrained" if self.pretrained != "none" else "fine_tune.frozen_epochs"
+            raise ConfigError(
+                f"train.{key} applies to the backbones ({', '.join(BACKBONES)}), "
+                f"not to train.model={self.model}"
+            )
+        if self.fine_tune.frozen_epochs > 0 and self.elastic:
+            raise ConfigError(
+                "train.fine_tune.frozen_epochs needs train.elastic=false (the second phase "
+                "recompiles the model, which elastic mode's committed state cannot follow)"
+            )
         if self.grad_vanish_below >= self.grad_explode_above:
             raise ConfigError(
                 f"train.grad_vanish_below ({self.grad_vanish_below}) must be below "

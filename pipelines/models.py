@@ -48,9 +48,12 @@ import numbers
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from pipelines.backbones import MIN_SIZE, build_backbone_classifier, build_custom
 from pipelines.config import TrainConfig
 from pipelines.keras_api import is_keras3, keras
+from pipelines.model_layers import leaf_layers
 from pipelines.tasks import task_for_model
+from pipelines.zoo import BACKBONES, NETWORKS, check_model_name, is_custom
 
 if TYPE_CHECKING:
     from pipelines.keras_api import KerasModel, KerasOptimizer
@@ -58,8 +61,9 @@ if TYPE_CHECKING:
     #: What ``build_model`` applies to the optimizer, e.g. ``hvd.DistributedOptimizer``.
     OptimizerWrapper = Callable[[KerasOptimizer], KerasOptimizer]
 
-#: The names accepted as ``train.model``.
-MODEL_NAMES: tuple[str, ...] = ("mlp", "lenet5", "mnist_cnn", "resnet_small", "autoencoder")
+#: The zoo's own networks, built here (the backbones and a user's ``package.module:function``,
+#: also accepted as ``train.model``, are built by :mod:`pipelines.backbones`).
+MODEL_NAMES: tuple[str, ...] = NETWORKS
 
 #: The task of each zoo model that is not a classifier (:mod:`pipelines.tasks`).
 MODEL_TASKS: dict[str, str] = {"autoencoder": "reconstruction"}
@@ -71,6 +75,7 @@ MIN_IMAGE_SIZE: dict[str, int] = {
     "mnist_cnn": 6,
     "resnet_small": 8,
     "autoencoder": 1,
+    **dict.fromkeys(BACKBONES, MIN_SIZE),
 }
 
 #: Momentum of the ``momentum`` optimizer.
@@ -87,8 +92,12 @@ def build_model(
     num_classes: int,
     optimizer_wrapper: OptimizerWrapper | None = None,
     learning_rate: float | None = None,
+    load_pretrained: bool = True,
 ) -> KerasModel:
     """Build and compile the model that ``cfg.model`` names.
+
+    A backbone (:data:`~pipelines.zoo.BACKBONES`) or a user's ``package.module:function``
+    is built by :mod:`pipelines.backbones`.
 
     Args:
         cfg: Training configuration: model, activation, optimizer, learning rate, dropout,
@@ -99,6 +108,8 @@ def build_model(
             ``hvd.DistributedOptimizer``; identity when None.
         learning_rate: Overrides ``cfg.learning_rate`` (the trainer passes the rate scaled by
             the number of ranks).
+        load_pretrained: Load ``cfg.pretrained`` into a backbone; False when the weights
+            are set afterwards (:func:`as_float32`).
 
     Returns:
         The compiled model, named after ``cfg.model``.
@@ -108,10 +119,10 @@ def build_model(
             classes for a classifier, or a learning rate that is not positive.
 
     """
-    if cfg.model not in MODEL_NAMES:
-        raise ValueError(
-            f"train.model: unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}"
-        )
+    try:
+        check_model_name(cfg.model)
+    except ValueError as exc:
+        raise ValueError(f"train.model: {exc}") from None
     shape = _check_input_shape(cfg.model, input_shape)
     task = task_for_model(cfg.model)
     if task.uses_labels and num_classes < 2:
@@ -123,24 +134,45 @@ def build_model(
     if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
 
-    k = keras()
     parts = _Parts(cfg)
-    builder = {
-        "mlp": _mlp,
-        "lenet5": _lenet5,
-        "mnist_cnn": _mnist_cnn,
-        "resnet_small": _resnet_small,
-        "autoencoder": _autoencoder,
-    }[cfg.model]
-    model = builder(parts, shape, num_classes)
+    if is_custom(cfg.model):
+        model = build_custom(cfg.model, shape, num_classes)
+    elif cfg.model in BACKBONES:
+        model = build_backbone_classifier(
+            cfg, shape, num_classes, parts.kernel_args(), load_pretrained
+        )
+    else:
+        builder = {
+            "mlp": _mlp,
+            "lenet5": _lenet5,
+            "mnist_cnn": _mnist_cnn,
+            "resnet_small": _resnet_small,
+            "autoencoder": _autoencoder,
+        }[cfg.model]
+        model = builder(parts, shape, num_classes)
+    compile_model(model, cfg, optimizer_wrapper, lr)
+    return model
 
-    optimizer = make_optimizer(cfg.optimizer, lr)
+
+def compile_model(
+    model: KerasModel,
+    cfg: TrainConfig,
+    optimizer_wrapper: OptimizerWrapper | None,
+    learning_rate: float,
+) -> None:
+    """Compile ``model`` for its task with a new ``cfg.optimizer`` at ``learning_rate``.
+
+    Also what the second phase of fine-tuning runs once layers are unfrozen (a change of
+    ``trainable`` takes effect at the next compile).
+    """
+    k = keras()
+    task = task_for_model(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer, learning_rate)
     if optimizer_wrapper is not None:
         # Horovod wraps the plain optimizer; under mixed_float16, compile() wraps that in a
         # LossScaleOptimizer (Horovod cannot wrap a LossScaleOptimizer itself).
         optimizer = optimizer_wrapper(optimizer)
     task.compile(model, optimizer, k)
-    return model
 
 
 def as_float32(
@@ -168,10 +200,15 @@ def as_float32(
     previous = policies.global_policy()
     policies.set_global_policy("float32")
     try:
-        twin = build_model(cfg, input_shape, num_classes)
+        twin = build_model(cfg, input_shape, num_classes, load_pretrained=False)
     finally:
         policies.set_global_policy(previous)
-    twin.set_weights(model.get_weights())
+    # Layer by layer: a model's flat weight list puts trainable weights first, so its order
+    # differs between a fine-tuned backbone and the twin built frozen.
+    mine = dict(leaf_layers(model))
+    for path, layer in leaf_layers(twin):
+        if layer.weights:  # (a nested model's input layer has none, and a generated name)
+            layer.set_weights(mine[path].get_weights())
     return twin
 
 
@@ -228,7 +265,7 @@ def _check_input_shape(model: str, input_shape: tuple[int, ...]) -> tuple[int, i
             f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}"
         )
     height, width, channels = (int(d) for d in dims)
-    least = MIN_IMAGE_SIZE[model]
+    least = MIN_IMAGE_SIZE.get(model, 1)  # a user's model checks its own input
     if min(height, width) < least:
         raise ValueError(
             f"model {model} needs images of at least {least}x{least} pixels, got "

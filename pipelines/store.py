@@ -585,6 +585,8 @@ class RunDir:
     RANKS_DIR = "ranks"
     #: The MLflow run this folder belongs to (what ``--resume`` reopens).
     RUN_RECORD = "run.json"
+    #: The registered model ``train.init_from`` names, copied where every rank reads it.
+    INIT_MODEL = "init-from.h5"
 
     @property
     def path(self) -> Path:
@@ -606,6 +608,11 @@ class RunDir:
     def final_model(self) -> Path:
         """The final model (float32, no optimizer state)."""
         return self.path / self.FINAL_MODEL
+
+    @property
+    def init_model(self) -> Path:
+        """The model a warm start (``train.init_from``) takes its weights from."""
+        return self.path / self.INIT_MODEL
 
     def rank_file(self, rank: int) -> Path:
         """What rank ``rank`` wrote about itself."""

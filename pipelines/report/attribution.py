@@ -3,8 +3,9 @@
 In: a trained Keras classifier (softmax output, layer names as :mod:`pipelines.models`
 documents), normalised input images and the class to explain for each. Out:
 
-* :func:`saliency`: ``|d p_class / d input|``, the largest over the colour channels: the
-  pixels whose change would move the class probability most (Simonyan et al. 2014).
+* :func:`saliency`: ``|d z_class / d input|``, the largest over the colour channels: the
+  pixels whose change would move the class score (the pre-softmax logit) most
+  (Simonyan et al. 2014).
 * :func:`grad_cam`: Grad-CAM (Selvaraju et al. 2017) on the last ``Conv2D`` layer by
   default: ``ReLU(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial mean of the gradient of
   the class score (the pre-softmax logit when the output layer is a softmax dense layer,
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.model_layers import is_nested_model, outer_output
 from pipelines.report.filters import conv_layers, layer_depths, receptive_fields
 from pipelines.report.numeric import class_name, jsonable, most_confident_errors
 from pipelines.report.plots import BAD, GOOD, new_figure, save_png, show_image
@@ -53,12 +55,13 @@ _PANEL_IN = 0.88
 
 
 def saliency(model: KerasModel, x: np.ndarray, class_index: int | Sequence[int]) -> np.ndarray:
-    """Gradient magnitude of a class probability with respect to each input pixel.
+    """Gradient magnitude of a class score with respect to each input pixel.
 
-    Behind a softmax dense head the gradient is taken through the logits ``z`` with the
-    softmax's Jacobian written out, ``d p_c / d z_c = p_c * sum_{j != c} p_j`` and
-    ``d p_c / d z_j = -p_c p_j``: automatic differentiation forms ``p_c (1 - p_c)``, which is
-    exactly 0 in float32 once a confident model's ``p_c`` rounds to 1, leaving noise.
+    The class score is the pre-softmax logit ``z_c`` behind a softmax dense head, as
+    Simonyan et al. (2014) define saliency: the probability saturates, so for a confident
+    prediction ``d p_c / d x = p_c (1 - p_c) d(z_c - ...) / d x`` is ~0 everywhere (a digit
+    predicted at 100 % peaked at 0.00013, noise). Without such a head (:func:`score_kind`)
+    it is the output itself.
 
     Args:
         model: A Keras classifier whose output is class probabilities ``(N, K)``.
@@ -66,7 +69,7 @@ def saliency(model: KerasModel, x: np.ndarray, class_index: int | Sequence[int])
         class_index: The class to explain: one for all images, or one per image.
 
     Returns:
-        float32 ``(N, H, W)``: ``|d p_class / d x|``, the maximum over channels.
+        float32 ``(N, H, W)``: ``|d z_class / d x|``, the maximum over channels.
 
     """
     from pipelines.keras_api import is_keras3
@@ -85,12 +88,11 @@ def saliency(model: KerasModel, x: np.ndarray, class_index: int | Sequence[int])
             tape.watch(batch)
             if logits is None:
                 out = tf.cast(model(batch, training=False), tf.float32)
-                weights = tf.one_hot(chosen, out.shape[-1])  # d p_c / d p
             else:
                 out = logits(batch)
-                weights = _softmax_row(out, chosen)
-        # Images are independent, so the vector-Jacobian product is per image.
-        gradient = tape.gradient(out, batch, output_gradients=tf.stop_gradient(weights))
+            score = tf.gather(out, chosen, axis=1, batch_dims=1)
+        # Images are independent, so the gradient of the sum is each image's own.
+        gradient = tape.gradient(score, batch)
         maps.append(tf.reduce_max(tf.abs(gradient), axis=-1).numpy())
     return np.concatenate(maps) if maps else np.zeros((0, *x.shape[1:3]), np.float32)
 
@@ -124,17 +126,6 @@ def _dense_logits(head: Any, hidden: Any) -> Any:
     return z + tf.cast(head.bias, tf.float32) if head.use_bias else z
 
 
-def _softmax_row(z: Any, chosen: Any) -> Any:
-    """``d p_c / d z`` per image, ``1 - p_c`` summed from the other classes (no cancellation)."""
-    import tensorflow as tf
-
-    p = tf.nn.softmax(z)
-    mine = tf.one_hot(chosen, z.shape[-1])
-    p_c = tf.reduce_sum(p * mine, axis=1, keepdims=True)
-    rest = tf.reduce_sum(p * (1 - mine), axis=1, keepdims=True)
-    return p_c * (mine * rest - (1 - mine) * p)
-
-
 def _jax_saliency(model: KerasModel, x: np.ndarray, classes: np.ndarray, logits: Any) -> Any:
     """:func:`saliency` on the Keras stack: the same vector-Jacobian product, by ``jax.vjp``."""
     import jax
@@ -150,15 +141,8 @@ def _jax_saliency(model: KerasModel, x: np.ndarray, classes: np.ndarray, logits:
         batch = jnp.asarray(x[start : start + BATCH_SIZE], jnp.float32)
         chosen = jnp.asarray(classes[start : start + BATCH_SIZE])
         values, vjp = jax.vjp(out, batch)
-        mine = jax.nn.one_hot(chosen, values.shape[-1])
-        if logits is None:
-            weights = mine  # d p_c / d p
-        else:  # _softmax_row, in JAX
-            p = jax.nn.softmax(values)
-            p_c = jnp.sum(p * mine, axis=1, keepdims=True)
-            rest = jnp.sum(p * (1 - mine), axis=1, keepdims=True)
-            weights = p_c * (mine * rest - (1 - mine) * p)
-        (gradient,) = vjp(jax.lax.stop_gradient(weights))
+        # The class score's own gradient: the logit's, or the output's without a head.
+        (gradient,) = vjp(jax.nn.one_hot(chosen, values.shape[-1]))
         maps.append(np.asarray(jnp.max(jnp.abs(gradient), axis=-1)))
     return np.concatenate(maps) if maps else np.zeros((0, *x.shape[1:3]), np.float32)
 
@@ -216,18 +200,30 @@ def last_conv_layer(model: KerasModel) -> str | None:
     """The Grad-CAM default: the deepest ``Conv2D`` layer (transposed ones excluded).
 
     Deepest on the layer graph, later in model order on a tie: a residual block's 1x1
-    shortcut, listed after the block's second convolution, is not the last one.
+    shortcut, listed after the block's second convolution, is not the last one. A nested
+    model with a 4-D output (a pretrained backbone) after every such convolution is taken
+    whole: its output is the feature maps of its last convolution block.
     """
+    order = {layer.name: i for i, layer in enumerate(model.layers)}
     convs = conv_layers(model)
+    nested = [
+        layer
+        for layer in model.layers
+        if is_nested_model(layer) and len(outer_output(layer).shape) == 4
+    ]
+    if nested and (not convs or order[nested[-1].name] > max(order[c.name] for c in convs)):
+        return nested[-1].name
     if not convs:
         return None
     depths = layer_depths(model)
-    order = {layer.name: i for i, layer in enumerate(model.layers)}
     return max(convs, key=lambda layer: (depths[layer.name], order[layer.name])).name
 
 
 def score_kind(model: KerasModel) -> str:
-    """What Grad-CAM differentiates: ``logit`` behind a softmax dense head, else ``probability``."""
+    """What saliency and Grad-CAM take the gradient of: ``logit`` or ``probability``.
+
+    ``logit`` behind a softmax dense head (the pre-softmax class score), else the output.
+    """
     from pipelines.keras_api import keras
 
     head = model.layers[-1]
@@ -271,7 +267,9 @@ def grad_cam(
     logit = score_kind(model) == "logit"
     head = model.layers[-1]
     # The layer's maps and what comes right before the head (or the probabilities).
-    probe = keras().Model(model.inputs, [layer.output, head.input if logit else model.output])
+    probe = keras().Model(
+        model.inputs, [outer_output(layer), head.input if logit else model.output]
+    )
     cams = []
     for start in range(0, len(x), BATCH_SIZE):
         batch = tf.constant(np.asarray(x[start : start + BATCH_SIZE], dtype=np.float32))
@@ -589,7 +587,7 @@ def plot_attribution(
         ax.plot(xs, ys, linestyle="none", marker="+", color="white", ms=9, mew=2)
         ax.plot(xs, ys, linestyle="none", marker="+", color="black", ms=6, mew=1)
     fig.suptitle(
-        "Why this label: saliency |d p / d pixel| and Grad-CAM of the predicted class "
+        "Why this label: saliency |d z / d pixel| and Grad-CAM of the predicted class "
         "(+ marks each map's peak)",
         fontsize=10,
     )

@@ -56,7 +56,9 @@ def layer_outputs(model: KerasModel, names: Sequence[str], x: np.ndarray) -> lis
 
     """
     from pipelines.keras_api import keras
+    from pipelines.model_layers import outer_output
 
-    probe = keras().Model(model.inputs, [model.get_layer(name).output for name in names])
+    outputs = [outer_output(model.get_layer(name)) for name in names]  # nested models too
+    probe = keras().Model(model.inputs, outputs)
     values = probe.predict(x, batch_size=256, verbose=0)
     return [np.asarray(v) for v in (values if isinstance(values, list) else [values])]

@@ -35,6 +35,16 @@ class Distribution(Protocol):
     def callbacks(self, *, initial_lr: float, warmup_epochs: int, steps_per_epoch: int) -> list:
         """Keras callbacks that keep ranks in step (run before any other callback)."""
 
+    def sync_model_state(self, model: Any) -> None:
+        """Make the state no gradient moves (batch-norm moving statistics) equal on every rank.
+
+        Called at every epoch end, before checkpoints, early stopping and the final weight
+        check (:mod:`pipelines.train.worker`). Averaged gradients keep the weights equal,
+        but each rank updates its batch-normalisation moving mean and variance from its own
+        batches; a runtime whose batch statistics are already global (one batch sharded
+        over the ranks) has nothing to do.
+        """
+
     def load_model(self, path: str) -> Any:
         """Load a full Keras checkpoint (weights and optimizer state) for this runtime."""
 
@@ -66,6 +76,9 @@ class LocalDistribution:
     def callbacks(self, *, initial_lr: float, warmup_epochs: int, steps_per_epoch: int) -> list:
         """No callbacks: with one rank the learning rate is not scaled, so no warm-up."""
         return []
+
+    def sync_model_state(self, model: Any) -> None:
+        """Nothing to do: one rank agrees with itself."""
 
     def load_model(self, path: str) -> Any:
         """Load with plain Keras."""

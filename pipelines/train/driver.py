@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class RanksDivergedError(RuntimeError):
-    """The ranks ended with different weights: gradients were not averaged."""
+class RanksDivergedError(UserError):
+    """The ranks ended with different weights; the one-line message names the layers."""
 
 
 class RankDiedError(UserError):
@@ -143,6 +143,58 @@ def train(
     return TrainResult(**{**result, "seconds": round(time.time() - started, 1)})
 
 
+def _init_model(config: Config, store: Store, run_dir: RunDir) -> str | None:
+    """``train.init_from``'s Keras file, copied into the run's folder for every rank.
+
+    The version an alias points to is pinned now and tagged on the run (``init_from``),
+    so the run records what it started from even after the alias moves.
+    """
+    import mlflow
+
+    from pipelines.registry import download_model, resolve_model_uri
+    from pipelines.store import read_bytes, write_atomic
+
+    uri = config.train.init_from
+    if not uri:
+        return None
+    resolved = resolve_model_uri(
+        uri,
+        model_name=config.mlflow.model_name,
+        alias=config.mlflow.champion_alias,
+        tracking_uri=store.tracking_uri,
+        registry_uri=store.registry_uri,
+    )
+    local = download_model(resolved, store.model_cache, store.tracking_uri, store.registry_uri)
+    keras_file = ModelDir(str(local)).keras_path
+    if not keras_file.is_file():
+        raise UserError(f"train.init_from {uri}: not a model logged by dlpipe (no Keras file)")
+    write_atomic(run_dir.init_model, read_bytes(keras_file))
+    mlflow.set_tag("init_from", resolved.uri)
+    return str(run_dir.init_model)
+
+
+#: Differing layers named in a RanksDivergedError before the rest are counted.
+_DIVERGED_SHOWN = 8
+
+
+def _diverged(ranks: list[RankResult]) -> str:
+    """One line: which ranks and layers ended with weights other than rank 0's."""
+    first, *others = sorted(ranks, key=lambda r: r.rank)
+    layers = [
+        name
+        for name, digest in first.layer_digests.items()
+        if any(r.layer_digests.get(name) != digest for r in others)
+    ]
+    apart = [r.rank for r in others if r.weights_sha256 != first.weights_sha256]
+    shown = ", ".join(layers[:_DIVERGED_SHOWN]) or "(no layer digests returned)"
+    more = f" and {len(layers) - _DIVERGED_SHOWN} more" if len(layers) > _DIVERGED_SHOWN else ""
+    return (
+        f"ranks {apart} finished with weights other than rank 0's in {len(layers)} layer(s): "
+        f"{shown}{more}; state that the ranks do not average (a layer's own variables) "
+        "drifted apart, so the model is not registered"
+    )
+
+
 def _train_in_run(
     config: Config,
     store: Store,
@@ -169,6 +221,7 @@ def _train_in_run(
         run_dir=run_dir,
         resume=resume,
         run_id=run_id,  # rank 0 logs each epoch to it as the epoch ends
+        init_model=_init_model(config, store, run_dir),
     )
     run_dir.clear_ranks()  # the ranks of this start write anew
     clock.lap("prepare")
@@ -207,7 +260,7 @@ def _train_in_run(
     digests = {r.rank: r.weights_sha256 for r in ranks}
     mlflow.set_tag("rank_weights_sha256", json.dumps(digests, sort_keys=True))
     if len(set(digests.values())) != 1:
-        raise RanksDivergedError(f"ranks finished with different weights: {digests}")
+        raise RanksDivergedError(_diverged(ranks))
     rank0 = min(ranks, key=lambda r: r.rank)
     launch, fit = clock.lap(), max(r.fit_seconds for r in ranks)
     clock.add("rank_start", max(0.0, launch - fit))

@@ -2,7 +2,8 @@
 
 In: a rank process started by :class:`~pipelines.train.horovod_launcher.HorovodSparkLauncher`.
 Out: :class:`HorovodDistribution` (``hvd.init()``, averaged gradients, rank 0's initial
-weights broadcast, averaged metrics, learning-rate warm-up, object collectives) and
+weights broadcast, averaged metrics, learning-rate warm-up, batch-norm moving statistics
+averaged at every epoch end, object collectives) and
 :class:`ElasticHorovodDistribution` (the same in elastic mode, with the state committed and
 restored across resets). With :mod:`~pipelines.train.horovod_launcher` and
 :mod:`~pipelines.train.horovod_patches`, the only modules importing Horovod.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pipelines.train.distributions import LocalDistribution
 
@@ -79,6 +82,37 @@ class HorovodDistribution:
                 )
             )
         return callbacks
+
+    def sync_model_state(self, model: Any) -> None:
+        """Horovod: average the batch-norm moving statistics across ranks, in one allreduce.
+
+        Why averaging at each epoch end rather than synchronised batch normalisation
+        (``hvd.SyncBatchNormalization``): the model keeps Keras' own layers, so the saved
+        model and every pretrained backbone load and serve without Horovod; it costs one
+        allreduce per epoch instead of two per batch-norm layer per step; and the moving
+        statistics, which are all that inference uses, become the mean over every rank's
+        batches. Batch statistics during a step stay per rank (``train.batch_size`` rows),
+        as in Horovod's own Keras examples.
+        """
+        if self.size == 1:
+            return
+        import horovod.tensorflow as hvd_tf
+        import tensorflow as tf
+
+        from pipelines.model_layers import moving_statistics
+
+        variables = moving_statistics(model)
+        if not variables:
+            return
+        flat = tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in variables], 0)
+        # Horovod: one fused allreduce for every layer's statistics.
+        mean = hvd_tf.allreduce(flat, op=hvd_tf.Average, name="moving_statistics")
+        offset = 0
+        for variable in variables:
+            size = int(np.prod(variable.shape))
+            part = tf.reshape(mean[offset : offset + size], variable.shape)
+            variable.assign(tf.cast(part, variable.dtype))
+            offset += size
 
     def load_model(self, path: str) -> Any:
         """Horovod: reload with the optimizer state, re-wrapped in a DistributedOptimizer."""

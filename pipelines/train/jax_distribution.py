@@ -172,6 +172,16 @@ class JaxDistribution:
             )
         return callbacks
 
+    def sync_model_state(self, model: Any) -> None:
+        """Nothing to do: batch statistics here are already those of the global batch.
+
+        Under ``keras.distribution.DataParallel`` each rank's batch is a shard of one global
+        array and the compiled step computes batch normalisation's mean and variance over
+        all of it (XLA reduces across the ranks), so every rank updates its moving mean and
+        variance with the same values.
+        """
+        del model
+
     def load_model(self, path: str) -> Any:
         """A full Keras 3 checkpoint (weights and optimizer state), replicated on every rank.
 

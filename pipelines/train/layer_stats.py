@@ -177,7 +177,9 @@ def _epoch_function(
 
     x = tf.constant(probe[0])
     y = tf.constant(probe[1])
-    outputs = [layer.output for layer in layers]
+    from pipelines.model_layers import outer_output
+
+    outputs = [outer_output(layer) for layer in layers]  # a nested backbone's too
     probe_model = k.Model(model.inputs, [*outputs, model.outputs[0]])
     loss_fn = k.losses.get(model.loss)
     optimizer = getattr(model, "optimizer", None)

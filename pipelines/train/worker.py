@@ -54,6 +54,8 @@ class RankSpec:
         image_shape: (H, W, C) of the stored images.
         num_classes: Number of labels.
         rows: Rows per split, from the manifest; without ``val`` rows no validation is read.
+        init_model: A Keras model file (visible to every rank) whose weights a new model
+            starts from (``train.init_from``); None: the built weights.
     """
 
     train: TrainConfig
@@ -62,6 +64,7 @@ class RankSpec:
     image_shape: tuple[int, int, int]
     num_classes: int
     rows: dict[str, int]
+    init_model: str | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class RankResult:
         precision: The Keras dtype policy it trained under.
         layer_stats: Rank 0's per-layer statistics per epoch (empty elsewhere).
         layer_histograms: Rank 0's per-layer histograms per epoch (empty elsewhere).
+        layer_digests: Digest of each weighted layer's final weights, by layer path
+            (:func:`~pipelines.model_layers.layer_digests`): which layers differ when
+            ``weights_sha256`` does.
     """
 
     rank: int
@@ -123,6 +129,7 @@ class RankResult:
     precision: str
     layer_stats: dict[str, list[float]] = field(default_factory=dict)
     layer_histograms: dict[str, list[list[list[float]]]] = field(default_factory=dict)
+    layer_digests: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,10 @@ def prepared_rank(
                 optimizer_wrapper=dist.wrap_optimizer,
                 learning_rate=_scaled_lr(cfg, dist),
             )
+            if spec.init_model:
+                from pipelines.warm_start import warm_start
+
+                warm_start(model, spec.init_model, cfg.init_from or spec.init_model)
         yield PreparedRank(
             device=device, policy=policy, model=model, resumed=state, **_world(spec, dist)
         )
@@ -295,6 +306,7 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
 def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
     """The rank's training proper: fit, checkpoints, the final model, the result."""
     from pipelines.keras_api import keras
+    from pipelines.model_layers import layer_digests
     from pipelines.models import as_float32
 
     k = keras()
@@ -312,7 +324,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
         if cfg.elastic:
             steps, world_sizes = _fit_elastic(spec, dist, rank, initial_epoch, history, k, layers)
         else:
-            steps = _fit(spec, dist, rank, initial_epoch, history, k, [], layers)
+            steps = _fit_phases(spec, dist, rank, initial_epoch, history, k, layers)
             world_sizes = [{"epoch": initial_epoch, "size": dist.size}]
         fit_seconds = time.time() - fit_started
 
@@ -335,6 +347,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
             world_sizes=world_sizes,
             learning_rate=rank.scaled_lr,
             weights_sha256=weights_digest(model),
+            layer_digests=layer_digests(model),
             seconds=round(time.time() - started, 2),
             fit_seconds=round(fit_seconds, 2),
             placement=placement(),
@@ -342,6 +355,48 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
             precision=rank.policy,
             **layers,  # filled on rank 0 only
         )
+
+
+def _fit_phases(
+    spec: WorkerSpec,
+    dist: Distribution,
+    rank: PreparedRank,
+    initial_epoch: int,
+    history: dict[str, list[float]],
+    k: Any,
+    layers: dict[str, dict[str, list]],
+) -> int:
+    """Fit, in two phases when ``train.fine_tune`` freezes a backbone first.
+
+    Phase one trains the head on the frozen backbone up to ``frozen_epochs``; then the
+    backbone's top layers are unfrozen and the model is compiled anew (a change of
+    ``trainable`` takes effect at compile) at ``learning_rate_factor`` times the rate,
+    with fresh Distribution callbacks and no warm-up. A run resumed past the first phase
+    reloads the unfrozen model from its checkpoint and goes straight on.
+    """
+    from pipelines.backbones import BACKBONE_LAYER, unfreeze, uses_backbone
+    from pipelines.models import compile_model
+
+    cfg = spec.train
+    frozen = cfg.fine_tune.frozen_epochs if uses_backbone(cfg) else 0
+    if not 0 < frozen < cfg.epochs:
+        return _fit(spec, dist, rank, initial_epoch, history, k, [], layers)
+    if initial_epoch < frozen:
+        first = replace(spec, train=replace(cfg, epochs=frozen))
+        _fit(first, dist, rank, initial_epoch, history, k, [], layers)
+    second = rank
+    # Still frozen: the first phase just ended, or a resume from its last checkpoint. (The
+    # weights tell; a reloaded model's nested ``trainable`` flag does not.)
+    if not rank.model.get_layer(BACKBONE_LAYER).trainable_weights:
+        unfreeze(rank.model, cfg.fine_tune.unfreeze_top)
+        lr = rank.scaled_lr * cfg.fine_tune.learning_rate_factor
+        compile_model(rank.model, cfg, dist.wrap_optimizer, lr)
+        steps = rank.steps_per_epoch
+        callbacks = dist.callbacks(initial_lr=lr, warmup_epochs=0, steps_per_epoch=steps)
+        second = replace(rank, scaled_lr=lr, callbacks=callbacks)
+    # Early stopping may have ended the first phase sooner: go on from the epochs done.
+    done = len(next(iter(history.values()), []))
+    return _fit(spec, dist, second, done, history, k, [], layers)
 
 
 def _fit(
@@ -363,7 +418,10 @@ def _fit(
     """
     cfg = spec.train
     monitor = "val_loss" if rank.validation else "loss"
-    callbacks = list(rank.callbacks)
+    # First after the Distribution's own: every later callback (early stopping's best
+    # weights, checkpoints, layer statistics) and the final weight check see the ranks'
+    # batch-norm statistics made equal.
+    callbacks = [*rank.callbacks, _SyncModelState(dist, k)]
     if cfg.early_stopping_patience > 0:
         # Runs after the metric averaging above, so every rank sees the same numbers and
         # stops at the same epoch (a rank that stopped alone would hang the others).
@@ -471,6 +529,16 @@ def limit_threads(ranks_on_this_host: int, threads: int = 0) -> None:
     """
     threads = threads or cores_per_process(ranks_on_this_host)
     limit_tf_threads(threads, min(2, threads))
+
+
+def _SyncModelState(dist: Distribution, k: Any) -> Any:  # noqa: N802
+    """A Keras callback calling ``dist.sync_model_state`` at every epoch end."""
+
+    class SyncModelState(k.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            dist.sync_model_state(self.model)
+
+    return SyncModelState()
 
 
 def _Record(history: dict[str, list[float]], k: Any) -> Any:  # noqa: N802

@@ -14,6 +14,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -239,23 +240,32 @@ def test_known_answer_saliency_and_grad_cam_peak_on_the_patch(convnet: Trained) 
         assert _distance(peak(cam[j]), test.corners[i]) <= 2, i
 
 
-def test_saliency_is_the_probability_gradient(convnet: Trained) -> None:
-    """It equals plain autodiff of the probability and central finite differences of it.
+def _logit_model(model: Any) -> Any:
+    """The classifier up to its softmax: the same hidden layers, the head's kernel, no softmax."""
+    from pipelines.keras_api import keras
 
-    Checked on the least confident images, where float32 still resolves ``1 - p``.
-    """
+    k = keras()
+    head = model.layers[-1]
+    z = k.layers.Dense(head.units, name="logits")(head.input)
+    logits = k.Model(model.inputs, z)
+    logits.get_layer("logits").set_weights(head.get_weights())
+    return logits
+
+
+def test_saliency_is_the_logit_gradient(convnet: Trained) -> None:
+    """It equals autodiff of the pre-softmax class score and central finite differences of it."""
     import tensorflow as tf
 
-    least = np.argsort(convnet.probabilities.max(axis=1), kind="stable")[:8]
-    x = convnet.x[least]
-    classes = convnet.probabilities[least].argmax(axis=1)
+    logits = _logit_model(convnet.model)
+    x = convnet.x[:8]
+    classes = convnet.probabilities[:8].argmax(axis=1)
     sal = saliency(convnet.model, x, classes)
     batch = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(batch)
-        p = tf.gather(convnet.model(batch, training=False), classes, axis=1, batch_dims=1)
-    plain = np.abs(tape.gradient(p, batch).numpy()).max(axis=-1)
-    np.testing.assert_allclose(sal, plain, rtol=1e-3, atol=1e-4 * float(plain.max()))
+        z = tf.gather(logits(batch, training=False), classes, axis=1, batch_dims=1)
+    plain = np.abs(tape.gradient(z, batch).numpy()).max(axis=-1)
+    np.testing.assert_allclose(sal, plain, rtol=1e-4, atol=1e-6 * float(plain.max()))
 
     image, k = x[:1].astype(np.float64), int(classes[0])
     row, col = peak(sal[0])
@@ -263,18 +273,25 @@ def test_saliency_is_the_probability_gradient(convnet: Trained) -> None:
     up, down = image.copy(), image.copy()
     up[0, row, col, 0] += eps
     down[0, row, col, 0] -= eps
-    probs = convnet.model.predict(np.concatenate([up, down]).astype(np.float32), verbose=0)
-    numeric = abs(probs[0, k] - probs[1, k]) / (2 * eps)
-    assert float(sal[0, row, col]) > 1e-5  # well above float32's resolution of p there
+    scores = logits.predict(np.concatenate([up, down]).astype(np.float32), verbose=0)
+    numeric = abs(scores[0, k] - scores[1, k]) / (2 * eps)
     assert numeric == pytest.approx(float(sal[0, row, col]), rel=0.1)
 
 
-def test_saliency_survives_a_saturated_softmax(convnet: Trained) -> None:
-    """A near-certain image still gets the map of d(z_c - z_j), not float32 rounding noise."""
+def test_saliency_of_a_confident_prediction_is_not_zero(convnet: Trained) -> None:
+    """Where the softmax saturates, the probability's gradient is ~0; the logit's is not."""
+    import tensorflow as tf
+
     confident = int(np.argmax(convnet.probabilities[:, 1] * (convnet.test.truth == 1)))
+    assert convnet.probabilities[confident, 1] > 0.999
     x = convnet.x[confident : confident + 1]
     sal = saliency(convnet.model, x, 1)[0]
-    assert sal.max() > 0
+    batch = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(batch)
+        p = convnet.model(batch, training=False)[:, 1]
+    of_probability = np.abs(tape.gradient(p, batch).numpy()).max()
+    assert sal.max() > 100 * of_probability
     assert _distance(peak(sal), convnet.test.corners[confident]) <= 1
 
 

@@ -16,14 +16,20 @@ from pipelines.errors import UserError
 SHAPE, CLASSES = (6, 6, 1), 3
 
 
-def build_model(learning_rate: float) -> Any:
-    """A small convnet with plain SGD (no momentum: one step is one gradient times the rate)."""
+def build_model(learning_rate: float, batch_norm: bool = False) -> Any:
+    """A small convnet with plain SGD (no momentum: one step is one gradient times the rate).
+
+    ``batch_norm``: with a batch-normalisation layer after the convolution (its moving mean
+    and variance move with each training batch's statistics).
+    """
     import keras
 
+    norm = [keras.layers.BatchNormalization(momentum=0.5)] if batch_norm else []
     model = keras.Sequential(
         [
             keras.Input(SHAPE),
             keras.layers.Conv2D(4, 3, activation="relu"),
+            *norm,
             keras.layers.Flatten(),
             keras.layers.Dense(CLASSES),
         ]
@@ -45,17 +51,23 @@ def batches(seed: int, steps: int, size: int) -> list[tuple[np.ndarray, np.ndarr
     ]
 
 
-def train(per_rank: list[list[tuple[np.ndarray, np.ndarray]]], seed: Any, rate: float) -> dict:
+def train(
+    per_rank: list[list[tuple[np.ndarray, np.ndarray]]],
+    seed: Any,
+    rate: float,
+    batch_norm: bool = False,
+) -> dict:
     """Train on this rank's batches, one per step; weights, history and collectives back.
 
-    ``seed`` is one seed for all ranks, or a list with one per rank.
+    ``seed`` is one seed for all ranks, or a list with one per rank; ``batch_norm`` as
+    :func:`build_model`'s.
     """
     from pipelines.train.jax_distribution import JaxDistribution, weights_digest
 
     spec_rank = int(os.environ["KERAS_DISTRIBUTION_PROCESS_ID"])
     dist = JaxDistribution(seed=seed[spec_rank] if isinstance(seed, list) else seed)
     mine = per_rank[dist.rank]
-    model = build_model(rate)
+    model = build_model(rate, batch_norm)
     history = model.fit(
         (batch for batch in mine),  # Keras 3 takes generators, not other iterators
         steps_per_epoch=1,
@@ -64,6 +76,7 @@ def train(per_rank: list[list[tuple[np.ndarray, np.ndarray]]], seed: Any, rate: 
         verbose=0,
         callbacks=dist.callbacks(initial_lr=rate, warmup_epochs=0, steps_per_epoch=1),
     )
+    dist.sync_model_state(model)  # as the worker does at every epoch end
     return {
         "rank": dist.rank,
         "size": dist.size,

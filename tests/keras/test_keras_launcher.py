@@ -125,6 +125,31 @@ def test_one_step_of_two_ranks_is_one_step_on_both_batches(launcher):
 
 
 @pytest.mark.slow
+def test_batch_norm_statistics_of_two_ranks_are_those_of_the_whole_batch(launcher):
+    import keras
+
+    seed, rate, steps = 7, 0.1, 2
+    per_rank = [ranks.batches(300 + r, steps, 4) for r in range(2)]
+    results = launcher.run(ranks.train, (per_rank, seed, rate, True), rank_timeout_s=60)
+    keras.utils.set_random_seed(seed)
+    single = ranks.build_model(rate, batch_norm=True)
+    start = [w.copy() for w in single.get_weights()]
+    for step in range(steps):
+        x = np.concatenate([per_rank[0][step][0], per_rank[1][step][0]])
+        y = np.concatenate([per_rank[0][step][1], per_rank[1][step][1]])
+        single.train_on_batch(x, y)
+    norm = single.layers[1]
+    moving = [np.asarray(norm.moving_mean), np.asarray(norm.moving_variance)]
+    assert all(float(np.abs(m - s).max()) > 1e-3 for m, s in zip(moving, start[4:6], strict=True))
+    # get_weights holds the moving mean and variance too: the same on both ranks, and the
+    # ones one process gets from the whole batch (not either rank's half of it).
+    for a, b in zip(results[0]["weights"], results[1]["weights"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for ours, theirs in zip(results[0]["weights"], single.get_weights(), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_ranks_built_from_other_seeds_fail_before_training(launcher):
     # JAX 0.9 itself refuses a replicated variable whose value differs between processes,
     # as Keras creates it; the digest check at the start of fit is the second guard.

@@ -300,7 +300,7 @@ def test_the_autoencoder_alone_reconstructs():
         ("mlp", (28, 28), 10, r"\(height, width, channels\)"),
         ("mlp", (28, 0, 1), 10, r"\(height, width, channels\)"),
         ("mnist_cnn", (28, 28, 1), 1, "at least 2 classes"),
-        ("vgg16", (28, 28, 1), 10, "unknown model 'vgg16'"),
+        ("vgg16", (28, 28, 1), 10, "'vgg16' is not one of"),
     ],
 )
 def test_bad_input_fails_clearly(name, shape, classes, match):

@@ -167,7 +167,11 @@ def test_base_yaml_lists_every_key_with_its_default():
 
 
 _TRAIN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(TrainConfig)))
-_MODELS = "'mlp', 'lenet5', 'mnist_cnn', 'resnet_small', 'autoencoder'"
+_MODELS = (
+    "'mlp', 'lenet5', 'mnist_cnn', 'resnet_small', 'autoencoder', 'mobilenet_v2', "
+    "'efficientnet_b0', 'resnet50', nor package.module:function (a function of "
+    "(input_shape, num_classes) returning an uncompiled Keras model)"
+)
 
 
 @pytest.mark.parametrize(

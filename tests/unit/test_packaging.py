@@ -79,14 +79,18 @@ def test_config_loads_from_the_zipped_wheel_alone(wheel, tmp_path):
         "from pipelines.config import load_config, bundled_targets;"
         "import pipelines; assert pipelines.__file__.startswith(sys.argv[1]), pipelines.__file__;"
         "print(bundled_targets(), load_config('databricks').mlflow.tracking_uri,"
-        " load_config('cluster').spark.master, load_config().work_dir)"
+        " load_config('cluster').spark.master, load_config().work_dir,"
+        " load_config('photos').train.model)"
     )
     done = subprocess.run(
         [sys.executable, "-S", "-c", code, str(zipped), str(yaml_home)],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["['cluster',", "'databricks']", "databricks", "None", "work"]
+    assert done.stdout.split() == [
+        *("['cluster',", "'databricks',", "'photos']"),
+        *("databricks", "None", "work", "mobilenet_v2"),
+    ]
 
 
 def test_report_templates_load_from_the_zipped_wheel_alone(wheel, tmp_path):
