@@ -145,6 +145,11 @@ class IngestConfig:
         format: ``auto`` detects folder / MNIST IDX / CIFAR-10 from the source.
         image_size: Target height and width in pixels.
         channels: 1 (grey) or 3 (RGB).
+        resize: How an image that is not square becomes one: ``stretch`` squeezes the
+            whole image (the aspect ratio is lost), ``crop`` takes its largest centred
+            square (Keras' ``crop_to_aspect_ratio``), ``pad`` letterboxes it in black (Keras'
+            ``pad_to_aspect_ratio``). The model records it; scoring, serving and explain
+            decode the same way.
         splits: Train/val/test fractions, assigned by a hash of the relative path.
         rows_per_row_group: Rows per Parquet row group (= per file). Petastorm shards by row
             group, so keep several row groups per Horovod rank.
@@ -160,6 +165,7 @@ class IngestConfig:
     format: Literal["auto", "folder", "mnist-idx", "cifar10"] = "auto"
     image_size: Annotated[StrictInt, Field(ge=4, le=4096)] = 28
     channels: Annotated[Literal[1, 3], _NO_BOOL] = 1
+    resize: Literal["stretch", "crop", "pad"] = "stretch"
     splits: Annotated[SplitConfig, _SECTION] = field(default_factory=SplitConfig)
     rows_per_row_group: Annotated[StrictInt, Field(ge=1)] = 128
     row_group_size_mb: Annotated[StrictInt, Field(ge=1, le=1024)] = 64

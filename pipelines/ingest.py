@@ -170,6 +170,7 @@ def ingest(
             split_classes=_split_class_counts(plan, rejected, config.splits),
             label_names=plan.label_names,
             image_shape=shape,
+            resize=config.resize,
             started_at=_iso(started),
             finished_at="",
         )
@@ -229,10 +230,10 @@ def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
             "file": [os.fsencode(f"{root}/{rel}") for rel in rels],
         }
     )
-    size, channels = config.image_size, config.channels
+    size, channels, resize = config.image_size, config.channels, config.resize
 
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
-        return [_decode_file(file, size, channels) for file in batch.file]
+        return [_decode_file(file, size, channels, resize) for file in batch.file]
 
     return _Plan(records, decode, rejected, listing.skipped, label_names)
 
@@ -267,12 +268,13 @@ def _array_plan(src: Path, fmt: str, config: IngestConfig) -> _Plan:
     log.info(
         "ingest: %d records in %d parts, %d classes", len(records), len(parts), len(label_names)
     )
-    size, channels = config.image_size, config.channels
+    size, channels, resize = config.image_size, config.channels, config.resize
 
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
         pairs = zip(batch.rel, batch.raw, strict=True)
         return [
-            _prepare_record(raw, shapes[rel.split("/")[0]], size, channels) for rel, raw in pairs
+            _prepare_record(raw, shapes[rel.split("/")[0]], size, channels, resize)
+            for rel, raw in pairs
         ]
 
     return _Plan(records, decode, {}, 0, label_names)
@@ -647,32 +649,35 @@ class _TaskWriter:
         )
 
 
-def _decode_file(path: bytes, size: int, channels: int) -> tuple[bytes | None, str | None]:
+def _decode_file(
+    path: bytes, size: int, channels: int, resize: str
+) -> tuple[bytes | None, str | None]:
     """Read and decode one image file: ``(encoded image, None)`` or ``(None, reason)``.
 
     Args:
         path: The raw bytes of the file's path (any name opens, UTF-8 or not).
         size: Side of the square output.
         channels: 1 or 3.
+        resize: ``stretch``, ``crop`` or ``pad``.
     """
     content, unreadable = read_file(path)
     if content is None:
         return None, unreadable  # quarantined with the reason, not a failed job
     try:
-        return schema.encode_cell(decode_image(content, size, channels)), None
+        return schema.encode_cell(decode_image(content, size, channels, resize)), None
     except ImageDecodeError as exc:
         return None, str(exc)
 
 
 def _prepare_record(
-    raw: bytes, shape: tuple[int, ...], size: int, channels: int
+    raw: bytes, shape: tuple[int, ...], size: int, channels: int, resize: str
 ) -> tuple[bytes | None, str | None]:
     """Convert one array record to the target shape: ``(encoded image, reason)``."""
     import numpy as np
 
     try:
         array = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-        return schema.encode_cell(prepare_array(array, size, channels)), None
+        return schema.encode_cell(prepare_array(array, size, channels, resize)), None
     except (ValueError, ImageDecodeError) as exc:
         return None, f"cannot convert record: {exc}"
 

@@ -192,6 +192,10 @@ class Manifest:
             before 2026-12); what a scoring batch's predictions are compared with.
         label_names: Class names; a label is an index into this list.
         image_shape: ``[height, width, channels]`` of every image.
+        resize: How each image was made square (``stretch``, ``crop`` or ``pad``;
+            ``stretch`` in manifests written before the choice existed).
+        storage: How each image cell is encoded (``raw`` ``np.save`` pixels, ``png`` or
+            ``jpeg``; ``raw`` in manifests written before the choice existed).
         started_at: ISO time the ingest started.
         finished_at: ISO time the ingest finished.
     """
@@ -207,6 +211,8 @@ class Manifest:
     split_classes: dict[str, dict[str, int]] = field(default_factory=dict)
     label_names: list[str] = field(default_factory=list)
     image_shape: list[int] = field(default_factory=list)
+    resize: str = "stretch"
+    storage: str = "raw"
     started_at: str = ""
     finished_at: str = ""
 

@@ -261,6 +261,7 @@ def _train_in_run(
         image_shape=list(manifest.image_shape),
         task=task,
         input_example_png=evaluation.example_png,
+        resize=manifest.resize,
     )
     metric, higher_is_better = task.promotion_metric(config.registry.metric)
     challenge = ChampionChallenge(config, store, dataset, manifest, task, metric)
