@@ -25,6 +25,7 @@ from pipelines import schema, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
+from pipelines.images import DEFAULT_RESIZE
 from pipelines.store import MANIFEST_ARTIFACT, DatasetDir, ModelDir, RunDir, Store
 from pipelines.tasks import REPORT_SAMPLE_IMAGES, Evaluation, Task, task_for_model
 from pipelines.train.checkpoint import load_final_model, read_checkpoint, read_rank_placements
@@ -443,14 +444,18 @@ def incomparable(
     """Why a model (its label sidecar ``meta``) cannot be evaluated on ``manifest``'s data.
 
     Returns:
-        The reason, or None when the task, input shape and (for a classifier) the classes
-        and their order are this dataset's.
+        The reason, or None when the task, input shape, resize mode and (for a classifier)
+        the classes and their order are this dataset's.
     """
     if champion_task is not task:
         return f"it is a {champion_task.name} model, this one {task.name}"
     shape = [int(d) for d in meta.get("image_shape", [])]
     if shape != list(manifest.image_shape):
         return f"input {_shape(shape)}, this dataset {_shape(manifest.image_shape)}"
+    # The dataset's pixels were made square one way; a model trained on another sees others.
+    resize = str(meta.get("resize", DEFAULT_RESIZE))
+    if resize != manifest.resize:
+        return f"images resized by {resize}, this dataset by {manifest.resize}"
     names = [str(n) for n in meta.get("label_names", [])]
     if task.uses_labels and names != list(manifest.label_names):
         return f"classes {_names(names)}, this dataset {_names(manifest.label_names)}"
