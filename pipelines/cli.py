@@ -252,11 +252,12 @@ def _no_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _ingest_overrides(args: argparse.Namespace) -> list[str]:
-    """``--format/--image-size/--channels`` as overrides after ``--set`` (validated alike)."""
+    """``--format/--labels/--image-size/--channels`` as overrides after ``--set``."""
     return [
         f"ingest.{key}={value}"
         for key, value in (
             ("format", args.format),
+            ("labels", args.labels),
             ("image_size", args.image_size),
             ("channels", args.channels),
         )
@@ -371,6 +372,12 @@ def _add_ingest(add: _Add) -> None:
     _output_option(ingest, "DST", "dataset directory (default: <work_dir>/datasets/prepared)")
     ingest.add_argument(
         "--format", choices=["auto", "folder", "mnist-idx", "cifar10"], help="default: auto"
+    )
+    ingest.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="CSV or Parquet of path,label rows labelling the images of SRC "
+        "(default: one sub-folder per class)",
     )
     ingest.add_argument("--image-size", type=int, metavar="N", help="target N x N pixels")
     ingest.add_argument("--channels", type=int, choices=[1, 3], help="1 = grey, 3 = RGB")

@@ -143,6 +143,10 @@ class IngestConfig:
             written by ``dlpipe demo-data`` under the work directory).
         output: Prepared dataset location (``null``: ``<work_dir>/datasets/prepared``).
         format: ``auto`` detects folder / MNIST IDX / CIFAR-10 from the source.
+        labels: A CSV or Parquet table of ``path,label`` rows (paths relative to the
+            source, or absolute inside it) that labels a folder of images instead of its
+            sub-folder names (``null``: one sub-folder per class). Rows whose file is
+            missing or unreadable, and images no row names, are quarantined with the reason.
         image_size: Target height and width in pixels.
         channels: 1 (grey) or 3 (RGB).
         resize: How an image that is not square becomes one: ``stretch`` squeezes the
@@ -163,6 +167,7 @@ class IngestConfig:
     source: StrictStr | None = None
     output: StrictStr | None = None
     format: Literal["auto", "folder", "mnist-idx", "cifar10"] = "auto"
+    labels: StrictStr | None = None
     image_size: Annotated[StrictInt, Field(ge=4, le=4096)] = 28
     channels: Annotated[Literal[1, 3], _NO_BOOL] = 1
     resize: Literal["stretch", "crop", "pad"] = "stretch"

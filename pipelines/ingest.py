@@ -45,6 +45,7 @@ from pipelines import schema
 from pipelines.config import IngestConfig, SplitConfig
 from pipelines.errors import UserError
 from pipelines.images import ImageDecodeError, decode_image, prepare_array
+from pipelines.labels_table import match_labels, read_labels_table
 from pipelines.listing import display_path, list_tree, read_file
 from pipelines.sources import SourceError, detect_format, read_cifar10, read_mnist_idx
 from pipelines.store import DatasetDir, Staging, move_into, remove, to_url
@@ -144,7 +145,14 @@ def ingest(
     if dst == src or src in dst.parents:
         raise IngestError(f"output {dst} lies inside the source {src}; choose another --output")
     log.info("ingest: %s source %s -> %s", fmt, src, dst)
-    plan = _folder_plan(src, config) if fmt == "folder" else _array_plan(src, fmt, config)
+    if config.labels:
+        if fmt != "folder":
+            raise IngestError(f"ingest.labels needs a folder of images, {src} is {fmt}")
+        plan = _table_plan(src, Path(config.labels).expanduser().resolve(), config)
+    elif fmt == "folder":
+        plan = _folder_plan(src, config)
+    else:
+        plan = _array_plan(src, fmt, config)
     shape = [config.image_size, config.image_size, config.channels]
 
     staging = Staging(str(dst))
@@ -227,6 +235,53 @@ def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
             "rel": shown_rels,
             "label": pd.array([index[name] for name in names], dtype="int32"),
             "label_name": names,
+            "file": [os.fsencode(f"{root}/{rel}") for rel in rels],
+        }
+    )
+    size, channels, resize = config.image_size, config.channels, config.resize
+
+    def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
+        return [_decode_file(file, size, channels, resize) for file in batch.file]
+
+    return _Plan(records, decode, rejected, listing.skipped, label_names)
+
+
+def _table_plan(src: Path, table_file: Path, config: IngestConfig) -> _Plan:
+    """Plan a folder of images labelled by a ``path,label`` table (``ingest.labels``).
+
+    Rows naming no usable file, and files no row names, are rejected on the driver with
+    the reason (:func:`~pipelines.labels_table.match_labels`); the executors read and decode
+    the rest exactly as for a class-per-folder tree.
+    """
+    import pandas as pd
+
+    table = read_labels_table(table_file)
+    listing = list_tree(src, sizes=False)
+    matched = match_labels(table, src, listing.images, table_file.name)
+    root = str(src).rstrip("/")
+    shown = display_path(root)
+    rels = sorted(matched.labels)
+    label_names = sorted({matched.labels[rel] for rel in rels})
+    log.info(
+        "ingest: %d labelled images in %d classes from %s, %d rejected, %d other files skipped",
+        len(rels),
+        len(label_names),
+        table_file,
+        len(matched.rejected),
+        listing.skipped,
+    )
+    rejected = {
+        (f"{shown}/{display_path(rel)}" if not rel.startswith("/") else display_path(rel)): why
+        for rel, why in matched.rejected.items()
+    }
+    index = {name: i for i, name in enumerate(label_names)}
+    shown_rels = [display_path(rel) for rel in rels]
+    records = pd.DataFrame(
+        {
+            "path": [f"{shown}/{rel}" for rel in shown_rels],
+            "rel": shown_rels,
+            "label": pd.array([index[matched.labels[rel]] for rel in rels], dtype="int32"),
+            "label_name": [matched.labels[rel] for rel in rels],
             "file": [os.fsencode(f"{root}/{rel}") for rel in rels],
         }
     )
