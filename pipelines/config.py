@@ -154,6 +154,11 @@ class IngestConfig:
             square (Keras' ``crop_to_aspect_ratio``), ``pad`` letterboxes it in black (Keras'
             ``pad_to_aspect_ratio``). The model records it; scoring, serving and explain
             decode the same way.
+        storage: How each image cell is stored: ``raw`` uint8 pixels (``np.save``, what
+            plain Petastorm reads), ``png`` (lossless) or ``jpeg`` (lossy, at
+            ``jpeg_quality``); the feed decodes every kind, and datasets written before
+            (raw) keep reading. See ``conf/base.yaml`` for the measured choice.
+        jpeg_quality: JPEG quality of ``storage: jpeg``, 1-95 (Pillow's scale).
         splits: Train/val/test fractions, assigned by a hash of the relative path.
         rows_per_row_group: Rows per Parquet row group (= per file). Petastorm shards by row
             group, so keep several row groups per Horovod rank.
@@ -171,6 +176,8 @@ class IngestConfig:
     image_size: Annotated[StrictInt, Field(ge=4, le=4096)] = 28
     channels: Annotated[Literal[1, 3], _NO_BOOL] = 1
     resize: Literal["stretch", "crop", "pad"] = "stretch"
+    storage: Literal["raw", "png", "jpeg"] = "raw"
+    jpeg_quality: Annotated[StrictInt, Field(ge=1, le=95)] = 90
     splits: Annotated[SplitConfig, _SECTION] = field(default_factory=SplitConfig)
     rows_per_row_group: Annotated[StrictInt, Field(ge=1)] = 128
     row_group_size_mb: Annotated[StrictInt, Field(ge=1, le=1024)] = 64

@@ -161,7 +161,8 @@ def ingest(
         written, rejected = _decode_and_write(spark, plan, config, tmp)
         rejected = {**plan.rejected, **rejected}
         staged = DatasetDir(str(tmp))
-        splits = _commit_splits(written, staged, schema.prepared_schema(*shape))
+        unischema = schema.prepared_schema(*shape, config.storage)
+        splits = _commit_splits(written, staged, unischema)
         ingested = sum(splits.values())
         _check_counts(plan, rejected, ingested, src)
         _write_quarantine(rejected, staged)
@@ -179,6 +180,7 @@ def ingest(
             label_names=plan.label_names,
             image_shape=shape,
             resize=config.resize,
+            storage=config.storage,
             started_at=_iso(started),
             finished_at="",
         )
@@ -238,10 +240,10 @@ def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
             "file": [os.fsencode(f"{root}/{rel}") for rel in rels],
         }
     )
-    size, channels, resize = config.image_size, config.channels, config.resize
+    target = _Target.of(config)
 
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
-        return [_decode_file(file, size, channels, resize) for file in batch.file]
+        return [_decode_file(file, target) for file in batch.file]
 
     return _Plan(records, decode, rejected, listing.skipped, label_names)
 
@@ -285,10 +287,10 @@ def _table_plan(src: Path, table_file: Path, config: IngestConfig) -> _Plan:
             "file": [os.fsencode(f"{root}/{rel}") for rel in rels],
         }
     )
-    size, channels, resize = config.image_size, config.channels, config.resize
+    target = _Target.of(config)
 
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
-        return [_decode_file(file, size, channels, resize) for file in batch.file]
+        return [_decode_file(file, target) for file in batch.file]
 
     return _Plan(records, decode, rejected, listing.skipped, label_names)
 
@@ -323,14 +325,11 @@ def _array_plan(src: Path, fmt: str, config: IngestConfig) -> _Plan:
     log.info(
         "ingest: %d records in %d parts, %d classes", len(records), len(parts), len(label_names)
     )
-    size, channels, resize = config.image_size, config.channels, config.resize
+    target = _Target.of(config)
 
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
         pairs = zip(batch.rel, batch.raw, strict=True)
-        return [
-            _prepare_record(raw, shapes[rel.split("/")[0]], size, channels, resize)
-            for rel, raw in pairs
-        ]
+        return [_prepare_record(raw, shapes[rel.split("/")[0]], target) for rel, raw in pairs]
 
     return _Plan(records, decode, {}, 0, label_names)
 
@@ -704,37 +703,56 @@ class _TaskWriter:
         )
 
 
-def _decode_file(
-    path: bytes, size: int, channels: int, resize: str
-) -> tuple[bytes | None, str | None]:
+@dataclass(frozen=True)
+class _Target:
+    """What every record becomes: its square size, channels, resize mode and cell storage."""
+
+    size: int
+    channels: int
+    resize: str
+    storage: str
+    quality: int
+
+    @classmethod
+    def of(cls, config: IngestConfig) -> _Target:
+        return cls(
+            config.image_size, config.channels, config.resize, config.storage, config.jpeg_quality
+        )
+
+    def encode(self, pixels: Any) -> bytes:
+        """The dataset cell of one image's uint8 pixels."""
+        return schema.encode_cell(pixels, self.storage, self.quality)
+
+
+def _decode_file(path: bytes, target: _Target) -> tuple[bytes | None, str | None]:
     """Read and decode one image file: ``(encoded image, None)`` or ``(None, reason)``.
 
     Args:
         path: The raw bytes of the file's path (any name opens, UTF-8 or not).
-        size: Side of the square output.
-        channels: 1 or 3.
-        resize: ``stretch``, ``crop`` or ``pad``.
+        target: Size, channels, resize mode and storage of the cell.
     """
     content, unreadable = read_file(path)
     if content is None:
         return None, unreadable  # quarantined with the reason, not a failed job
     try:
-        return schema.encode_cell(decode_image(content, size, channels, resize)), None
+        pixels = decode_image(content, target.size, target.channels, target.resize)
     except ImageDecodeError as exc:
         return None, str(exc)
+    return target.encode(pixels), None
 
 
 def _prepare_record(
-    raw: bytes, shape: tuple[int, ...], size: int, channels: int, resize: str
+    raw: bytes, shape: tuple[int, ...], target: _Target
 ) -> tuple[bytes | None, str | None]:
     """Convert one array record to the target shape: ``(encoded image, reason)``."""
     import numpy as np
 
     try:
         array = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-        return schema.encode_cell(prepare_array(array, size, channels, resize)), None
+        pixels = prepare_array(array, target.size, target.channels, target.resize)
     except (ValueError, ImageDecodeError) as exc:
         return None, f"cannot convert record: {exc}"
+    return target.encode(pixels), None
 
 
 def _iso(timestamp: float) -> str:
