@@ -249,6 +249,15 @@ class TrainConfig:
             their height and width, anew every epoch (0: off).
         augment_rotation_deg: ... and rotated at random by up to this many degrees either
             way (0: off). Evaluation, scoring and serving see the images unchanged.
+        augment_flip: Photos: mirror half of the training images left to right, anew every
+            epoch (off for digits and text, whose mirror image is another thing).
+        augment_crop_scale: Photos: random resized crop of each training image, covering
+            between this fraction and all of its area, aspect ratio 3/4 to 4/3, resized back
+            (1: off; 0.08 is the Inception/torchvision default, 0.3-0.5 gentler).
+        augment_brightness: Photos: a random brightness offset up to this either way, on
+            the 0-1 pixel scale (0: off).
+        augment_contrast: Photos: contrast scaled by a random factor within 1 +- this
+            (0: off). All augmentation is seeded by ``seed``: the same seed, the same images.
         weight_decay: L2 penalty on weights.
         hidden_units: Width of dense hidden layers (``mlp``, dense ``autoencoder``).
         latent_dim: Bottleneck width of the ``autoencoder``.
@@ -299,6 +308,10 @@ class TrainConfig:
     dropout: Annotated[StrictFloat, Field(ge=0, le=0.95)] = 0.25
     augment_shift: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.1
     augment_rotation_deg: Annotated[StrictFloat, Field(ge=0, le=180)] = 18.0
+    augment_flip: StrictBool = False
+    augment_crop_scale: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0
+    augment_brightness: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.0
+    augment_contrast: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.0
     weight_decay: Annotated[StrictFloat, Field(ge=0)] = 0.0
     hidden_units: Annotated[StrictInt, Field(ge=1)] = 128
     latent_dim: Annotated[StrictInt, Field(ge=1)] = 32

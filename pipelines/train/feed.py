@@ -115,20 +115,32 @@ def steps_per_epoch(rows: int, shard_count: int, batch_size: int) -> int:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random geometric changes to each training image, new every epoch (Keras layers).
+    """Random changes to each training image, new every epoch, the same for the same seed.
+
+    Shift and rotation are Keras layers; the photo changes (crop, flip, brightness,
+    contrast) are :func:`pipelines.train.augment.photo_changes`, applied before them.
 
     Attributes:
         shift: Largest translation, as a fraction of height and width (0: none).
         rotation_deg: Largest rotation either way, in degrees (0: none).
+        flip: Mirror half of the images left to right.
+        crop_scale: Smallest area fraction of a random resized crop (1: none).
+        brightness: Largest brightness offset either way, on the [0, 1] scale (0: none).
+        contrast: Largest contrast factor offset either way (0: none).
     """
 
     shift: float = 0.0
     rotation_deg: float = 0.0
+    flip: bool = False
+    crop_scale: float = 1.0
+    brightness: float = 0.0
+    contrast: float = 0.0
 
     @property
     def active(self) -> bool:
         """Whether it changes anything."""
-        return self.shift > 0 or self.rotation_deg > 0
+        photo = self.flip or self.crop_scale < 1 or self.brightness > 0 or self.contrast > 0
+        return self.shift > 0 or self.rotation_deg > 0 or photo
 
 
 def make_dataset(
@@ -392,7 +404,7 @@ def finish_batches(
         return task.targets(x, labels)
 
     def change(x: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = changes(x, training=True)
+        x = changes(x)
         return task.targets(x, target)
 
     data = data.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
@@ -411,9 +423,21 @@ def finish_batches(
 
 
 def _augmenter(augment: Augmentation, seed: int) -> Any:
-    """Keras' random translation and rotation layers, filling uncovered pixels with 0."""
-    from pipelines.keras_api import keras
+    """The batch function of ``augment``: photo changes, then Keras' shift and rotation.
 
+    Shift and rotation are Keras' random translation and rotation layers, filling uncovered
+    pixels with 0.
+    """
+    from pipelines.keras_api import keras
+    from pipelines.train.augment import photo_changes
+
+    photo = photo_changes(
+        flip=augment.flip,
+        crop_scale=augment.crop_scale,
+        brightness=augment.brightness,
+        contrast=augment.contrast,
+        seed=seed,
+    )
     layers = keras().layers
     steps = []
     if augment.shift > 0:
@@ -424,7 +448,14 @@ def _augmenter(augment: Augmentation, seed: int) -> Any:
         steps.append(
             layers.RandomRotation(augment.rotation_deg / 360, fill_mode="constant", seed=seed)
         )
-    return keras().Sequential(steps, name="augment")
+    geometric = keras().Sequential(steps, name="augment") if steps else None
+
+    def changes(images: Any) -> Any:
+        if photo is not None:
+            images = photo(images)
+        return geometric(images, training=True) if geometric is not None else images
+
+    return changes
 
 
 def _check_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -266,7 +266,14 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
         "seed": cfg.seed,
         "task": task_for_model(cfg.model),
     }
-    augment = Augmentation(cfg.augment_shift, cfg.augment_rotation_deg)
+    augment = Augmentation(
+        cfg.augment_shift,
+        cfg.augment_rotation_deg,
+        flip=cfg.augment_flip,
+        crop_scale=cfg.augment_crop_scale,
+        brightness=cfg.augment_brightness,
+        contrast=cfg.augment_contrast,
+    )
     train_data = make_dataset(spec.dataset.split("train"), shuffle=True, augment=augment, **feed)
     validation: dict[str, Any] = {}
     if spec.rows.get("val", 0) > 0:
