@@ -502,10 +502,11 @@ def _add_bench(add: _Add) -> None:
         "which",
         nargs="?",
         default="all",
-        choices=["ingest", "feed", "reader", "train", "score", "all", "scale", "peer"],
+        choices=["ingest", "feed", "reader", "train", "score", "all", "scale", "peer", "storage"],
         help=(
             "which benchmark (default: all, the first five; scale: cost growth with size; "
-            "peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds)"
+            "peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds; "
+            "storage: bytes and 2-rank feed epoch of raw, png and jpeg cells at 224 px)"
         ),
     )
     bench.add_argument(

@@ -23,6 +23,9 @@ scale      ingest, score, train, listing at        the same stage at the referen
 peer       the whole ``dlpipe train`` process, s;  Horovod's KerasEstimator on the same
            its test accuracy                       digits, in its own environment
                                                    (<= 0.75; >= 1.0); not part of ``all``
+storage    raw / png / jpeg cells at 224x224x3:    the source JPEG's bytes; in-memory
+           bytes/image, 2-rank feed s/epoch        tensors on 2 ranks (<= 1.1); not
+                                                   part of ``all``
 =========  ======================================  =====================================
 
 Each benchmark generates its data once (cached under ``<work_dir>/bench/``), warms up
@@ -56,6 +59,7 @@ from pipelines.bench.reader import bench_reader
 from pipelines.bench.scale import bench_scale, format_scale_table
 from pipelines.bench.score import bench_score
 from pipelines.bench.stats import Measurement, Skipped
+from pipelines.bench.storage import bench_storage
 from pipelines.bench.train import bench_train
 from pipelines.config import Config
 from pipelines.errors import UserError
@@ -71,6 +75,7 @@ __all__ = [
     "bench_reader",
     "bench_scale",
     "bench_score",
+    "bench_storage",
     "bench_train",
     "format_scale_table",
     "format_table",
@@ -95,10 +100,11 @@ BENCHMARKS: dict[str, Callable[..., list[Measurement]]] = {
 }
 
 #: Benchmarks run only by name, never by ``all`` (long: growth with size; whole training
-#: processes against a peer built in an environment of its own).
+#: processes against a peer built in an environment of its own; three 224-pixel ingests).
 ON_REQUEST: dict[str, Callable[..., list[Measurement]]] = {
     "scale": bench_scale,
     "peer": lambda config, **kwargs: _maintainer_peer().bench_peer(config, **kwargs),
+    "storage": bench_storage,
 }
 
 
