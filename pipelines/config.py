@@ -176,7 +176,7 @@ class IngestConfig:
     image_size: Annotated[StrictInt, Field(ge=4, le=4096)] = 28
     channels: Annotated[Literal[1, 3], _NO_BOOL] = 1
     resize: Literal["stretch", "crop", "pad"] = "stretch"
-    storage: Literal["raw", "png", "jpeg"] = "raw"
+    storage: Literal["raw", "png", "jpeg"] = "jpeg"
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=95)] = 90
     splits: Annotated[SplitConfig, _SECTION] = field(default_factory=SplitConfig)
     rows_per_row_group: Annotated[StrictInt, Field(ge=1)] = 128

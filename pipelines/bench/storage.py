@@ -92,7 +92,7 @@ def bench_storage(
         )
     seconds = _feed_epochs(datasets, repeats)
     details = {
-        "ranks": STORAGE_RANKS,
+        "rank_count": STORAGE_RANKS,
         "model": STORAGE_MODEL,
         "batch_size_per_rank": STORAGE_BATCH_SIZE,
         "rows_per_row_group": STORAGE_ROWS_PER_GROUP,
