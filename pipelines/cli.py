@@ -214,6 +214,7 @@ def _bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         csv_path=args.csv,
         max_size=args.max,
         markdown_path=args.markdown,
+        photos=args.photos,
     )
     # Scale points carry more than a ratio: their memory, CPU and output, in a second table.
     human = "\n\n".join(t for t in (format_table(report), format_scale_table(report)) if t)
@@ -519,6 +520,13 @@ def _add_bench(add: _Add) -> None:
         "--max",
         action="store_true",
         help="scale only: add the 100,000-image point (with --images: N*10/3)",
+    )
+    bench.add_argument(
+        "--photos",
+        type=int,
+        metavar="N",
+        help="scale only: generated mixed-size photos of the 224-pixel photo point "
+        "(default 600; 0: none; the issue's size: 20000)",
     )
     bench.add_argument("--repeats", type=int, default=3, metavar="R", help="median of R runs")
     bench.add_argument("--csv", metavar="FILE", help="append the results to this CSV file")

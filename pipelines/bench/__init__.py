@@ -129,6 +129,7 @@ def run_benchmarks(
     csv_path: str | os.PathLike | None = None,
     max_size: bool = False,
     markdown_path: str | os.PathLike | None = None,
+    photos: int | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark or all registered ones; optionally append the results to a CSV.
 
@@ -141,6 +142,7 @@ def run_benchmarks(
         max_size: ``scale`` only: add its largest point.
         markdown_path: A Markdown page whose blocks of the benchmarks run are rewritten
             with their tables (:func:`~pipelines.bench.markdown.write_markdown`).
+        photos: ``scale`` only: photos of its photo point (None: its default; 0: none).
 
     Returns:
         ``{"machine": machine_facts(), "results": [Measurement as dict, ...], "skipped":
@@ -154,6 +156,8 @@ def run_benchmarks(
     registry = {**BENCHMARKS, **ON_REQUEST}
     if max_size and which != "scale":
         raise UserError(f"--max applies to bench scale only, not {which!r}")
+    if photos is not None and which != "scale":
+        raise UserError(f"--photos applies to bench scale only, not {which!r}")
     if which == "all":
         names = list(BENCHMARKS)
     elif which in registry:
@@ -172,6 +176,8 @@ def run_benchmarks(
             kwargs["images"] = images
         if name == "scale":
             kwargs["max_size"] = max_size
+            if photos is not None:
+                kwargs["photos"] = photos
         log.info("bench: running %s", name)
         try:
             results.extend(registry[name](config, **kwargs))

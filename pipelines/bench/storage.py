@@ -90,7 +90,7 @@ def bench_storage(
                 },
             )
         )
-    seconds = _feed_epochs(datasets, repeats)
+    seconds = feed_epochs(datasets, repeats)
     details = {
         "rank_count": STORAGE_RANKS,
         "model": STORAGE_MODEL,
@@ -136,8 +136,13 @@ def _ingested(config: Config, source: Path, images: int, storage: str) -> Path:
     return path
 
 
-def _feed_epochs(datasets: dict[str, Path], repeats: int) -> dict[str, list[float]]:
-    """Per feed (``memory`` and each storage), the slowest rank's epoch seconds per run."""
+def feed_epochs(datasets: dict[str, Path], repeats: int) -> dict[str, list[float]]:
+    """Per feed (``memory`` and each dataset), the slowest rank's epoch seconds per run.
+
+    2 spawned rank processes each fit the fixed model (``resnet_small``, batch 16) on its own
+    Petastorm shard of each dataset's training split, and on the first dataset's whole
+    training split in memory; every run starts at a barrier, so the ranks run together.
+    """
     context = multiprocessing.get_context("spawn")  # TensorFlow is not fork-safe
     barrier = context.Barrier(STORAGE_RANKS)
     results = context.Queue()
@@ -184,7 +189,7 @@ def _rank_epochs(
 
     shape = (STORAGE_IMAGE_SIZE, STORAGE_IMAGE_SIZE, 3)
     cfg = TrainConfig(model=STORAGE_MODEL, batch_size=STORAGE_BATCH_SIZE, seed=0)
-    arrays = read_split(urls["raw"], shape)
+    arrays = read_split(next(iter(urls.values())), shape)
     steps = steps_per_epoch(len(arrays), STORAGE_RANKS, STORAGE_BATCH_SIZE)
     feeds: dict[str, Any] = {"memory": in_memory_dataset(arrays, batch_size=cfg.batch_size)}
     for storage, url in urls.items():

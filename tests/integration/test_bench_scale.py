@@ -42,7 +42,7 @@ def config(spark, tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 @pytest.fixture(scope="module")
 def measurements(config: Config) -> list:
-    return bench_scale(config, images=IMAGES, repeats=1, digits=DIGITS)
+    return bench_scale(config, images=IMAGES, repeats=1, digits=DIGITS, photos=0)
 
 
 def _points(measurements: list, stage: str) -> list:
