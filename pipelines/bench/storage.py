@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,24 @@ def feed_epochs(datasets: dict[str, Path], repeats: int) -> dict[str, list[float
     ]
     for process in ranks:
         process.start()
-    reports = [results.get() for _ in ranks]
-    for process in ranks:
-        process.join()
+    reports = []
+    try:
+        while len(reports) < len(ranks):
+            try:
+                reports.append(results.get(timeout=5))
+            except queue.Empty:
+                # A rank that died before reporting (killed, or failed to start) never will.
+                dead = [p for p in ranks if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"bench storage: rank process {dead[0].name} exited with "
+                        f"{dead[0].exitcode} before reporting"
+                    ) from None
+    finally:
+        for process in ranks:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
     failed = [r["error"] for r in reports if "error" in r]
     if failed:
         raise RuntimeError(f"bench storage: a rank failed: {failed[0]}")
