@@ -291,6 +291,11 @@ def iter_split(
         SplitNotFoundError: The split does not exist.
         ImageShapeError: The stored images are not ``image_shape`` uint8 arrays.
     """
+    if _keras_stack():
+        from pipelines.train import numpy_feed
+
+        yield from numpy_feed.iter_split(url, image_shape)
+        return
     from petastorm import make_batch_reader
 
     shape = _check_shape(image_shape)
@@ -331,6 +336,10 @@ def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
         SplitNotFoundError: The split does not exist.
         ImageShapeError: The stored images are not ``image_shape`` uint8 arrays.
     """
+    if _keras_stack():
+        from pipelines.train import numpy_feed
+
+        return numpy_feed.read_split(url, image_shape)
     from petastorm import make_batch_reader
 
     shape = _check_shape(image_shape)
@@ -428,9 +437,16 @@ def _augmenter(augment: Augmentation, seed: int) -> Any:
     Shift and rotation are Keras' random translation and rotation layers, filling uncovered
     pixels with 0.
     """
-    from pipelines.keras_api import keras
+    from pipelines.keras_api import is_keras3, keras
     from pipelines.train.augment import photo_changes
 
+    photo_keys = augment.flip or augment.crop_scale < 1 or augment.brightness or augment.contrast
+    if photo_keys and is_keras3():
+        # The photo changes are TensorFlow ops; the Keras 3 stack has no TensorFlow.
+        raise UserError(
+            "train.augment_flip, augment_crop_scale, augment_brightness and augment_contrast "
+            "run on the default (TensorFlow) stack only; turn them off on the Keras 3 stack"
+        )
     photo = photo_changes(
         flip=augment.flip,
         crop_scale=augment.crop_scale,
@@ -450,12 +466,19 @@ def _augmenter(augment: Augmentation, seed: int) -> Any:
         )
     geometric = keras().Sequential(steps, name="augment") if steps else None
 
-    def changes(images: Any) -> Any:
+    def changes(images: Any, training: bool = True) -> Any:
         if photo is not None:
             images = photo(images)
         return geometric(images, training=True) if geometric is not None else images
 
     return changes
+
+
+def _keras_stack() -> bool:
+    """The Keras stack has no Petastorm: its plain-pyarrow reader reads the same files."""
+    from pipelines.keras_api import is_keras3
+
+    return is_keras3()
 
 
 def _check_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
