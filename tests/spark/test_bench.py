@@ -350,7 +350,7 @@ def test_unknown_benchmark_is_a_user_error_listing_the_registered_ones(config, m
         run_benchmarks(config, "nope")
     monkeypatch.setattr("pipelines.bench.BENCHMARKS", {"ingest": BENCHMARKS["ingest"]})
     with pytest.raises(
-        UserError, match="^unknown benchmark 'feed'; available: ingest, all, scale, peer$"
+        UserError, match="^unknown benchmark 'feed'; available: ingest, all, scale, peer, storage$"
     ):
         run_benchmarks(config, "feed")
 
