@@ -214,6 +214,7 @@ def _bench(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         csv_path=args.csv,
         max_size=args.max,
         markdown_path=args.markdown,
+        photos=args.photos,
     )
     # Scale points carry more than a ratio: their memory, CPU and output, in a second table.
     human = "\n\n".join(t for t in (format_table(report), format_scale_table(report)) if t)
@@ -254,11 +255,12 @@ def _no_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _ingest_overrides(args: argparse.Namespace) -> list[str]:
-    """``--format/--image-size/--channels`` as overrides after ``--set`` (validated alike)."""
+    """``--format/--labels/--image-size/--channels`` as overrides after ``--set``."""
     return [
         f"ingest.{key}={value}"
         for key, value in (
             ("format", args.format),
+            ("labels", args.labels),
             ("image_size", args.image_size),
             ("channels", args.channels),
         )
@@ -373,6 +375,12 @@ def _add_ingest(add: _Add) -> None:
     _output_option(ingest, "DST", "dataset directory (default: <work_dir>/datasets/prepared)")
     ingest.add_argument(
         "--format", choices=["auto", "folder", "mnist-idx", "cifar10"], help="default: auto"
+    )
+    ingest.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="CSV or Parquet of path,label rows labelling the images of SRC "
+        "(default: one sub-folder per class)",
     )
     ingest.add_argument("--image-size", type=int, metavar="N", help="target N x N pixels")
     ingest.add_argument("--channels", type=int, choices=[1, 3], help="1 = grey, 3 = RGB")
@@ -497,11 +505,23 @@ def _add_bench(add: _Add) -> None:
         "which",
         nargs="?",
         default="all",
-        choices=["ingest", "feed", "reader", "train", "score", "overhead", "all", "scale", "peer"],
+        choices=[
+            "ingest",
+            "feed",
+            "reader",
+            "train",
+            "score",
+            "overhead",
+            "all",
+            "scale",
+            "peer",
+            "storage",
+        ],
         help=(
             "which benchmark (default: all, the first six; overhead: whole train and score "
             "processes, their seconds outside model work and why; scale: cost growth with "
-            "size; peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds)"
+            "size; peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds; "
+            "storage: bytes and 2-rank feed epoch of raw, png and jpeg cells at 224 px)"
         ),
     )
     bench.add_argument(
@@ -514,6 +534,13 @@ def _add_bench(add: _Add) -> None:
         "--max",
         action="store_true",
         help="scale only: add the 100,000-image point (with --images: N*10/3)",
+    )
+    bench.add_argument(
+        "--photos",
+        type=int,
+        metavar="N",
+        help="scale only: generated mixed-size photos of the 224-pixel photo point "
+        "(default 600; 0: none; the issue's size: 20000)",
     )
     bench.add_argument("--repeats", type=int, default=3, metavar="R", help="median of R runs")
     bench.add_argument("--csv", metavar="FILE", help="append the results to this CSV file")

@@ -155,8 +155,22 @@ class IngestConfig:
             written by ``dlpipe demo-data`` under the work directory).
         output: Prepared dataset location (``null``: ``<work_dir>/datasets/prepared``).
         format: ``auto`` detects folder / MNIST IDX / CIFAR-10 from the source.
+        labels: A CSV or Parquet table of ``path,label`` rows (paths relative to the
+            source, or absolute inside it) that labels a folder of images instead of its
+            sub-folder names (``null``: one sub-folder per class). Rows whose file is
+            missing or unreadable, and images no row names, are quarantined with the reason.
         image_size: Target height and width in pixels.
         channels: 1 (grey) or 3 (RGB).
+        resize: How an image that is not square becomes one: ``stretch`` squeezes the
+            whole image (the aspect ratio is lost), ``crop`` takes its largest centred
+            square (Keras' ``crop_to_aspect_ratio``), ``pad`` letterboxes it in black (Keras'
+            ``pad_to_aspect_ratio``). The model records it; scoring, serving and explain
+            decode the same way.
+        storage: How each image cell is stored: ``raw`` uint8 pixels (``np.save``, what
+            plain Petastorm reads), ``png`` (lossless) or ``jpeg`` (lossy, at
+            ``jpeg_quality``); the feed decodes every kind, and datasets written before
+            (raw) keep reading. See ``conf/base.yaml`` for the measured choice.
+        jpeg_quality: JPEG quality of ``storage: jpeg``, 1-95 (Pillow's scale).
         splits: Train/val/test fractions, assigned by a hash of the relative path.
         rows_per_row_group: Rows per Parquet row group (= per file). Petastorm shards by row
             group, so keep several row groups per Horovod rank.
@@ -170,8 +184,12 @@ class IngestConfig:
     source: StrictStr | None = None
     output: StrictStr | None = None
     format: Literal["auto", "folder", "mnist-idx", "cifar10"] = "auto"
+    labels: StrictStr | None = None
     image_size: Annotated[StrictInt, Field(ge=4, le=4096)] = 28
     channels: Annotated[Literal[1, 3], _NO_BOOL] = 1
+    resize: Literal["stretch", "crop", "pad"] = "stretch"
+    storage: Literal["raw", "png", "jpeg"] = "jpeg"
+    jpeg_quality: Annotated[StrictInt, Field(ge=1, le=95)] = 90
     splits: Annotated[SplitConfig, _SECTION] = field(default_factory=SplitConfig)
     rows_per_row_group: Annotated[StrictInt, Field(ge=1)] = 128
     row_group_size_mb: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
@@ -276,6 +294,15 @@ class TrainConfig:
             their height and width, anew every epoch (0: off).
         augment_rotation_deg: ... and rotated at random by up to this many degrees either
             way (0: off). Evaluation, scoring and serving see the images unchanged.
+        augment_flip: Photos: mirror half of the training images left to right, anew every
+            epoch (off for digits and text, whose mirror image is another thing).
+        augment_crop_scale: Photos: random resized crop of each training image, covering
+            between this fraction and all of its area, aspect ratio 3/4 to 4/3, resized back
+            (1: off; 0.08 is the Inception/torchvision default, 0.3-0.5 gentler).
+        augment_brightness: Photos: a random brightness offset up to this either way, on
+            the 0-1 pixel scale (0: off).
+        augment_contrast: Photos: contrast scaled by a random factor within 1 +- this
+            (0: off). All augmentation is seeded by ``seed``: the same seed, the same images.
         weight_decay: L2 penalty on weights.
         hidden_units: Width of dense hidden layers (``mlp``, dense ``autoencoder``).
         latent_dim: Bottleneck width of the ``autoencoder``.
@@ -334,6 +361,10 @@ class TrainConfig:
     dropout: Annotated[StrictFloat, Field(ge=0, le=0.95)] = 0.25
     augment_shift: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.1
     augment_rotation_deg: Annotated[StrictFloat, Field(ge=0, le=180)] = 18.0
+    augment_flip: StrictBool = False
+    augment_crop_scale: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0
+    augment_brightness: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.0
+    augment_contrast: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.0
     weight_decay: Annotated[StrictFloat, Field(ge=0)] = 0.0
     hidden_units: Annotated[StrictInt, Field(ge=1)] = 128
     latent_dim: Annotated[StrictInt, Field(ge=1)] = 32

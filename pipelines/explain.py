@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.errors import UserError
+from pipelines.images import DEFAULT_RESIZE
 from pipelines.store import write_atomic
 from pipelines.tasks import task_of_image_model
 
@@ -92,6 +93,7 @@ class _Loaded:
     keras_model: Any
     label_names: list[str]
     image_shape: tuple[int, int, int]
+    resize: str = DEFAULT_RESIZE
 
 
 def explain_image(
@@ -132,7 +134,7 @@ def explain_image(
         model_uri, model_name="", alias="", tracking_uri=tracking_uri, registry_uri=registry_uri
     )
     loaded = _load(resolved.uri, tracking_uri, registry_uri)
-    pixels = _pixels(data, path, loaded.image_shape)
+    pixels = _pixels(data, path, loaded.image_shape, loaded.resize)
     probabilities = _predict(loaded, data, path)
     numbers = _explain(loaded, pixels, probabilities)
     version = f"{resolved.name} version {resolved.version}" if resolved.version else None
@@ -185,16 +187,17 @@ def _load(uri: str, tracking_uri: str, registry_uri: str | None) -> _Loaded:
         keras_model=python_model.model,
         label_names=[str(n) for n in python_model.label_names],
         image_shape=tuple(int(d) for d in python_model.image_shape),  # type: ignore[arg-type]
+        resize=str(getattr(python_model, "resize", DEFAULT_RESIZE)),
     )
 
 
-def _pixels(data: bytes, path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+def _pixels(data: bytes, path: Path, shape: tuple[int, int, int], resize: str) -> np.ndarray:
     """The file's pixels exactly as the pyfunc's ``predict`` makes them."""
     from pipelines.image_model import to_pixels
     from pipelines.images import ImageDecodeError
 
     try:
-        return to_pixels(data, shape[0], shape[2])
+        return to_pixels(data, shape[0], shape[2], resize)
     except ImageDecodeError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from None
 

@@ -57,7 +57,13 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 from pipelines import schema
-from pipelines.images import ImageDecodeError, decode_image, normalise, prepare_array
+from pipelines.images import (
+    DEFAULT_RESIZE,
+    ImageDecodeError,
+    decode_image,
+    normalise,
+    prepare_array,
+)
 from pipelines.keras_api import keras
 from pipelines.stack import KERAS, STACK_TAG, check_model_stack, current
 from pipelines.store import ModelDir
@@ -114,7 +120,8 @@ class ImageModel(mlflow.pyfunc.PythonModel):
     """Pyfunc model: raw image bytes (or base64, or arrays) in, label and probabilities out.
 
     Artifacts: ``keras_model``, an ``.h5`` file, and ``labels``, a JSON file with
-    ``label_names``, ``image_shape`` (``[height, width, channels]``) and ``task``.
+    ``label_names``, ``image_shape`` (``[height, width, channels]``), ``task`` and ``resize``
+    (how its training images were made square; ``stretch`` when a model recorded none).
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -128,6 +135,7 @@ class ImageModel(mlflow.pyfunc.PythonModel):
         self.label_names: list[str] = [str(name) for name in meta["label_names"]]
         height, width, channels = (int(d) for d in meta["image_shape"])
         self.image_shape: tuple[int, int, int] = (height, width, channels)
+        self.resize: str = str(meta.get("resize", DEFAULT_RESIZE))
         self.task: Task = task_of_record(meta)
         # Before any Keras: a model of the other stack's Keras would load wrongly, or not.
         check_model_stack(meta.get(STACK_TAG), "this model")
@@ -157,12 +165,13 @@ class ImageModel(mlflow.pyfunc.PythonModel):
         """
         images = _image_column(model_input)
         size, _, channels = self.image_shape
+        resize = getattr(self, "resize", DEFAULT_RESIZE)  # unpickled from an older release
         pixels: list[np.ndarray] = []
         good: list[int] = []
         errors: list[str | None] = [None] * len(images)
         for position, value in enumerate(images):
             try:
-                pixels.append(to_pixels(value, size, channels))
+                pixels.append(to_pixels(value, size, channels, resize))
                 good.append(position)
             except ImageDecodeError as exc:
                 errors[position] = str(exc)
@@ -219,7 +228,7 @@ def _compiled_forward(model: KerasModel) -> Any:
     return tf.function(lambda images: model(images, training=False), input_signature=[spec])
 
 
-def to_pixels(value: Any, size: int, channels: int) -> np.ndarray:
+def to_pixels(value: Any, size: int, channels: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """Turn one cell of the ``image`` column into uint8 pixels, as ingest does.
 
     Args:
@@ -228,6 +237,7 @@ def to_pixels(value: Any, size: int, channels: int) -> np.ndarray:
             array or nested lists, ``HxW`` or ``HxWxC``).
         size: Side of the square model input.
         channels: 1 (grey) or 3 (RGB).
+        resize: How the image becomes square, as the model was trained (``ingest.resize``).
 
     Returns:
         uint8 array of shape ``(size, size, channels)``.
@@ -240,9 +250,9 @@ def to_pixels(value: Any, size: int, channels: int) -> np.ndarray:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise ImageDecodeError("missing image: the image value is null")
     if isinstance(value, bytes | bytearray | memoryview):
-        return decode_image(bytes(value), size, channels)
+        return decode_image(bytes(value), size, channels, resize)
     if isinstance(value, str):
-        return decode_image(_from_base64(value), size, channels)
+        return decode_image(_from_base64(value), size, channels, resize)
     if isinstance(value, np.ndarray | list | tuple):
         try:
             array = np.asarray(value)
@@ -250,7 +260,7 @@ def to_pixels(value: Any, size: int, channels: int) -> np.ndarray:
             raise ImageDecodeError(f"unsupported array: {exc}") from exc
         if array.dtype == object:
             raise ImageDecodeError("unsupported array: expected numbers, got objects")
-        return prepare_array(array, size, channels)
+        return prepare_array(array, size, channels, resize)
     raise ImageDecodeError(
         f"unsupported image value of type {type(value).__name__}: "
         "expected image file bytes, a base64 string or a pixel array"
@@ -285,6 +295,7 @@ def save_keras_artifacts(
     image_shape: Sequence[int],
     task: Task,
     directory: str | Path,
+    resize: str = DEFAULT_RESIZE,
 ) -> dict[str, str]:
     """Write the artifacts of :class:`ImageModel`: the Keras model and its labels.
 
@@ -297,6 +308,8 @@ def save_keras_artifacts(
             and channels is 1 or 3, as ingest produces.
         task: What the model does.
         directory: Existing directory to write ``model.h5`` and ``labels.json`` into.
+        resize: How the training images were made square (the dataset's ``resize``);
+            scoring, serving and explain decode with the same.
 
     Returns:
         The ``artifacts`` mapping for ``mlflow.pyfunc.log_model``.
@@ -323,7 +336,13 @@ def save_keras_artifacts(
         # Keras calls HDF5 "legacy"; it is the one format that loads without custom objects.
         warnings.filterwarnings("ignore", message=".*HDF5 file.*", category=UserWarning)
         model.save(model_path, include_optimizer=False, save_format="h5")
-    meta = {"label_names": names, "image_shape": shape, "task": task.name, STACK_TAG: current()}
+    meta = {
+        "label_names": names,
+        "image_shape": shape,
+        "task": task.name,
+        "resize": resize,
+        STACK_TAG: current(),
+    }
     labels_path.write_text(json.dumps(meta, indent=2) + "\n")
     return {KERAS_ARTIFACT: str(model_path), LABELS_ARTIFACT: str(labels_path)}
 
@@ -381,6 +400,7 @@ def log_image_model(
     task: Task,
     input_example_png: bytes,
     name: str = "model",
+    resize: str = DEFAULT_RESIZE,
 ) -> ModelInfo:
     """Log ``model`` as an :class:`ImageModel` pyfunc in the active MLflow run.
 
@@ -394,6 +414,7 @@ def log_image_model(
         task: What the model does.
         input_example_png: One image file, stored as the model's input example.
         name: Name of the logged model within the run.
+        resize: How the training images were made square (the dataset's ``resize``).
 
     Returns:
         MLflow's ModelInfo; ``model_uri`` is what to register.
@@ -410,7 +431,7 @@ def log_image_model(
         root = Path(tmp)
         (root / ModelDir.ARTIFACTS_DIR).mkdir()
         artifacts = save_keras_artifacts(
-            model, label_names, image_shape, task, root / ModelDir.ARTIFACTS_DIR
+            model, label_names, image_shape, task, root / ModelDir.ARTIFACTS_DIR, resize
         )
         code_copy = root / "code" / __package__
         _copy_package(importlib.resources.files(__package__), code_copy)

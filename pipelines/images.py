@@ -8,7 +8,14 @@ Out: a uint8 array of shape ``(size, size, channels)`` with ``channels`` 1 (grey
 Every image goes through the same steps, so training and serving see identical pixels:
 EXIF orientation applied (a photo is upright as its camera meant), colour mode to 8-bit
 grey or RGB (alpha composited over white, 16-bit and float pixels
-rescaled), then grey/RGB conversion, then a bilinear stretch to ``size`` x ``size``.
+rescaled), then grey/RGB conversion, then a bilinear resize to ``size`` x ``size`` in one of
+:data:`RESIZE_MODES` (:func:`resize_box` says where the image lands):
+
+- ``stretch``: the whole image squeezed to the square (the aspect ratio is lost);
+- ``crop``: the largest centred square of the image, as Keras'
+  ``image_dataset_from_directory(crop_to_aspect_ratio=True)`` takes it;
+- ``pad``: the whole image, letterboxed in black to a square, as Keras'
+  ``pad_to_aspect_ratio=True`` does.
 Bytes that cannot be decoded raise :class:`ImageDecodeError` (never a Pillow exception), whose
 message is a one-line reason fit for a quarantine table.
 """
@@ -21,6 +28,12 @@ import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: How an image of another aspect ratio becomes a square (``ingest.resize``).
+RESIZE_MODES: tuple[str, ...] = ("stretch", "crop", "pad")
+
+#: The mode of models and datasets that recorded none (all of them before resize modes).
+DEFAULT_RESIZE = "stretch"
 
 #: File name extensions (lower case) that ingest treats as images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -56,7 +69,9 @@ def is_image_path(path: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def decode_image(data: bytes | None, size: int, channels: int) -> np.ndarray:
+def decode_image(
+    data: bytes | None, size: int, channels: int, resize: str = DEFAULT_RESIZE
+) -> np.ndarray:
     """Decode the bytes of an image file into a fixed-size uint8 array.
 
     Only the first frame of an animated GIF or a multi-page TIFF is used. The whole file is
@@ -68,8 +83,9 @@ def decode_image(data: bytes | None, size: int, channels: int) -> np.ndarray:
 
     Args:
         data: The complete file contents.
-        size: Side of the square output; the image is stretched, not cropped.
+        size: Side of the square output.
         channels: 1 for grey (Pillow's luma), 3 for RGB.
+        resize: ``stretch``, ``crop`` or ``pad`` (:data:`RESIZE_MODES`).
 
     Returns:
         A new uint8 array of shape ``(size, size, channels)``.
@@ -77,16 +93,17 @@ def decode_image(data: bytes | None, size: int, channels: int) -> np.ndarray:
     Raises:
         ImageDecodeError: The bytes are empty, not an image, truncated, corrupt, too large
             (a decompression bomb) or in a colour mode that cannot be converted.
-        ValueError: ``size`` or ``channels`` is invalid.
+        ValueError: ``size``, ``channels`` or ``resize`` is invalid.
 
     """
-    _check_target(size, channels)
+    _check_target(size, channels, resize)
     if not data:
         raise ImageDecodeError("empty file")
     try:
         img = Image.open(io.BytesIO(data))
         if img.format in _JPEG_FORMATS:
-            # DCT-domain downscaling by 1/2, 1/4 or 1/8 (never below size): about 2x faster.
+            # DCT-domain downscaling by 1/2, 1/4 or 1/8 (never below size on either side, so
+            # a centre crop keeps its full resolution): about 2x faster.
             img.draft("L" if channels == 1 else "RGB", (size, size))
         _check_pixels(img)
         img.load()
@@ -97,10 +114,12 @@ def decode_image(data: bytes | None, size: int, channels: int) -> np.ndarray:
         raise ImageDecodeError("not an image: cannot identify image file") from exc
     except Exception as exc:  # any failure inside Pillow's decoders means a bad file
         raise ImageDecodeError(_failure_reason(exc)) from exc
-    return _convert_and_resize(_to_8bit_mode(img), size, channels)
+    return _convert_and_resize(_to_8bit_mode(img), size, channels, resize)
 
 
-def prepare_array(array: np.ndarray, size: int, channels: int) -> np.ndarray:
+def prepare_array(
+    array: np.ndarray, size: int, channels: int, resize: str = DEFAULT_RESIZE
+) -> np.ndarray:
     """Apply :func:`decode_image`'s channel conversion and resize to a decoded array.
 
     Args:
@@ -109,16 +128,17 @@ def prepare_array(array: np.ndarray, size: int, channels: int) -> np.ndarray:
             maximum exceeds 255, floats are min-max scaled (as for Pillow modes I;16, I and F).
         size: Side of the square output.
         channels: 1 for grey, 3 for RGB.
+        resize: ``stretch``, ``crop`` or ``pad`` (:data:`RESIZE_MODES`).
 
     Returns:
         A new uint8 array of shape ``(size, size, channels)``.
 
     Raises:
         ImageDecodeError: The array's shape or dtype is not one of the above, or it is empty.
-        ValueError: ``size`` or ``channels`` is invalid.
+        ValueError: ``size``, ``channels`` or ``resize`` is invalid.
 
     """
-    _check_target(size, channels)
+    _check_target(size, channels, resize)
     pixels = np.asarray(array)
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
@@ -130,7 +150,39 @@ def prepare_array(array: np.ndarray, size: int, channels: int) -> np.ndarray:
         raise ImageDecodeError(f"empty image: array shape {pixels.shape}")
     # fromarray infers L, RGB or RGBA from a C-contiguous uint8 array of these shapes.
     img = Image.fromarray(np.ascontiguousarray(_to_uint8(pixels)))
-    return _convert_and_resize(img, size, channels)
+    return _convert_and_resize(img, size, channels, resize)
+
+
+def resize_box(width: int, height: int, resize: str) -> tuple[int, int, int, int]:
+    """The window of a ``width`` x ``height`` image that fills the square output.
+
+    ``crop`` gives the largest centred square inside the image, ``pad`` the smallest centred
+    square around it (it extends past the image, into the letterbox), both as Keras computes
+    them for a square target (``smart_resize`` and ``pad_to_aspect_ratio``); ``stretch`` the
+    whole image.
+
+    Args:
+        width: Image width in pixels.
+        height: Image height in pixels.
+        resize: One of :data:`RESIZE_MODES`.
+
+    Returns:
+        ``(left, top, right, bottom)`` in the image's pixel coordinates.
+
+    Raises:
+        ValueError: ``resize`` is not one of :data:`RESIZE_MODES`.
+
+    """
+    if resize == "stretch":
+        return 0, 0, width, height
+    if resize == "crop":
+        side = min(width, height)
+    elif resize == "pad":
+        side = max(width, height)
+    else:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
 
 
 def normalise(batch: np.ndarray) -> np.ndarray:
@@ -179,12 +231,14 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _check_target(size: int, channels: int) -> None:
+def _check_target(size: int, channels: int, resize: str = DEFAULT_RESIZE) -> None:
     """Reject an output geometry that no image could meet (a caller's bug, not bad data)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
 
 
 def _check_pixels(img: Image.Image) -> None:
@@ -281,13 +335,16 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     raise ImageDecodeError(f"unsupported pixel type {pixels.dtype}")
 
 
-def _convert_and_resize(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Composite alpha over white, convert to grey or RGB, stretch to size x size.
+def _convert_and_resize(
+    img: Image.Image, size: int, channels: int, resize: str = DEFAULT_RESIZE
+) -> np.ndarray:
+    """Composite alpha over white, convert to grey or RGB, resize to size x size.
 
     Args:
         img: A loaded image in mode L, LA, RGB or RGBA.
         size: Side of the square output.
         channels: 1 or 3.
+        resize: ``stretch``, ``crop`` or ``pad``.
 
     Returns:
         A new uint8 array of shape ``(size, size, channels)``.
@@ -301,9 +358,27 @@ def _convert_and_resize(img: Image.Image, size: int, channels: int) -> np.ndarra
     # Grey before the resize and RGB after it: the resize then works on fewer channels.
     if channels == 1 and img.mode != "L":
         img = img.convert("L")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP)
+    img = _resize(img, size, resize)
     if channels == 3 and img.mode != "RGB":
         img = img.convert("RGB")
     pixels = np.array(img, dtype=np.uint8)
     return pixels[:, :, np.newaxis] if pixels.ndim == 2 else pixels
+
+
+def _resize(img: Image.Image, size: int, resize: str) -> Image.Image:
+    """Bilinear resize to ``size`` x ``size`` of the window :func:`resize_box` chooses."""
+    if img.size == (size, size):
+        return img
+    left, top, right, bottom = resize_box(img.width, img.height, resize)
+    if resize == "crop" and img.width != img.height:
+        # Crop first, as Keras does: resampling from a box would blend in pixels beyond it.
+        img = img.crop((left, top, right, bottom))
+    if resize != "pad" or img.width == img.height:
+        return img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP)
+    # Letterbox: the whole image scaled to fit, pasted centred on black (Keras pads with 0).
+    scale = size / (right - left)
+    inner = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    scaled = img.resize(inner, Image.Resampling.BILINEAR, reducing_gap=_REDUCING_GAP)
+    canvas = Image.new(img.mode, (size, size), 0)
+    canvas.paste(scaled, ((size - inner[0]) // 2, (size - inner[1]) // 2))
+    return canvas

@@ -45,6 +45,7 @@ from pipelines import schema
 from pipelines.config import IngestConfig, SplitConfig
 from pipelines.errors import UserError
 from pipelines.images import ImageDecodeError, decode_image, prepare_array
+from pipelines.labels_table import match_labels, read_labels_table
 from pipelines.listing import display_path, list_tree, read_file
 from pipelines.sources import SourceError, detect_format, read_cifar10, read_mnist_idx
 from pipelines.store import DatasetDir, Staging, move_into, remove, to_url
@@ -144,7 +145,14 @@ def ingest(
     if dst == src or src in dst.parents:
         raise IngestError(f"output {dst} lies inside the source {src}; choose another --output")
     log.info("ingest: %s source %s -> %s", fmt, src, dst)
-    plan = _folder_plan(src, config) if fmt == "folder" else _array_plan(src, fmt, config)
+    if config.labels:
+        if fmt != "folder":
+            raise IngestError(f"ingest.labels needs a folder of images, {src} is {fmt}")
+        plan = _table_plan(src, Path(config.labels).expanduser().resolve(), config)
+    elif fmt == "folder":
+        plan = _folder_plan(src, config)
+    else:
+        plan = _array_plan(src, fmt, config)
     shape = [config.image_size, config.image_size, config.channels]
 
     staging = Staging(str(dst))
@@ -154,7 +162,7 @@ def ingest(
         rejected = {**plan.rejected, **rejected}
         staged = DatasetDir(str(tmp))
         # The Keras stack has no Petastorm: its splits record only the row-group counts.
-        unischema = None if _keras_stack() else schema.prepared_schema(*shape)
+        unischema = None if _keras_stack() else schema.prepared_schema(*shape, config.storage)
         splits = _commit_splits(written, staged, unischema)
         ingested = sum(splits.values())
         _check_counts(plan, rejected, ingested, src)
@@ -172,6 +180,8 @@ def ingest(
             split_classes=_split_class_counts(plan, rejected, config.splits),
             label_names=plan.label_names,
             image_shape=shape,
+            resize=config.resize,
+            storage=config.storage,
             started_at=_iso(started),
             finished_at="",
         )
@@ -231,10 +241,57 @@ def _folder_plan(src: Path, config: IngestConfig) -> _Plan:
             "file": [os.fsencode(f"{root}/{rel}") for rel in rels],
         }
     )
-    size, channels = config.image_size, config.channels
+    target = _Target.of(config)
 
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
-        return [_decode_file(file, size, channels) for file in batch.file]
+        return [_decode_file(file, target) for file in batch.file]
+
+    return _Plan(records, decode, rejected, listing.skipped, label_names)
+
+
+def _table_plan(src: Path, table_file: Path, config: IngestConfig) -> _Plan:
+    """Plan a folder of images labelled by a ``path,label`` table (``ingest.labels``).
+
+    Rows naming no usable file, and files no row names, are rejected on the driver with
+    the reason (:func:`~pipelines.labels_table.match_labels`); the executors read and decode
+    the rest exactly as for a class-per-folder tree.
+    """
+    import pandas as pd
+
+    table = read_labels_table(table_file)
+    listing = list_tree(src, sizes=False)
+    matched = match_labels(table, src, listing.images, table_file.name)
+    root = str(src).rstrip("/")
+    shown = display_path(root)
+    rels = sorted(matched.labels)
+    label_names = sorted({matched.labels[rel] for rel in rels})
+    log.info(
+        "ingest: %d labelled images in %d classes from %s, %d rejected, %d other files skipped",
+        len(rels),
+        len(label_names),
+        table_file,
+        len(matched.rejected),
+        listing.skipped,
+    )
+    rejected = {
+        (f"{shown}/{display_path(rel)}" if not rel.startswith("/") else display_path(rel)): why
+        for rel, why in matched.rejected.items()
+    }
+    index = {name: i for i, name in enumerate(label_names)}
+    shown_rels = [display_path(rel) for rel in rels]
+    records = pd.DataFrame(
+        {
+            "path": [f"{shown}/{rel}" for rel in shown_rels],
+            "rel": shown_rels,
+            "label": pd.array([index[matched.labels[rel]] for rel in rels], dtype="int32"),
+            "label_name": [matched.labels[rel] for rel in rels],
+            "file": [os.fsencode(f"{root}/{rel}") for rel in rels],
+        }
+    )
+    target = _Target.of(config)
+
+    def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
+        return [_decode_file(file, target) for file in batch.file]
 
     return _Plan(records, decode, rejected, listing.skipped, label_names)
 
@@ -269,13 +326,11 @@ def _array_plan(src: Path, fmt: str, config: IngestConfig) -> _Plan:
     log.info(
         "ingest: %d records in %d parts, %d classes", len(records), len(parts), len(label_names)
     )
-    size, channels = config.image_size, config.channels
+    target = _Target.of(config)
 
     def decode(batch: pd.DataFrame) -> list[tuple[bytes | None, str | None]]:
         pairs = zip(batch.rel, batch.raw, strict=True)
-        return [
-            _prepare_record(raw, shapes[rel.split("/")[0]], size, channels) for rel, raw in pairs
-        ]
+        return [_prepare_record(raw, shapes[rel.split("/")[0]], target) for rel, raw in pairs]
 
     return _Plan(records, decode, {}, 0, label_names)
 
@@ -666,34 +721,56 @@ class _TaskWriter:
         )
 
 
-def _decode_file(path: bytes, size: int, channels: int) -> tuple[bytes | None, str | None]:
+@dataclass(frozen=True)
+class _Target:
+    """What every record becomes: its square size, channels, resize mode and cell storage."""
+
+    size: int
+    channels: int
+    resize: str
+    storage: str
+    quality: int
+
+    @classmethod
+    def of(cls, config: IngestConfig) -> _Target:
+        return cls(
+            config.image_size, config.channels, config.resize, config.storage, config.jpeg_quality
+        )
+
+    def encode(self, pixels: Any) -> bytes:
+        """The dataset cell of one image's uint8 pixels."""
+        return schema.encode_cell(pixels, self.storage, self.quality)
+
+
+def _decode_file(path: bytes, target: _Target) -> tuple[bytes | None, str | None]:
     """Read and decode one image file: ``(encoded image, None)`` or ``(None, reason)``.
 
     Args:
         path: The raw bytes of the file's path (any name opens, UTF-8 or not).
-        size: Side of the square output.
-        channels: 1 or 3.
+        target: Size, channels, resize mode and storage of the cell.
     """
     content, unreadable = read_file(path)
     if content is None:
         return None, unreadable  # quarantined with the reason, not a failed job
     try:
-        return schema.encode_cell(decode_image(content, size, channels)), None
+        pixels = decode_image(content, target.size, target.channels, target.resize)
     except ImageDecodeError as exc:
         return None, str(exc)
+    return target.encode(pixels), None
 
 
 def _prepare_record(
-    raw: bytes, shape: tuple[int, ...], size: int, channels: int
+    raw: bytes, shape: tuple[int, ...], target: _Target
 ) -> tuple[bytes | None, str | None]:
     """Convert one array record to the target shape: ``(encoded image, reason)``."""
     import numpy as np
 
     try:
         array = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-        return schema.encode_cell(prepare_array(array, size, channels)), None
+        pixels = prepare_array(array, target.size, target.channels, target.resize)
     except (ValueError, ImageDecodeError) as exc:
         return None, f"cannot convert record: {exc}"
+    return target.encode(pixels), None
 
 
 def _iso(timestamp: float) -> str:

@@ -27,6 +27,9 @@ peer       the whole ``dlpipe train`` process, s;  Horovod's KerasEstimator on t
            outside fit, s; its test accuracy       digits, in its own environment
                                                    (<= 0.75; <= 1.0; >= 1.0); not part
                                                    of ``all``
+storage    raw / png / jpeg cells at 224x224x3:    the source JPEG's bytes; in-memory
+           bytes/image, 2-rank feed s/epoch        tensors on 2 ranks (<= 1.1); not
+                                                   part of ``all``
 =========  ======================================  =====================================
 
 Each benchmark generates its data once (cached under ``<work_dir>/bench/``), warms up
@@ -61,6 +64,7 @@ from pipelines.bench.reader import bench_reader
 from pipelines.bench.scale import bench_scale, format_scale_table
 from pipelines.bench.score import bench_score
 from pipelines.bench.stats import Measurement, Skipped
+from pipelines.bench.storage import bench_storage
 from pipelines.bench.train import bench_train
 from pipelines.config import Config
 from pipelines.errors import UserError
@@ -77,6 +81,7 @@ __all__ = [
     "bench_reader",
     "bench_scale",
     "bench_score",
+    "bench_storage",
     "bench_train",
     "format_scale_table",
     "format_table",
@@ -102,10 +107,11 @@ BENCHMARKS: dict[str, Callable[..., list[Measurement]]] = {
 }
 
 #: Benchmarks run only by name, never by ``all`` (long: growth with size; whole training
-#: processes against a peer built in an environment of its own).
+#: processes against a peer built in an environment of its own; three 224-pixel ingests).
 ON_REQUEST: dict[str, Callable[..., list[Measurement]]] = {
     "scale": bench_scale,
     "peer": lambda config, **kwargs: _maintainer_peer().bench_peer(config, **kwargs),
+    "storage": bench_storage,
 }
 
 
@@ -130,6 +136,7 @@ def run_benchmarks(
     csv_path: str | os.PathLike | None = None,
     max_size: bool = False,
     markdown_path: str | os.PathLike | None = None,
+    photos: int | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark or all registered ones; optionally append the results to a CSV.
 
@@ -142,6 +149,7 @@ def run_benchmarks(
         max_size: ``scale`` only: add its largest point.
         markdown_path: A Markdown page whose blocks of the benchmarks run are rewritten
             with their tables (:func:`~pipelines.bench.markdown.write_markdown`).
+        photos: ``scale`` only: photos of its photo point (None: its default; 0: none).
 
     Returns:
         ``{"machine": machine_facts(), "results": [Measurement as dict, ...], "skipped":
@@ -155,6 +163,8 @@ def run_benchmarks(
     registry = {**BENCHMARKS, **ON_REQUEST}
     if max_size and which != "scale":
         raise UserError(f"--max applies to bench scale only, not {which!r}")
+    if photos is not None and which != "scale":
+        raise UserError(f"--photos applies to bench scale only, not {which!r}")
     if which == "all":
         names = list(BENCHMARKS)
     elif which in registry:
@@ -173,6 +183,8 @@ def run_benchmarks(
             kwargs["images"] = images
         if name == "scale":
             kwargs["max_size"] = max_size
+            if photos is not None:
+                kwargs["photos"] = photos
         log.info("bench: running %s", name)
         try:
             results.extend(registry[name](config, **kwargs))

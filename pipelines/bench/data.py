@@ -121,6 +121,67 @@ def generate_jpegs(out: Path, count: int, size: int = 256, classes: int = 4, see
     return out
 
 
+def generate_photos(out: Path, count: int, seed: int = 0) -> Path:
+    """Write ``count`` RGB JPEGs of mixed sizes and aspect ratios, or reuse them.
+
+    As a user's photo folder: sides from 200 to 640 pixels, landscape and portrait, each a
+    blurred gradient with shapes and sensor-like noise at quality 90 (realistic bytes and
+    decode cost), in :data:`DATASET_CLASSES` class folders; image ``i`` depends only on
+    ``(seed, i)``. Written to a temporary sibling and renamed into place, as
+    :func:`generate_jpegs` does.
+
+    Args:
+        out: Directory to hold ``class_<k>/photo_<i>.jpg``.
+        count: Number of photos.
+        seed: Seed of the pictures.
+
+    Returns:
+        ``out``.
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    out = Path(out).expanduser().resolve()
+    if (out / ".complete").is_file():
+        return out
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        for k in range(DATASET_CLASSES):
+            (tmp / f"class_{k}").mkdir(parents=True)
+        for i in range(count):
+            rng = np.random.default_rng((seed, i))
+            width, height = (int(v) for v in rng.integers(200, 641, 2))
+            a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+            t = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
+            pixels = np.broadcast_to(a + (b - a) * t, (height, width, 3))
+            image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+            draw = ImageDraw.Draw(image)
+            for _ in range(int(rng.integers(3, 8))):
+                x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+                w, h = (
+                    int(rng.integers(width // 10, width // 2)),
+                    int(rng.integers(20, height // 2)),
+                )
+                colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+                draw.ellipse((x0, y0, x0 + w, y0 + h), fill=colour)
+            image = image.filter(ImageFilter.GaussianBlur(1.5))
+            noisy = np.asarray(image, np.float32) + rng.normal(0, 6, (height, width, 3))
+            image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+            path = tmp / f"class_{i % DATASET_CLASSES}" / f"photo_{i:06d}.jpg"
+            image.save(path, quality=90)
+        (tmp / ".complete").write_text(f"{count}\n")  # hidden: ingest skips it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cached_photos(config: Config, count: int) -> Path:
+    """The generated mixed-size photo set of ``count`` images, cached under bench/."""
+    name = f"photos-v{GENERATOR_VERSION}-{count}-c{DATASET_CLASSES}-s0"
+    return generate_photos(bench_dir(config) / name, count)
+
+
 def cached_jpegs(config: Config, count: int, size: int) -> Path:
     """The generated JPEG set of ``count`` images of ``size`` pixels, cached under bench/."""
     name = f"jpeg-v{GENERATOR_VERSION}-{count}x{size}-c{DATASET_CLASSES}-s0"

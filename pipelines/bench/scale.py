@@ -29,6 +29,7 @@ from pipelines.bench.data import (
     DATASET_SOURCE_SIZE,
     bench_dir,
     cached_jpegs,
+    cached_photos,
     folder_ingest_config,
     read_once,
     scratch,
@@ -64,6 +65,15 @@ _SOURCE_BYTES = {INGEST_SOURCE_SIZE: 20 * 1024, DATASET_SOURCE_SIZE: 4 * 1024}
 _OUTPUT_BYTES_PER_IMAGE = 17 * 1024
 #: Free disk kept beyond the estimate.
 _DISK_MARGIN = 1 << 30
+#: Photo point: generated mixed-size RGB JPEGs ingested at 224x224x3, centre-cropped, in the
+#: configured storage; a few minutes on 2 cores (``--photos 20000`` for the issue's size).
+PHOTO_IMAGES = 600
+PHOTO_SIDE = 224
+#: Photos decoded in one process for the photo ingest's baseline.
+_PHOTO_BASELINE_IMAGES = 100
+#: Hooks adding training figures to the photo point (e.g. a backbone's images/s per rank):
+#: each gets the config and the ingested photo dataset and returns its measurements.
+PHOTO_TRAIN_POINTS: list[Callable[[Config, Path], list[Measurement]]] = []
 
 
 def scale_sizes(images: int | None, max_size: bool) -> tuple[int, ...]:
@@ -86,6 +96,7 @@ def bench_scale(
     max_size: bool = False,
     digits: int | None = None,
     train: bool = True,
+    photos: int = PHOTO_IMAGES,
 ) -> list[Measurement]:
     """Ingest, score, train and list at growing sizes; per-image cost against the reference.
 
@@ -101,7 +112,12 @@ def bench_scale(
       images; run once per point (a launch is long); output: the training folder's bytes;
     - ``list``: :func:`pipelines.listing.list_tree` on each ingest source tree, as ingest
       and scoring call it (names only, no ``stat``): seconds
-      (median of ``repeats``) and peak Python memory (tracemalloc), per million files.
+      (median of ``repeats``) and peak Python memory (tracemalloc), per million files;
+    - ``photo``: ``photos`` generated RGB JPEGs of mixed sizes (200-640 px, both
+      orientations) ingested at 224x224x3 with ``resize: crop`` in ``ingest.storage``:
+      images/s against :func:`~pipelines.images.decode_image` in one process, dataset bytes
+      per image against the source's, and the 2-rank feed epoch against in-memory
+      (:func:`~pipelines.bench.storage.feed_epochs`); then :data:`PHOTO_TRAIN_POINTS`.
 
     Every point runs inside a :class:`~pipelines.bench.processes.ProcessSampler`: peak RSS
     and CPU seconds of the driver, the JVM, the Python workers and the Horovod ranks go to
@@ -115,6 +131,7 @@ def bench_scale(
         max_size: Add the largest point (100,000, or ``images * 10 / 3``).
         digits: Use only this many bundled digits as 1x, every class kept (tests); None: all.
         train: Measure the training points.
+        photos: Photos of the photo point (0: none).
 
     Returns:
         Per stage and size, ms/image against the reference (target ``<= 1.1`` above it),
@@ -136,7 +153,92 @@ def bench_scale(
     if train:
         results += _train_points(config, digits)
     results += _listing(config, sizes, repeats)
+    if photos:
+        results += photo_points(config, photos, repeats)
     return results
+
+
+def photo_points(config: Config, photos: int, repeats: int = 1) -> list[Measurement]:
+    """The photo point: ingest speed, bytes per image, 2-rank feed epoch (see bench_scale)."""
+    from pipelines.bench.storage import feed_epochs
+    from pipelines.images import decode_image
+    from pipelines.ingest import ingest
+    from pipelines.spark import get_spark
+
+    check_sizes("scale photos", photos, repeats, minimum=32)
+    source = read_once(cached_photos(config, photos))
+    files = sorted(source.rglob("*.jpg"))
+    source_bytes = sum(p.stat().st_size for p in files) / len(files)
+    cfg = replace(
+        folder_ingest_config(config, PHOTO_SIDE, 3),
+        resize="crop",
+        splits=SplitConfig(),
+        rows_per_row_group=16,
+    )
+    spark = get_spark(config.spark)
+    sample = files[:_PHOTO_BASELINE_IMAGES]
+    with scratch(config) as work:
+        ingest(spark, cfg, cached_photos(config, 32), work / "warm")  # JVM and workers up
+        seconds, baseline = [], []
+        with ProcessSampler() as sampler:
+            for i in range(repeats):
+                start = time.perf_counter()
+                result = ingest(spark, cfg, source, work / f"photos-{i}")
+                seconds.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                for path in sample:
+                    decode_image(path.read_bytes(), PHOTO_SIDE, 3, "crop")
+                baseline.append(len(sample) / (time.perf_counter() - start))
+        dataset = work / f"photos-{repeats - 1}"
+        output = _du(dataset)
+        stored = sum(p.stat().st_size for p in dataset.rglob("*.parquet")) / result.ingested
+        epochs = feed_epochs({cfg.storage: dataset}, repeats)
+        extra = [m for point in PHOTO_TRAIN_POINTS for m in point(config, dataset)]
+    details = {
+        "stage": "photo",
+        "photos": photos,
+        "ingested": result.ingested,
+        "image_shape": [PHOTO_SIDE, PHOTO_SIDE, 3],
+        "resize": cfg.resize,
+        "storage": cfg.storage,
+        "jpeg_quality": cfg.jpeg_quality,
+        "source": "generated RGB JPEGs q90, 200-640 px sides, mixed orientations",
+        "seconds": statistics.median(seconds),
+        "repeats": repeats,
+        "processes": sampler.usage.describe(),
+        "output_bytes": output,
+    }
+    return [
+        pair(
+            "scale",
+            f"photo ingest {photos:,} images",
+            [photos / s for s in seconds],
+            "decode_image, 1 process",
+            baseline,
+            unit="images/s",
+            details=details,
+        ),
+        pair(
+            "scale",
+            f"photo dataset {cfg.storage} bytes/image",
+            [stored],
+            "source JPEG bytes/image",
+            [source_bytes],
+            unit="bytes/image",
+            details={**details, "raw_pixel_bytes": PHOTO_SIDE * PHOTO_SIDE * 3},
+        ),
+        pair(
+            "scale",
+            f"photo feed epoch {cfg.storage}, 2 ranks",
+            epochs[cfg.storage],
+            "in-memory epoch",
+            epochs["memory"],
+            unit="s/epoch",
+            target="<= 1.1",
+            details=details,
+        ),
+        *extra,
+    ]
 
 
 def check_disk(config: Config, sizes: tuple[int, ...]) -> None:

@@ -27,7 +27,8 @@ and 2), and gives each rank exactly the rows Petastorm's
 Row-group shuffling, when asked for, draws a new order of this shard's pieces every epoch from
 ``(seed, epoch)``, so a seeded read is reproducible. Decoding slices the pixels out of the
 column's value buffer in one step: every cell of a split has the same fixed 128-byte ``.npy``
-header (``schema.NPY_HEADER_BYTES``).
+header (``schema.NPY_HEADER_BYTES``); PNG and JPEG cells (``ingest.storage``) are decoded by
+:func:`pipelines.schema.decode_cells`, as the Petastorm feed decodes them.
 """
 
 from __future__ import annotations
@@ -247,11 +248,11 @@ class SplitReader:
 def decode_column(
     column: pa.ChunkedArray | pa.Array, shape: Sequence[int], where: str = "the split"
 ) -> np.ndarray:
-    """Decode a column of ``np.save`` cells of one uint8 shape into ``(N, *shape)``.
+    """Decode a column of image cells of one uint8 shape into ``(N, *shape)``.
 
-    The pixels are sliced out of the column's value buffer at once (no per-row Python),
-    after checking that every cell has the length and the very header of a uint8 array of
-    ``shape``.
+    Raw (``np.save``) cells: the pixels are sliced out of the column's value buffer at once
+    (no per-row Python), after checking that every cell has the length and the very header
+    of a uint8 array of ``shape``. PNG and JPEG cells: :func:`pipelines.schema.decode_cells`.
 
     Raises:
         ImageShapeError: A cell is not an ``np.save`` of a uint8 array of ``shape``.
@@ -266,6 +267,11 @@ def decode_column(
         return np.zeros((0, *shape), dtype=np.uint8)
     if array.null_count:
         raise SplitReadError(f"{where} holds {array.null_count} null image cells")
+    if schema.cell_storage(array[0].as_py()) in ("png", "jpeg"):
+        try:
+            return schema.decode_cells(array.to_pylist(), shape)
+        except schema.CellError as exc:
+            raise ImageShapeError(_shape_message(exc.cell, where, shape)) from None
     width = schema.cell_size(shape)
     offset_type = np.int64 if pa.types.is_large_binary(array.type) else np.int32
     _, offsets_buffer, values_buffer = array.buffers()
@@ -303,11 +309,11 @@ def _shape_message(cell: bytes, where: str, shape: tuple[int, int, int]) -> str:
     found = (
         f"{stored[1]} images of shape {stored[0]}"
         if stored
-        else f"cells of {len(cell)} bytes that are not .npy arrays"
+        else f"cells of {len(cell)} bytes that are not .npy arrays, PNG or JPEG"
     )
     return (
-        f"{where} holds {found}, expected uint8 images of shape {shape} with a "
-        f"{schema.NPY_HEADER_BYTES}-byte header; re-ingest at the image size and channels "
+        f"{where} holds {found}, expected uint8 images of shape {shape}; re-ingest at the "
+        "image size and channels "
         "the training config uses, or train with the dataset's image_shape from _manifest.json"
     )
 

@@ -26,6 +26,7 @@ from pipelines import schema, stack, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
+from pipelines.images import DEFAULT_RESIZE
 from pipelines.keras_api import keras
 from pipelines.phases import PhaseClock
 from pipelines.store import MANIFEST_ARTIFACT, DatasetDir, ModelDir, RunDir, Store
@@ -303,6 +304,7 @@ def _train_in_run(
         image_shape=list(manifest.image_shape),
         task=task,
         input_example_png=evaluation.example_png,
+        resize=manifest.resize,
     )
     metric, higher_is_better = task.promotion_metric(config.registry.metric)
     challenge = ChampionChallenge(config, store, dataset, manifest, task, metric)
@@ -491,14 +493,18 @@ def incomparable(
     """Why a model (its label sidecar ``meta``) cannot be evaluated on ``manifest``'s data.
 
     Returns:
-        The reason, or None when the task, input shape and (for a classifier) the classes
-        and their order are this dataset's.
+        The reason, or None when the task, input shape, resize mode and (for a classifier)
+        the classes and their order are this dataset's.
     """
     if champion_task is not task:
         return f"it is a {champion_task.name} model, this one {task.name}"
     shape = [int(d) for d in meta.get("image_shape", [])]
     if shape != list(manifest.image_shape):
         return f"input {_shape(shape)}, this dataset {_shape(manifest.image_shape)}"
+    # The dataset's pixels were made square one way; a model trained on another sees others.
+    resize = str(meta.get("resize", DEFAULT_RESIZE))
+    if resize != manifest.resize:
+        return f"images resized by {resize}, this dataset by {manifest.resize}"
     names = [str(n) for n in meta.get("label_names", [])]
     if task.uses_labels and names != list(manifest.label_names):
         return f"classes {_names(names)}, this dataset {_names(manifest.label_names)}"

@@ -18,7 +18,9 @@ Petastorm's ``NdarrayCodec``, so ``make_batch_reader`` hands back the ``np.save`
 image. Every cell of a split has the same fixed 128-byte ``.npy`` header, so a whole row group
 is decoded at once in TensorFlow by slicing the pixels out of the bytes
 (``tf.strings.substr`` + ``tf.io.decode_raw``), with no per-row Python. Decoding row groups
-before ``unbatch`` gave 1.4-2x the throughput of decoding single images after it.
+before ``unbatch`` gave 1.4-2x the throughput of decoding single images after it. A dataset
+stored as PNG or JPEG (``ingest.storage``) is decoded per row group too, by
+:func:`pipelines.schema.decode_cells` on ``tf.data``'s parallel map threads.
 
 Training reads never end (``num_epochs=None``): Horovod hangs unless every rank runs exactly
 the same number of steps, so ranks bound their epochs with :func:`steps_per_epoch` instead of
@@ -113,20 +115,32 @@ def steps_per_epoch(rows: int, shard_count: int, batch_size: int) -> int:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Random geometric changes to each training image, new every epoch (Keras layers).
+    """Random changes to each training image, new every epoch, the same for the same seed.
+
+    Shift and rotation are Keras layers; the photo changes (crop, flip, brightness,
+    contrast) are :func:`pipelines.train.augment.photo_changes`, applied before them.
 
     Attributes:
         shift: Largest translation, as a fraction of height and width (0: none).
         rotation_deg: Largest rotation either way, in degrees (0: none).
+        flip: Mirror half of the images left to right.
+        crop_scale: Smallest area fraction of a random resized crop (1: none).
+        brightness: Largest brightness offset either way, on the [0, 1] scale (0: none).
+        contrast: Largest contrast factor offset either way (0: none).
     """
 
     shift: float = 0.0
     rotation_deg: float = 0.0
+    flip: bool = False
+    crop_scale: float = 1.0
+    brightness: float = 0.0
+    contrast: float = 0.0
 
     @property
     def active(self) -> bool:
         """Whether it changes anything."""
-        return self.shift > 0 or self.rotation_deg > 0
+        photo = self.flip or self.crop_scale < 1 or self.brightness > 0 or self.contrast > 0
+        return self.shift > 0 or self.rotation_deg > 0 or photo
 
 
 def make_dataset(
@@ -196,7 +210,7 @@ def make_dataset(
         raise ValueError(f"cur_shard must be in [0, {shard_count}), got {cur_shard}")
     url = to_url(url)
     _require_split(url)
-    shard = _usable_shard(url, shape, cur_shard, shard_count, seed)
+    shard, storage = _usable_shard(url, shape, cur_shard, shard_count, seed)
     reader_args = {
         "num_epochs": None,
         "schema_fields": [schema.IMAGE, schema.LABEL],
@@ -233,8 +247,17 @@ def make_dataset(
     pixels = int(np.prod(shape))
 
     def decode(cells: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # One op per row group: drop each cell's .npy header, reinterpret the rest as uint8.
-        raw = tf.io.decode_raw(tf.strings.substr(cells, schema.NPY_HEADER_BYTES, pixels), tf.uint8)
+        if storage == "raw":
+            # One op per row group: drop each cell's .npy header, reinterpret the rest.
+            raw = tf.io.decode_raw(
+                tf.strings.substr(cells, schema.NPY_HEADER_BYTES, pixels), tf.uint8
+            )
+        else:
+            # PNG/JPEG: the contract's own batch decoder, on tf.data's parallel map threads
+            # (Pillow releases the GIL while it decodes).
+            raw = tf.numpy_function(
+                lambda batch: schema.decode_cells(list(batch), shape), [cells], tf.uint8
+            )
         return tf.reshape(raw, (-1, *shape)), labels
 
     data = tf.data.Dataset.from_generator(
@@ -390,7 +413,7 @@ def finish_batches(
         return task.targets(x, labels)
 
     def change(x: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = changes(x, training=True)
+        x = changes(x)
         return task.targets(x, target)
 
     data = data.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
@@ -409,9 +432,28 @@ def finish_batches(
 
 
 def _augmenter(augment: Augmentation, seed: int) -> Any:
-    """Keras' random translation and rotation layers, filling uncovered pixels with 0."""
-    from pipelines.keras_api import keras
+    """The batch function of ``augment``: photo changes, then Keras' shift and rotation.
 
+    Shift and rotation are Keras' random translation and rotation layers, filling uncovered
+    pixels with 0.
+    """
+    from pipelines.keras_api import is_keras3, keras
+    from pipelines.train.augment import photo_changes
+
+    photo_keys = augment.flip or augment.crop_scale < 1 or augment.brightness or augment.contrast
+    if photo_keys and is_keras3():
+        # The photo changes are TensorFlow ops; the Keras 3 stack has no TensorFlow.
+        raise UserError(
+            "train.augment_flip, augment_crop_scale, augment_brightness and augment_contrast "
+            "run on the default (TensorFlow) stack only; turn them off on the Keras 3 stack"
+        )
+    photo = photo_changes(
+        flip=augment.flip,
+        crop_scale=augment.crop_scale,
+        brightness=augment.brightness,
+        contrast=augment.contrast,
+        seed=seed,
+    )
     layers = keras().layers
     steps = []
     if augment.shift > 0:
@@ -422,7 +464,14 @@ def _augmenter(augment: Augmentation, seed: int) -> Any:
         steps.append(
             layers.RandomRotation(augment.rotation_deg / 360, fill_mode="constant", seed=seed)
         )
-    return keras().Sequential(steps, name="augment")
+    geometric = keras().Sequential(steps, name="augment") if steps else None
+
+    def changes(images: Any, training: bool = True) -> Any:
+        if photo is not None:
+            images = photo(images)
+        return geometric(images, training=True) if geometric is not None else images
+
+    return changes
 
 
 def _keras_stack() -> bool:
@@ -454,11 +503,14 @@ def _require_split(url: str) -> None:
 
 def _usable_shard(
     url: str, shape: tuple[int, int, int], cur_shard: int, shard_count: int, seed: int
-) -> dict[str, Any]:
-    """Reader arguments for this shard, or none when the split has too few row groups.
+) -> tuple[dict[str, Any], str]:
+    """Reader arguments for this shard (none when the split has too few row groups).
 
     Opens the shard with the single-threaded pool and checks the first row group's images,
     so that bad input fails here and not inside a ``tf.data`` iterator.
+
+    Returns:
+        The reader arguments, and the cells' storage (``raw``, ``png`` or ``jpeg``).
     """
     from petastorm import NoDataAvailableError, make_batch_reader
 
@@ -487,13 +539,15 @@ def _usable_shard(
     finally:
         reader.stop()
         reader.join()
+    storage = schema.DEFAULT_STORAGE
     if first is not None and len(first.image):
         _check_cell(first.image[0], url, shape)
-    return shard
+        storage = schema.cell_storage(first.image[0]) or storage
+    return shard, storage
 
 
 def _check_cell(cell: bytes, url: str, shape: tuple[int, int, int]) -> None:
-    """Check that one encoded image is an ``np.save`` of a uint8 array of ``shape``."""
+    """Check that one encoded image is a uint8 image of ``shape`` (raw, PNG or JPEG)."""
     if not schema.cell_matches(cell, shape):
         raise ImageShapeError(_shape_message(cell, url, shape))
 
@@ -503,17 +557,17 @@ def _shape_message(cell: bytes, url: str, shape: tuple[int, int, int]) -> str:
     found = (
         f"{stored[1]} images of shape {stored[0]}"
         if stored
-        else f"cells of {len(cell)} bytes that are not .npy arrays"
+        else f"cells of {len(cell)} bytes that are not .npy arrays, PNG or JPEG"
     )
     return (
-        f"{url} holds {found}, expected uint8 images of shape {shape} with a "
-        f"{schema.NPY_HEADER_BYTES}-byte header; re-ingest at the image size and channels "
+        f"{url} holds {found}, expected uint8 images of shape {shape}; re-ingest at the "
+        "image size and channels "
         "the training config uses, or train with the dataset's image_shape from _manifest.json"
     )
 
 
 def _decode_cells(cells: Sequence[bytes], url: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """Decode many ``np.save`` cells of one uint8 shape into one ``(N, *shape)`` array."""
+    """Decode many cells of one uint8 shape into one ``(N, *shape)`` array."""
     try:
         return schema.decode_cells(cells, shape)
     except schema.CellError as exc:

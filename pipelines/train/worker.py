@@ -280,7 +280,14 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
         "seed": cfg.seed,
         "task": task_for_model(cfg.model),
     }
-    augment = Augmentation(cfg.augment_shift, cfg.augment_rotation_deg)
+    augment = Augmentation(
+        cfg.augment_shift,
+        cfg.augment_rotation_deg,
+        flip=cfg.augment_flip,
+        crop_scale=cfg.augment_crop_scale,
+        brightness=cfg.augment_brightness,
+        contrast=cfg.augment_contrast,
+    )
     if is_keras3():
         # The Keras stack: plain pyarrow and numpy, no Petastorm or tf.data.
         from pipelines.train.keras_feed import make_dataset  # noqa: F811

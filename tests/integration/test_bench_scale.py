@@ -42,7 +42,7 @@ def config(spark, tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 @pytest.fixture(scope="module")
 def measurements(config: Config) -> list:
-    return bench_scale(config, images=IMAGES, repeats=1, digits=DIGITS)
+    return bench_scale(config, images=IMAGES, repeats=1, digits=DIGITS, photos=0)
 
 
 def _points(measurements: list, stage: str) -> list:
@@ -131,7 +131,7 @@ def test_the_scale_table_has_a_row_per_point(measurements):
 
 def test_scale_runs_by_name_only_never_in_all():
     assert "scale" not in BENCHMARKS and ON_REQUEST["scale"] is bench_scale
-    assert "peer" not in BENCHMARKS and list(ON_REQUEST) == ["scale", "peer"]
+    assert "peer" not in BENCHMARKS and list(ON_REQUEST) == ["scale", "peer", "storage"]
 
 
 def test_sizes_follow_images_and_max():

@@ -210,6 +210,7 @@ def test_logged_model_signature_requirements_and_code(scorer, classifier: Logged
         "label_names": LABELS,
         "image_shape": [SIZE, SIZE, 1],
         "task": "classification",
+        "resize": "stretch",
         "dlpipe.stack": "default",  # which stack trained it: the other one refuses it
     }
 

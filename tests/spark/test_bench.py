@@ -341,16 +341,16 @@ def test_machine_facts_record_cores_memory_and_versions():
 
 
 def test_every_stage_of_the_issue_is_registered_and_all_runs_them_in_pipeline_order():
-    assert list(BENCHMARKS) == ["ingest", "feed", "reader", "train", "score"]
+    assert list(BENCHMARKS) == ["ingest", "feed", "reader", "train", "score", "overhead"]
 
 
 def test_unknown_benchmark_is_a_user_error_listing_the_registered_ones(config, monkeypatch):
-    available = "ingest, feed, reader, train, score, all, scale, peer"
+    available = "ingest, feed, reader, train, score, overhead, all, scale, peer, storage"
     with pytest.raises(UserError, match=f"^unknown benchmark 'nope'; available: {available}$"):
         run_benchmarks(config, "nope")
     monkeypatch.setattr("pipelines.bench.BENCHMARKS", {"ingest": BENCHMARKS["ingest"]})
     with pytest.raises(
-        UserError, match="^unknown benchmark 'feed'; available: ingest, all, scale, peer$"
+        UserError, match="^unknown benchmark 'feed'; available: ingest, all, scale, peer, storage$"
     ):
         run_benchmarks(config, "feed")
 

@@ -20,7 +20,8 @@ from pipelines.schema import SPLITS
 from pipelines.sources import SourceError, write_cifar10_batch, write_cifar10_meta, write_idx
 from pipelines.store import DatasetDir
 
-CONFIG = IngestConfig(image_size=16, channels=1, rows_per_row_group=8)
+# Raw cells: these tests read them with plain Petastorm's make_reader (NdarrayCodec).
+CONFIG = IngestConfig(image_size=16, channels=1, rows_per_row_group=8, storage="raw")
 
 
 def _image_bytes(value: int, fmt: str, mode: str = "L") -> bytes:

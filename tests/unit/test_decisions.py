@@ -88,6 +88,10 @@ def test_a_champion_is_comparable_only_with_this_datasets_task_shape_and_classes
         == "input 28x28x1, this dataset 16x16x1"
     )
     assert (
+        incomparable({**same, "resize": "crop"}, manifest, CLASSIFICATION, CLASSIFICATION)
+        == "images resized by crop, this dataset by stretch"
+    )
+    assert (
         incomparable(
             {**same, "label_names": ["dog", "cat"]}, manifest, CLASSIFICATION, CLASSIFICATION
         )

@@ -41,6 +41,7 @@ def test_manifest_round_trips_with_the_keys_ingest_has_always_written(tmp_path: 
         "source", "format", "files_seen", "ingested", "quarantined", "skipped",
         "splits", "classes", "label_names", "image_shape", "started_at", "finished_at",
         "split_classes",  # since 2026-12: what a scoring batch is compared with
+        "resize", "storage",  # since 2026-12: how images were made square and are stored
     }  # fmt: skip
     assert path.read_text().endswith("}\n")
     assert dataset.read_manifest() == manifest
@@ -58,6 +59,7 @@ def test_manifest_reads_minimal_files_and_ignores_unknown_keys() -> None:
     text = json.dumps({"splits": {"train": 2}, "label_names": [1, "b"], "image_shape": ["8", 8, 1]})
     manifest = schema.Manifest.from_json(text[:-1] + ', "future": true}')
     assert manifest.label_names == ["1", "b"]
+    assert (manifest.resize, manifest.storage) == ("stretch", "raw")  # as written before
     assert manifest.image_shape == [8, 8, 1]
     assert manifest.splits == {"train": 2}
 
