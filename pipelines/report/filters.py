@@ -201,10 +201,12 @@ def layer_depths(model: KerasModel) -> dict[str, int]:
 
 def _inbound_names(layer: Any) -> list[str]:
     """Names of the layers feeding ``layer`` (its first call in the model)."""
+    from pipelines.keras_api import is_keras3
+
     nodes = getattr(layer, "_inbound_nodes", [])
     if not nodes:
         return []
-    if hasattr(nodes[0], "parent_nodes"):  # Keras 3
+    if is_keras3():  # tf.keras 2's nodes have parent_nodes too, but of other objects
         return [parent.operation.name for parent in nodes[0].parent_nodes]
     inbound = nodes[0].inbound_layers
     return [item.name for item in (inbound if isinstance(inbound, list | tuple) else [inbound])]

@@ -16,6 +16,10 @@ def test_the_photos_preset_loads_by_name_and_by_path():
     assert (train.model, train.pretrained) == ("mobilenet_v2", "imagenet")
     assert 0 < train.fine_tune.frozen_epochs < train.epochs
     assert train.fine_tune.unfreeze_top > 0
+    # Photos: a centre crop, not a stretch; flips and crops, never a digit's rotation.
+    assert by_name.ingest.resize == "crop"
+    assert train.augment_flip and train.augment_crop_scale < 1.0
+    assert train.augment_rotation_deg == 0.0
     # --set still applies over it (the base, the preset, then the overrides).
     assert load_config("photos", ["train.pretrained=none"]).train.pretrained == "none"
 
