@@ -35,9 +35,11 @@ def _cli_args(dataset: Path, sets: list[str], *extra: str) -> list[str]:
 
 
 def _epoch(out: Path) -> int:
+    """The epoch rank 0 last checkpointed in the model's last run (``out``: its runs)."""
     try:
-        return json.loads((out / "checkpoint.json").read_text())["epoch"]
-    except (OSError, ValueError):
+        run_id = json.loads((out / "run.json").read_text())["run_id"]
+        return json.loads((out / run_id / "checkpoint.json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
         return 0
 
 
@@ -191,7 +193,7 @@ def test_a_killed_rank_ends_the_job_with_a_one_line_error(
 ):
     timeout_s = 20
     config = small_config("train.epochs=40", f"train.rank_timeout_s={timeout_s}")
-    out = Store.of(config).run_dir(config.mlflow.model_name).path
+    out = Store.of(config).training(config.mlflow.model_name)
     seen: dict[str, Any] = {}
 
     def kill_rank_1() -> None:
@@ -269,7 +271,7 @@ def test_the_checkpoint_state_only_ever_names_a_complete_model_of_its_epoch(
 
     config = small_config("train.launcher=local", "train.epochs=2")
     train(config, _local(), digits)
-    run_dir = Store.of(config).run_dir(config.mlflow.model_name)
+    run_dir = Store.of(config).last_run_dir(config.mlflow.model_name)
     out = run_dir.path
     state = read_checkpoint(run_dir)
     assert state.epoch == 2 and state.model == "checkpoint-0002.h5"
