@@ -73,6 +73,8 @@ class HorovodSparkLauncher:
                 f"Horovod is not importable ({exc}); run 'make venv' to build it, "
                 "or use --set train.launcher=local for one in-process rank"
             ) from None
+        if elastic:
+            self._check_task_retries()
         self.wait_for_slots(elastic, min_num_proc)  # at once when it was called before
         log.info("train: starting %d Horovod ranks on Spark (Gloo)", self.num_proc)
         import cloudpickle
@@ -141,6 +143,23 @@ class HorovodSparkLauncher:
             if lost is None:
                 raise
             raise RankLostError(*lost, detail=str(exc).splitlines()[0]) from exc
+
+    def _check_task_retries(self) -> None:
+        """Elastic: fail in one line, before any rank starts, on a master that never retries.
+
+        Horovod restarts a lost rank in its Spark task's next attempt; a local master that
+        tries each task once (``local[N]``) would fail the job on the first lost rank.
+        ``dlpipe`` builds its own session with retries; a session made elsewhere may lack them.
+        """
+        from pipelines.spark import ELASTIC_TASK_ATTEMPTS, local_task_attempts
+
+        master = self.spark.sparkContext.master
+        attempts = local_task_attempts(master)
+        if attempts is not None and attempts < 2:
+            raise UserError(
+                f"train.elastic=true needs a master that retries tasks, but {master} tries "
+                f"each once; use local[N,{ELASTIC_TASK_ATTEMPTS}] (spark.master)"
+            )
 
     def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
         """Wait (bounded) until the executors offer a task slot per rank, else fail in one line.
