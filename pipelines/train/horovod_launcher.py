@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import UserError
 from pipelines.train import horovod_patches
-from pipelines.train.launchers import RankLostError, RankUserError, returning_user_errors
+from pipelines.train.launchers import (
+    RankLostError,
+    RankUserError,
+    WorldLostError,
+    returning_user_errors,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -65,6 +70,7 @@ class HorovodSparkLauncher:
 
         Raises:
             RankLostError: Not elastic, and a rank exited abnormally (killed, crashed).
+            WorldLostError: Elastic, and every rank of a world failed.
         """
         try:
             import horovod.spark  # noqa: F401 - here only to fail early, and clearly
@@ -115,18 +121,27 @@ class HorovodSparkLauncher:
         from pipelines.train import rank_entry
 
         if elastic:
-            return horovod.spark.run_elastic(
-                rank_entry.run_shipped,
-                args=(payload, includes),
-                num_proc=self.num_proc,
-                min_num_proc=min(min_num_proc, self.num_proc),
-                max_num_proc=self.num_proc,
-                elastic_timeout=int(rank_timeout_s) if rank_timeout_s else None,
-                # Horovod: added to each task's own environment.
-                env=env or None,
-                nics=self.nics,
-                verbose=0,
-            )
+            try:
+                return horovod.spark.run_elastic(
+                    rank_entry.run_shipped,
+                    args=(payload, includes),
+                    num_proc=self.num_proc,
+                    min_num_proc=min(min_num_proc, self.num_proc),
+                    max_num_proc=self.num_proc,
+                    elastic_timeout=int(rank_timeout_s) if rank_timeout_s else None,
+                    # Horovod: added to each task's own environment.
+                    env=env or None,
+                    nics=self.nics,
+                    verbose=0,
+                )
+            except RuntimeError as exc:
+                if "exited with non-zero status" not in str(exc):
+                    raise
+                raise WorldLostError(
+                    "elastic training lost every rank of its world (a rank lost while a "
+                    "reset waited for it, or all at once): resume from the last committed "
+                    "epoch with `dlpipe train --resume`"
+                ) from exc
         try:
             return horovod.spark.run(
                 rank_entry.run_shipped,
