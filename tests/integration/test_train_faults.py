@@ -215,43 +215,6 @@ def test_a_killed_rank_ends_the_job_with_a_one_line_error(
     assert _rank_processes(os.getpid()) == {}
 
 
-def test_elastic_training_carries_on_without_a_killed_rank(
-    digits, tmp_path, dlpipe_env, started, small_config
-):
-    epochs = 6
-    sets = small_config.sets(
-        f"train.epochs={epochs}", "train.elastic=true", "spark.master=local[2,4]"
-    )
-    out = tmp_path / "work" / "training" / "digits-classifier"
-    log = (tmp_path / "elastic.log").open("w")
-    job = subprocess.Popen(
-        _cli_args(digits, sets),
-        env=dlpipe_env,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        start_new_session=True,
-    )
-    started.append(job)
-    _wait_for_epoch(out, 2, alive=lambda: job.poll() is None)
-    ranks = _rank_processes(job.pid)
-    killed_at = _epoch(out)
-    os.kill(ranks[1].pid, signal.SIGKILL)  # mid-epoch: the next one has just begun
-    stdout, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, (tmp_path / "elastic.log").read_text()[-3000:]
-    result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["epochs"] == epochs
-
-    client = _mlflow(tmp_path)
-    run = client.get_run(result["run_id"])
-    assert run.info.status == "FINISHED"
-    changes = json.loads(run.data.tags["world_size_changes"])
-    assert changes and changes[0]["size"] == 1 and changes[0]["epoch"] >= killed_at
-    steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "val_loss"))
-    assert steps == list(range(epochs))
-    assert result["model_version"] == "1"
-
-
 def test_the_checkpoint_state_only_ever_names_a_complete_model_of_its_epoch(
     digits, tmp_path, monkeypatch, small_config
 ):
