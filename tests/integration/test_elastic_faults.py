@@ -27,6 +27,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.integration.test_train_faults import (
+    RANK_MODULE,
     _cli_args,
     _left,
     _rank_processes,
@@ -103,11 +104,28 @@ def _kill_rank(job: subprocess.Popen, rank: int) -> tuple[int, list[int]]:
     return ranks[rank].pid, [p.pid for p in ranks.values()]
 
 
+def _ranks_of(tmp_path: Path) -> list[int]:
+    """Live Horovod rank processes of this test's run anywhere on the host (orphans too).
+
+    A rank's environment names the run's MLflow store, which lies under ``tmp_path``.
+    """
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if RANK_MODULE in (process.info["cmdline"] or []) and any(
+                str(tmp_path) in value for value in process.environ().values()
+            ):
+                found.append(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
 def _assert_bounded_and_clean(outcome: Outcome, tmp_path: Path, job: subprocess.Popen) -> None:
     """A FINISHED run with every epoch, or one line; bounded; never RUNNING; no rank left."""
     assert outcome.seconds_after_kill < RANK_TIMEOUT_S + MARGIN_S + EPOCHS * 20
     assert _left(outcome.ranks_seen, timeout=30) == [], "rank processes were left behind"
-    assert _rank_processes(job.pid) == {} if psutil.pid_exists(job.pid) else True
+    assert _ranks_of(tmp_path) == [], "rank processes of this run are still running"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status != "RUNNING"
