@@ -860,6 +860,25 @@ class Store:
         """Whether tracking is a local sqlite store (whose artifacts go to :attr:`artifacts`)."""
         return self.tracking_uri.startswith("sqlite:")
 
+    @contextmanager
+    def local_store_lock(self) -> Iterator[None]:
+        """Hold the work directory's lock on its sqlite MLflow store for the block.
+
+        MLflow creates (and migrates) a new sqlite store on first use; two jobs starting
+        together on a fresh work directory would run the same migrations at once and one
+        would fail. The first use happens under this lock (an OS file lock, released
+        when the process dies).
+        """
+        import fcntl
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        with open(self.work / ".mlflow.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     @property
     def artifacts(self) -> Path:
         """Artifact root of experiments created in the local sqlite store."""

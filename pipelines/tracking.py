@@ -205,7 +205,11 @@ def experiment_id(store: Store, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     tracking = client(store.tracking_uri)
-    found = tracking.get_experiment_by_name(name)
+    if store.local_store:
+        with store.local_store_lock():  # a new sqlite store is created on first use
+            found = tracking.get_experiment_by_name(name)
+    else:
+        found = tracking.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = store.artifacts.as_uri() if store.local_store else None

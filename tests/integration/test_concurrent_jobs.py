@@ -46,7 +46,7 @@ def _together(commands: list[list[str]], env: dict, started: list) -> list[dict[
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
+        assert proc.returncode == 0, stderr[:2000] + " ... " + stderr[-2000:]
         results.append(json.loads(stdout.strip().splitlines()[-1]))
     return results
 
