@@ -66,13 +66,15 @@ def test_two_trainings_of_one_model_keep_their_folders_and_the_alias_ends_on_the
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     versions = client.search_model_versions(f"name='{MODEL}'")
-    assert sorted(v.version for v in versions) == ["1", "2"]
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
     assert all(DECIDING_TAG not in v.tags for v in versions)  # every decision recorded
-    accuracy = {v.version: client.get_run(v.run_id).data.metrics["test_accuracy"] for v in versions}
+    accuracy = {
+        str(v.version): client.get_run(v.run_id).data.metrics["test_accuracy"] for v in versions
+    }
     better = max(accuracy, key=accuracy.get)
     assert accuracy["1"] != accuracy["2"], accuracy
     champion = client.get_model_version_by_alias(MODEL, "champion")
-    assert champion.version == better, (accuracy, [r["decision"] for r in results])
+    assert str(champion.version) == better, (accuracy, [r["decision"] for r in results])
     # The later version decided against the earlier one, which had decided first.
     later = max(versions, key=lambda v: int(v.version))
     assert later.tags["promotion_champion_version"] in ("1", better)
