@@ -234,13 +234,15 @@ def _config(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 
 def _doctor(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     from pipelines import preflight
+    from pipelines.stack import launcher_for
 
     spark = None
     if args.executors:
         from pipelines.spark import get_spark
 
         spark = get_spark(config.spark)
-    diagnosis = preflight.diagnose(spark, horovod=config.train.launcher == "horovod")
+    horovod = launcher_for(config.train.launcher) == "horovod"
+    diagnosis = preflight.diagnose(spark, horovod=horovod)
     result = {**diagnosis.to_dict(), HUMAN: diagnosis.table()}
     if not diagnosis.ok:  # the table (or JSON) is printed, then the command fails
         result[FAILS_WITH] = preflight.PreflightError(diagnosis.problems)
@@ -495,10 +497,11 @@ def _add_bench(add: _Add) -> None:
         "which",
         nargs="?",
         default="all",
-        choices=["ingest", "feed", "reader", "train", "score", "all", "scale", "peer"],
+        choices=["ingest", "feed", "reader", "train", "score", "overhead", "all", "scale", "peer"],
         help=(
-            "which benchmark (default: all, the first five; scale: cost growth with size; "
-            "peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds)"
+            "which benchmark (default: all, the first six; overhead: whole train and score "
+            "processes, their seconds outside model work and why; scale: cost growth with "
+            "size; peer: dlpipe train against Horovod's KerasEstimator, --repeats seeds)"
         ),
     )
     bench.add_argument(

@@ -241,7 +241,11 @@ class TrainConfig:
         warmup_epochs: Epochs of learning-rate warm-up from the single-rank rate.
         early_stopping_patience: Epochs without val improvement before stopping (0: off).
         seed: Random seed for weights and shuffling.
-        launcher: ``horovod`` (on Spark executors) or ``local`` (one rank in-process).
+        launcher: ``horovod`` (on Spark executors) or ``local`` (one rank in-process) on
+            the default stack; ``keras`` (Keras 3 on JAX, ranks as Spark barrier tasks) on
+            the Keras stack (``make venv STACK=keras``), where ``horovod`` also runs as
+            ``keras`` (Horovod cannot be installed there), so one config serves both
+            stacks. Elastic mode needs ``horovod`` on the default stack.
         slots_timeout_s: How long training waits for a cluster's executors to offer
             ``num_proc`` task slots before failing (executors register after the
             application starts); a local master's slots are checked before any Spark work.
@@ -290,7 +294,7 @@ class TrainConfig:
     warmup_epochs: Annotated[StrictInt, Field(ge=0)] = 1
     early_stopping_patience: Annotated[StrictInt, Field(ge=0)] = 8
     seed: StrictInt = 42
-    launcher: Literal["horovod", "local"] = "horovod"
+    launcher: Literal["horovod", "keras", "local"] = "horovod"
     slots_timeout_s: Annotated[StrictFloat, Field(ge=0)] = 120.0
     nics: list[StrictStr] = field(default_factory=list)
     tsne: StrictBool = False
@@ -309,6 +313,11 @@ class TrainConfig:
             raise ConfigError(
                 f"train.grad_vanish_below ({self.grad_vanish_below}) must be below "
                 f"train.grad_explode_above ({self.grad_explode_above})"
+            )
+        if self.elastic and self.launcher == "keras":
+            raise ConfigError(
+                "train.elastic=true needs train.launcher=horovod (the keras launcher has no "
+                "elastic mode; a failed job resumes from its last checkpoint with --resume)"
             )
         if self.mixed_precision and self.use_gpu is False:
             # float16 is emulated on CPUs: many times slower than float32, never what one wants.

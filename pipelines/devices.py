@@ -51,6 +51,10 @@ def pin_device(use_gpu: bool | str, index: int = 0, key: str = "train.use_gpu") 
     """
     if not (isinstance(use_gpu, bool) or use_gpu == "auto"):
         raise ValueError(f"{key}: expected true, false or 'auto', got {use_gpu!r}")
+    from pipelines.keras_api import is_keras3
+
+    if is_keras3():
+        return _jax_device(use_gpu, index, key)
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -107,6 +111,29 @@ def precision(mixed: bool, device: str) -> Iterator[str]:
         yield name
     finally:
         policies.set_global_policy(previous)
+
+
+def _jax_device(use_gpu: bool | str, index: int, key: str) -> str:
+    """The Keras stack's :func:`pin_device`: the device JAX computes on in this process.
+
+    JAX fixes its platforms at its first use, from ``JAX_PLATFORMS`` (the keras launcher
+    sets ``cpu`` for its ranks when ``use_gpu`` is false); its GPU where it has one (a
+    ``jax[cuda12]`` install on a GPU host), the same code otherwise.
+    """
+    import jax
+
+    devices = jax.local_devices()
+    gpus = [d for d in devices if d.platform == "gpu"]
+    if use_gpu is True and not gpus:
+        raise NoGpuError(
+            f"{key} is true but JAX {jax.__version__} finds no GPU on host {_host()} "
+            f"(platform {devices[0].platform}); set {key}=auto or false, or install the "
+            "keras-gpu extra on a GPU host (make venv STACK=keras GPU=1: jax[cuda12])"
+        )
+    if use_gpu is False or not gpus:
+        return CPU
+    gpu = gpus[index % len(gpus)]
+    return f"GPU:{gpu.id} ({gpu.device_kind})"
 
 
 def _set_visible(tf: Any, gpus: list[Any]) -> None:

@@ -39,8 +39,14 @@ def limit_tf_threads(intra_op: int, inter_op: int) -> None:
 
     Without it every TensorFlow process on a host sizes its pools to all the cores, and
     Horovod ranks or Spark Python workers oversubscribe the machine. Once TensorFlow has
-    started in the process its pools can no longer change, and are kept.
+    started in the process its pools can no longer change, and are kept. On the Keras
+    stack (no TensorFlow) XLA's threads come from ``XLA_FLAGS``, set by the keras launcher
+    for its ranks: nothing to do here.
     """
+    from pipelines.keras_api import is_keras3
+
+    if is_keras3():
+        return
     import tensorflow as tf
 
     try:

@@ -59,6 +59,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from pipelines import schema
 from pipelines.images import ImageDecodeError, decode_image, normalise, prepare_array
 from pipelines.keras_api import keras
+from pipelines.stack import KERAS, STACK_TAG, check_model_stack, current
 from pipelines.store import ModelDir
 from pipelines.tasks import CLASSIFICATION, Task, task_of_record
 
@@ -92,6 +93,18 @@ _REQUIRED_DISTRIBUTIONS: tuple[str, ...] = (
     "protobuf",
     "cloudpickle",
 )
+#: The same on the Keras stack: Keras 3 on JAX (h5py reads the .h5 file), no TensorFlow.
+_REQUIRED_DISTRIBUTIONS_KERAS: tuple[str, ...] = (
+    "mlflow",
+    "keras",
+    "jax",
+    "jaxlib",
+    "h5py",
+    "numpy",
+    "pandas",
+    "pillow",
+    "cloudpickle",
+)
 
 # A data URL prefix such as "data:image/png;base64," that browsers put in front of base64.
 _DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
@@ -116,6 +129,8 @@ class ImageModel(mlflow.pyfunc.PythonModel):
         height, width, channels = (int(d) for d in meta["image_shape"])
         self.image_shape: tuple[int, int, int] = (height, width, channels)
         self.task: Task = task_of_record(meta)
+        # Before any Keras: a model of the other stack's Keras would load wrongly, or not.
+        check_model_stack(meta.get(STACK_TAG), "this model")
         self.model = keras().models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
         self._forward = _compiled_forward(self.model)
 
@@ -173,7 +188,7 @@ class ImageModel(mlflow.pyfunc.PythonModel):
     def _predict(self, batch: np.ndarray) -> np.ndarray:
         """Run the Keras model over a float32 batch, in chunks of PREDICT_BATCH_SIZE."""
         chunks = [
-            self._forward(batch[start : start + PREDICT_BATCH_SIZE]).numpy()
+            np.asarray(self._forward(batch[start : start + PREDICT_BATCH_SIZE]))
             for start in range(0, len(batch), PREDICT_BATCH_SIZE)
         ]
         return np.concatenate(chunks)
@@ -193,6 +208,11 @@ def _compiled_forward(model: KerasModel) -> Any:
     eagerly and 1.7x of ``model.predict`` on batches of 256 (the graph lets TensorFlow fuse
     convolution, bias and activation; ``predict`` also builds a dataset per call).
     """
+    from pipelines.keras_api import is_keras3
+
+    if is_keras3():
+        # JAX: Keras 3 compiles the layers' ops itself; no TensorFlow graph to trace.
+        return lambda images: model(images, training=False)
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
@@ -303,7 +323,7 @@ def save_keras_artifacts(
         # Keras calls HDF5 "legacy"; it is the one format that loads without custom objects.
         warnings.filterwarnings("ignore", message=".*HDF5 file.*", category=UserWarning)
         model.save(model_path, include_optimizer=False, save_format="h5")
-    meta = {"label_names": names, "image_shape": shape, "task": task.name}
+    meta = {"label_names": names, "image_shape": shape, "task": task.name, STACK_TAG: current()}
     labels_path.write_text(json.dumps(meta, indent=2) + "\n")
     return {KERAS_ARTIFACT: str(model_path), LABELS_ARTIFACT: str(labels_path)}
 
@@ -344,7 +364,8 @@ def model_signature(num_classes: int, task: Task = CLASSIFICATION) -> ModelSigna
 def pip_requirements() -> list[str]:
     """Return the pinned requirements of the logged model (installed versions, ``==``)."""
     pins = []
-    for dist in _REQUIRED_DISTRIBUTIONS:
+    keras_stack = current() == KERAS
+    for dist in _REQUIRED_DISTRIBUTIONS_KERAS if keras_stack else _REQUIRED_DISTRIBUTIONS:
         try:
             pins.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:

@@ -153,7 +153,9 @@ def ingest(
         written, rejected = _decode_and_write(spark, plan, config, tmp)
         rejected = {**plan.rejected, **rejected}
         staged = DatasetDir(str(tmp))
-        splits = _commit_splits(written, staged, schema.prepared_schema(*shape))
+        # The Keras stack has no Petastorm: its splits record only the row-group counts.
+        unischema = None if _keras_stack() else schema.prepared_schema(*shape)
+        splits = _commit_splits(written, staged, unischema)
         ingested = sum(splits.values())
         _check_counts(plan, rejected, ingested, src)
         _write_quarantine(rejected, staged)
@@ -467,8 +469,14 @@ def _decode_task(
 # --- finishing, on the driver --------------------------------------------------------------
 
 
+def _keras_stack() -> bool:
+    from pipelines.stack import KERAS, current
+
+    return current() == KERAS
+
+
 def _commit_splits(
-    written: list[_WrittenFile], staged: DatasetDir, unischema: Unischema
+    written: list[_WrittenFile], staged: DatasetDir, unischema: Unischema | None
 ) -> dict[str, int]:
     """Move the reported files into the staged dataset's splits; make each a Petastorm dataset.
 
@@ -494,14 +502,25 @@ def _commit_splits(
 
 
 def _write_petastorm_metadata(
-    dataset: Path, unischema: Unischema, row_groups: dict[str, int]
+    dataset: Path, unischema: Unischema | None, row_groups: dict[str, int]
 ) -> None:
     """Write Petastorm's ``_common_metadata`` (Unischema, row groups per file) for one split.
 
     What ``materialize_dataset`` does after a Spark write, with the row-group counts the
-    tasks reported instead of a Spark job that opens every file again.
+    tasks reported instead of a Spark job that opens every file again. Without a Unischema
+    (the Keras stack, no Petastorm) only the Arrow schema and Petastorm's row-group key are
+    written: both stacks' readers read that (Petastorm's ``make_batch_reader`` infers the
+    Unischema from the Arrow schema).
     """
     import pyarrow.parquet as pq
+
+    if unischema is None:
+        from pipelines.train.arrow_reader import ROW_GROUPS_PER_FILE_KEY
+
+        counts = {ROW_GROUPS_PER_FILE_KEY: json.dumps(row_groups).encode()}
+        arrow = pq.read_schema(dataset / sorted(row_groups)[0]).with_metadata(counts)
+        pq.write_metadata(arrow, dataset / DatasetDir.PETASTORM_METADATA)
+        return
     from petastorm.etl.dataset_metadata import (
         ROW_GROUPS_PER_FILE_KEY,
         _generate_unischema_metadata,

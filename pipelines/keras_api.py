@@ -26,12 +26,18 @@ callbacks still import Keras 3 there, so that runtime needs more than this modul
 
 TensorFlow is imported inside :func:`keras`, not at module import, so that importing this
 module (e.g. from the CLI) stays cheap.
+
+On the Keras stack (:func:`pipelines.stack.current` is ``keras``: Keras 3 installed, no
+TensorFlow, ``make venv STACK=keras``) :func:`keras` is Keras 3 itself on the JAX backend
+(``KERAS_BACKEND=jax``, set here unless already set); Horovod is absent there, and the keras
+launcher averages gradients in the compiled step (:mod:`pipelines.train.jax_distribution`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -59,12 +65,36 @@ def keras() -> ModuleType:
             with which Horovod would silently stop averaging gradients.
 
     """
+    from pipelines import stack
+
+    if stack.current() == stack.KERAS:
+        return _keras3()
     # The only Keras import in the project. For TF 2.16+ with tf-keras, change this line
     # to `import tf_keras as module`.
     from tensorflow import keras as module
 
     _check_keras_version(keras_version(module))
     return module
+
+
+def _keras3() -> ModuleType:
+    """Keras 3 on JAX (the Keras stack); the backend is fixed at Keras' first import."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras as module
+
+    if module.backend.backend() != "jax":
+        raise RuntimeError(
+            f"Keras runs on {module.backend.backend()}; the Keras stack needs JAX: set "
+            "KERAS_BACKEND=jax before Keras is first imported"
+        )
+    return module
+
+
+def is_keras3() -> bool:
+    """Whether :func:`keras` is Keras 3 (the Keras stack) rather than TensorFlow's Keras 2."""
+    from pipelines import stack
+
+    return stack.current() == stack.KERAS
 
 
 def keras_version(module: ModuleType) -> str:

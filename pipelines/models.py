@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import TrainConfig
-from pipelines.keras_api import keras
+from pipelines.keras_api import is_keras3, keras
 from pipelines.tasks import task_for_model
 
 if TYPE_CHECKING:
@@ -189,7 +189,8 @@ def make_optimizer(name: str, learning_rate: float) -> KerasOptimizer:
         ValueError: Unknown optimizer name.
 
     """
-    legacy = keras().optimizers.legacy
+    # Keras 3 (the Keras stack) has no legacy classes and needs none: no Horovod to wrap them.
+    legacy = keras().optimizers if is_keras3() else keras().optimizers.legacy
     if name == "sgd":
         return legacy.SGD(learning_rate=learning_rate)
     if name == "momentum":

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import StorageError, UserError
 from pipelines.spark import Access, storage_errors
+from pipelines.stack import launcher_for
 from pipelines.store import DatasetDir, Store
 
 if TYPE_CHECKING:
-    from pipelines.config import Config, ResolvedConfig
+    from pipelines.config import Config, ResolvedConfig, TrainConfig
     from pipelines.demo import DemoData
     from pipelines.explain import ExplainResult
     from pipelines.ingest import IngestResult
@@ -148,12 +149,31 @@ def train_stage(
     store = store or Store.of(config)
     data = store.dataset(dataset)
     check_dataset_files(data)  # before Spark starts, and before a run is opened in MLflow
-    spark = spark_session(config) if config.train.launcher == "horovod" else None
     cfg = config.train
-    launcher = make_launcher(cfg.launcher, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s)
+    kind = launcher_for(cfg.launcher)
+    spark = spark_session(config) if kind != "local" else None
+    launcher = make_launcher(
+        kind, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s, env=rank_environment(cfg)
+    )
     launcher.wait_for_slots(cfg.elastic, cfg.min_num_proc)  # before a run is opened in MLflow
     with storage_errors(Access("read the dataset", data.root, _REINGEST)):
         return train(config, launcher, data, resume, report=log_run_report, store=store)
+
+
+def rank_environment(cfg: TrainConfig) -> dict[str, str]:
+    """What the keras launcher's ranks need in their environment before JAX starts.
+
+    JAX fixes its platforms and XLA its CPU threads at start-up: ``use_gpu: false`` keeps
+    the ranks on the CPU (``JAX_PLATFORMS=cpu``); otherwise JAX takes a GPU where it has one.
+    ``threads_per_rank: 1`` keeps XLA's CPU computations on one thread (``XLA_FLAGS``);
+    XLA has no finer knob, so other values leave it its default pool.
+    """
+    env = {"KERAS_BACKEND": "jax"}
+    if cfg.use_gpu is False:
+        env["JAX_PLATFORMS"] = "cpu"
+    if cfg.threads_per_rank == 1:
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    return env
 
 
 def check_dataset_files(dataset: DatasetDir) -> None:
@@ -407,7 +427,7 @@ def spark_session(config: Config) -> Any:
     from pipelines import preflight
     from pipelines.spark import ELASTIC_TASK_ATTEMPTS, get_spark
 
-    horovod = config.train.launcher == "horovod"
+    horovod = launcher_for(config.train.launcher) == "horovod"
     preflight.check_driver(horovod=horovod)  # before any Spark work
     # Elastic Horovod restarts a lost rank in its Spark task's next attempt.
     attempts = ELASTIC_TASK_ATTEMPTS if horovod and config.train.elastic else None
@@ -421,7 +441,8 @@ def check_local_slots(config: Config) -> None:
     from pipelines.spark import local_slots
 
     slots = local_slots(config.spark.master)
-    if config.train.launcher == "horovod" and slots is not None and config.train.num_proc > slots:
+    distributed = launcher_for(config.train.launcher) != "local"
+    if distributed and slots is not None and config.train.num_proc > slots:
         raise UserError(
             f"train.num_proc={config.train.num_proc} needs {config.train.num_proc} Spark task "
             f"slots, but spark.master={config.spark.master} has {slots}; lower train.num_proc "

@@ -162,6 +162,88 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     ),
 )
 
+#: Spec of a package that must not be installed (the Keras stack refuses a mixed one).
+ABSENT = "absent"
+
+_KERAS_VENV = "make venv STACK=keras"
+
+#: The Keras stack's table (``make venv STACK=keras``: Keras 3 on JAX, Spark 4, numpy 2):
+#: what the Databricks 16.4/17.3 LTS ML runtimes and later carry, and neither Horovod nor
+#: Petastorm (a mixed environment fails with one line). TensorFlow may be there (those
+#: runtimes carry it until 18): Keras runs on JAX, and TensorFlow is never imported.
+KERAS_REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement(
+        "python",
+        ">=3.12,<3.13",
+        f"use Python 3.12 (the Databricks 16.4/17.3 LTS ML runtimes' Python; {_KERAS_VENV})",
+    ),
+    Requirement(
+        "pyspark",
+        "==4.0.*",
+        "pip install 'pyspark==4.0.*' (Spark 4.0, as on Databricks 17.3 LTS ML)",
+        "pyspark",
+        ("pyspark",),
+    ),
+    Requirement(
+        "pyarrow",
+        ">=15",
+        "pip install pyarrow==19.0.1 (the plain-pyarrow reader; Spark 4 needs pyarrow >= 15)",
+        "pyarrow",
+        ("pyarrow",),
+    ),
+    Requirement(
+        "numpy",
+        ">=2,<3",
+        "pip install 'numpy==2.1.*' (the Keras stack is built on numpy 2)",
+        "numpy",
+        ("numpy",),
+    ),
+    Requirement(
+        "keras",
+        ">=3.15,<4",
+        "pip install keras==3.15.1 (Keras 3 on JAX; the keras launcher averages gradients in "
+        "the compiled step)",
+        "keras",
+        ("keras",),
+    ),
+    Requirement(
+        "jax",
+        "==0.9.2",
+        "pip install 'jax[cpu]==0.9.2' (jax[cuda12] on GPU hosts: make venv STACK=keras GPU=1)",
+        "jax",
+        ("jax",),
+    ),
+    Requirement(
+        "mlflow",
+        ">=3.17,<3.19",
+        "pip install 'mlflow>=3.17,<3.19' (the tracking, registry and pyfunc APIs used here)",
+        "mlflow",
+        ("mlflow",),
+    ),
+    Requirement(
+        "horovod",
+        ABSENT,
+        f"pip uninstall horovod: the Keras stack trains with train.launcher=keras ({_KERAS_VENV})",
+        "horovod",
+        ("horovod",),
+    ),
+    Requirement(
+        "petastorm",
+        ABSENT,
+        f"pip uninstall petastorm: the Keras stack reads with plain pyarrow ({_KERAS_VENV})",
+        "petastorm",
+        ("petastorm",),
+    ),
+)
+
+
+def requirements(stack: str | None = None) -> tuple[Requirement, ...]:
+    """The table of ``stack`` (default: this environment's, :func:`pipelines.stack.current`)."""
+    from pipelines import stack as stacks
+
+    return KERAS_REQUIREMENTS if (stack or stacks.current()) == stacks.KERAS else REQUIREMENTS
+
+
 #: What Horovod's build must have, beside its version.
 HOROVOD_NEED = "built with TensorFlow and Gloo"
 
@@ -268,12 +350,13 @@ class PreflightError(UserError):
 # --- the check (pure) -----------------------------------------------------------------------
 
 
-def check(env: Environment, *, horovod: bool = True) -> list[Finding]:
-    """Check a lookup result against :data:`REQUIREMENTS`.
+def check(env: Environment, *, horovod: bool = True, stack: str | None = None) -> list[Finding]:
+    """Check a lookup result against the stack's table (:func:`requirements`).
 
     Args:
         env: What :func:`lookup` found (on the driver or on an executor).
         horovod: Whether Horovod is needed (``train.launcher: horovod``).
+        stack: Whose table; default: this environment's stack.
 
     Returns:
         One finding per requirement, in table order.
@@ -282,10 +365,13 @@ def check(env: Environment, *, horovod: bool = True) -> list[Finding]:
     from packaging.version import InvalidVersion, Version
 
     findings = []
-    for req in REQUIREMENTS:
+    for req in requirements(stack):
         found = env.packages.get(req.name, Found(None))
         need = req.spec
         shown = found.version or "not installed"
+        if req.spec == ABSENT:
+            findings.append(Finding(req.name, shown, "not installed", not found.version, req.fix))
+            continue
         if found.version and len(found.distributions) > 1:
             shown = f"{found.version} ({' and '.join(found.distributions)})"
         elif found.version and found.distributions and found.distributions[0] != req.name:
@@ -351,11 +437,11 @@ def lookup(*, horovod_probe: Literal["files", "api"] = "files") -> Environment:
         The lookup result, for :func:`check`.
     """
     packages = {"python": Found(platform.python_version())}
-    for req in REQUIREMENTS:
+    for req in requirements():
         if req.module:
             packages[req.name] = _installed(req)
     build = None
-    if packages["horovod"].version:
+    if packages["horovod"].version and requirements() is REQUIREMENTS:
         build = _horovod_api() if horovod_probe == "api" else _horovod_files()
     return Environment(packages, build, sys.executable, socket.gethostname(), os.getpid())
 
@@ -630,7 +716,10 @@ class Diagnosis:
             for row in rows
         ]
         lines.append("")
-        lines += self.problems or ["all good: the stack is the pinned one"]
+        from pipelines.stack import KERAS, current
+
+        good = "the Keras stack" if current() == KERAS else "the pinned one"
+        lines += self.problems or [f"all good: the stack is {good}"]
         return "\n".join(lines)
 
 

@@ -45,6 +45,7 @@ from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import cores_per_process, limit_tf_threads, settle_python_worker
 from pipelines.listing import display_path, list_tree, read_file
+from pipelines.phases import PhaseClock
 from pipelines.registry import ResolvedModel, download_model, resolve_model_uri
 from pipelines.score_table import (
     batch_exists,
@@ -55,6 +56,7 @@ from pipelines.score_table import (
 )
 from pipelines.sources import SourceError
 from pipelines.spark import driver_table
+from pipelines.stack import STACK_TAG, check_model_stack
 from pipelines.store import ModelDir, ScoringTable, Store, to_url
 
 if TYPE_CHECKING:
@@ -98,6 +100,12 @@ class ScoreResult:
         summary: The batch's :class:`~pipelines.batch_summary.BatchSummary` as a dict.
         summary_run_id: The MLflow run holding the summary (None when not logged).
         seconds: Wall time.
+        phases: Seconds by phase: ``resolve_model`` (the model found and downloaded),
+            ``read_source`` (the source listed or opened, the batch id chosen),
+            ``ship_model`` (its archive added to the session), ``only_new`` (the earlier
+            batches read, with ``score.only_new``), ``score_job`` (the Spark job that
+            predicts and writes the batch), ``summary`` (class order, the batch's summary
+            read back and logged).
     """
 
     table: str
@@ -116,6 +124,7 @@ class ScoreResult:
     class_order: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     summary_run_id: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as a JSON-ready dict."""
@@ -154,6 +163,7 @@ def score(
         UserError: Every generated batch id tried is taken already.
     """
     started = time.time()
+    clock = PhaseClock()
     store = store or Store.of(config)
     cfg = config.score
     resolved = resolve_model_uri(
@@ -165,20 +175,26 @@ def score(
     )
     target = store.scoring_table(table)
     batch_id, generated = resolve_batch_id(batch_id, datetime.fromtimestamp(started, tz=UTC))
+    clock.lap("resolve_model")
     images, skipped, listed = _read_source(spark, config, source)
     if generated:
         batch_id = _unused_batch_id(spark, target, batch_id)
     log.info(
         "score: %s with %s into %s (batch %s)", source, resolved.uri, target.location, batch_id
     )
+    clock.lap("read_source")
 
     # models:/ URIs are downloaded through the registry.
     tracking.use_stores(store.tracking_uri, store.registry_uri)
     model_dir = ModelDir(
         str(download_model(resolved, store.model_cache, store.tracking_uri, store.registry_uri))
     )
+    # On the driver, before any executor loads it: a model of the other stack, in one line.
+    check_model_stack(model_dir.meta().get(STACK_TAG), resolved.uri)
     label_names = model_dir.label_names()
+    clock.lap("resolve_model")
     archive = _ship(spark, model_dir)
+    clock.lap("ship_model")
     threads = cores_per_process(spark.sparkContext.defaultParallelism)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", cfg.arrow_batch_size)
 
@@ -191,12 +207,14 @@ def score(
         already = listed - remaining
         images = persisted.repartition(_task_count(spark, remaining)) if remaining else None
         log.info("score: %d images new, %d scored before by this model", remaining, already)
+        clock.lap("only_new")
     try:
         if images is not None:
             _score_into(
                 spark, images, target, batch_id, resolved, label_names, archive, threads, config,
                 started,
             )  # fmt: skip
+            clock.lap("score_job")
             class_order = record_classes(spark, target, resolved, label_names)
             groups = batch_groups(spark, target, batch_id, cfg.low_confidence_below)
         else:
@@ -226,6 +244,7 @@ def score(
         summary=summary.to_dict(),
         summary_run_id=summary_run_id,
         seconds=round(time.time() - started, 1),
+        phases={**clock.phases, "summary": round(clock.lap(), 2)},
     )
     log.info(
         "score: %d rows (%d scored, %d errors, %d scored before) in %s, batch %s",

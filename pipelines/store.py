@@ -652,7 +652,8 @@ class RunDir:
     def save_model(self, target: Path, save: Callable[[Path], None]) -> None:
         """Write a model file atomically: ``save(tmp)`` writes it, then it replaces ``target``."""
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        # Keeps the suffix: Keras 3 picks the format from it (and refuses others).
+        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")
         try:
             save(tmp)
             move_into(tmp, target)

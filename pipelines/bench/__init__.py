@@ -20,9 +20,13 @@ score      Spark batch scoring, images/s           pyfunc predict on decoded arr
 scale      ingest, score, train, listing at        the same stage at the reference size
            growing sizes, ms/image; peak RSS and   (<= 1.1 above it); not part of
            CPU per process kind                    ``all``
+overhead   whole ``dlpipe train`` / ``score``      its fit; a bare Spark process
+           processes: s outside model work, by     (score: <= 5 s outside its job)
+           phase, with imports and Spark start
 peer       the whole ``dlpipe train`` process, s;  Horovod's KerasEstimator on the same
-           its test accuracy                       digits, in its own environment
-                                                   (<= 0.75; >= 1.0); not part of ``all``
+           outside fit, s; its test accuracy       digits, in its own environment
+                                                   (<= 0.75; <= 1.0; >= 1.0); not part
+                                                   of ``all``
 =========  ======================================  =====================================
 
 Each benchmark generates its data once (cached under ``<work_dir>/bench/``), warms up
@@ -52,6 +56,7 @@ from pipelines.bench.ingest import bench_ingest
 from pipelines.bench.machine import machine_facts
 from pipelines.bench.markdown import check_page, markdown_blocks, write_markdown
 from pipelines.bench.output import CSV_COLUMNS, append_csv, format_table
+from pipelines.bench.overhead import bench_overhead
 from pipelines.bench.reader import bench_reader
 from pipelines.bench.scale import bench_scale, format_scale_table
 from pipelines.bench.score import bench_score
@@ -68,6 +73,7 @@ __all__ = [
     "append_csv",
     "bench_feed",
     "bench_ingest",
+    "bench_overhead",
     "bench_reader",
     "bench_scale",
     "bench_score",
@@ -92,6 +98,7 @@ BENCHMARKS: dict[str, Callable[..., list[Measurement]]] = {
     "reader": bench_reader,
     "train": bench_train,
     "score": bench_score,
+    "overhead": bench_overhead,
 }
 
 #: Benchmarks run only by name, never by ``all`` (long: growth with size; whole training

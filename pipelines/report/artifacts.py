@@ -69,6 +69,13 @@ RECONSTRUCTIONS_SHOWN = 8
 FILTERS_SHOWN = 64
 
 
+#: The note of the TensorBoard parts on the Keras stack (no TensorFlow, no TensorBoard there).
+NO_TENSORBOARD = (
+    "TensorBoard files not written: the Keras stack has no TensorFlow or TensorBoard "
+    "(the same numbers are in the report's plots, CSVs and MLflow metrics)"
+)
+
+
 def log_training_report(
     model: KerasModel,
     *,
@@ -461,14 +468,19 @@ def _embeddings(
     save_png(fig, out / "embeddings.png")
     shown = embeddings.sample_points(labels, predicted, embeddings.EMBEDDINGS_SHOWN)
     embeddings.write_thumbnails(out, arrays.images, shown, len(labels))
-    try:  # the projector is an extra: its failure must not cost the plots above
-        projector = embeddings.write_projector(
-            out / "tensorboard", features, arrays, labels, predicted, names, layer_name
-        )
-    except Exception as exc:
-        log.warning("report: the TensorBoard projector files failed", exc_info=True)
-        notes.append(f"TensorBoard projector files not written: {type(exc).__name__}: {exc}")
-        projector = None
+    from pipelines.keras_api import is_keras3
+
+    projector = None
+    if is_keras3():
+        notes.append(NO_TENSORBOARD)
+    else:
+        try:  # the projector is an extra: its failure must not cost the plots above
+            projector = embeddings.write_projector(
+                out / "tensorboard", features, arrays, labels, predicted, names, layer_name
+            )
+        except Exception as exc:
+            log.warning("report: the TensorBoard projector files failed", exc_info=True)
+            notes.append(f"TensorBoard projector files not written: {type(exc).__name__}: {exc}")
     result: dict[str, Any] = {
         "embedding": {
             "layer": layer_name,
@@ -543,8 +555,16 @@ def _tensorboard(
     """Write TensorBoard logs: epoch scalars (train/ and validation/) and the model graph.
 
     The projector files in the same folder are written by :func:`_embeddings`, which has the
-    embedding layer's outputs; the summary says whether they are there.
+    embedding layer's outputs; the summary says whether they are there. The Keras stack
+    has neither TensorFlow nor TensorBoard: no logs, and a note says so.
     """
+    from pipelines.keras_api import is_keras3
+
+    if is_keras3():
+        return {
+            "tensorboard": {"scalars": [], "graph": False, "projector": False},
+            "note": NO_TENSORBOARD,
+        }
     import tensorflow as tf
 
     writers = {

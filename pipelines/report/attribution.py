@@ -69,10 +69,14 @@ def saliency(model: KerasModel, x: np.ndarray, class_index: int | Sequence[int])
         float32 ``(N, H, W)``: ``|d p_class / d x|``, the maximum over channels.
 
     """
-    import tensorflow as tf
+    from pipelines.keras_api import is_keras3
 
     logits = _logits(model) if score_kind(model) == "logit" else None
     classes = _classes(class_index, len(x))
+    if is_keras3():
+        return _jax_saliency(model, x, classes, logits)
+    import tensorflow as tf
+
     maps = []
     for start in range(0, len(x), BATCH_SIZE):
         batch = tf.constant(np.asarray(x[start : start + BATCH_SIZE], dtype=np.float32))
@@ -106,6 +110,14 @@ def _logits(model: KerasModel) -> Any:
 
 def _dense_logits(head: Any, hidden: Any) -> Any:
     """What the softmax dense layer ``head`` computes from ``hidden`` before its softmax."""
+    from pipelines.keras_api import is_keras3
+
+    if is_keras3():
+        import jax.numpy as jnp
+
+        kernel = jnp.asarray(head.kernel.value, jnp.float32)
+        z = jnp.matmul(jnp.asarray(hidden, jnp.float32), kernel)
+        return z + jnp.asarray(head.bias.value, jnp.float32) if head.use_bias else z
     import tensorflow as tf
 
     z = tf.matmul(tf.cast(hidden, tf.float32), tf.cast(head.kernel, tf.float32))
@@ -121,6 +133,83 @@ def _softmax_row(z: Any, chosen: Any) -> Any:
     p_c = tf.reduce_sum(p * mine, axis=1, keepdims=True)
     rest = tf.reduce_sum(p * (1 - mine), axis=1, keepdims=True)
     return p_c * (mine * rest - (1 - mine) * p)
+
+
+def _jax_saliency(model: KerasModel, x: np.ndarray, classes: np.ndarray, logits: Any) -> Any:
+    """:func:`saliency` on the Keras stack: the same vector-Jacobian product, by ``jax.vjp``."""
+    import jax
+    import jax.numpy as jnp
+
+    def out(batch: Any) -> Any:
+        if logits is None:
+            return jnp.asarray(model(batch, training=False), jnp.float32)
+        return logits(batch)
+
+    maps = []
+    for start in range(0, len(x), BATCH_SIZE):
+        batch = jnp.asarray(x[start : start + BATCH_SIZE], jnp.float32)
+        chosen = jnp.asarray(classes[start : start + BATCH_SIZE])
+        values, vjp = jax.vjp(out, batch)
+        mine = jax.nn.one_hot(chosen, values.shape[-1])
+        if logits is None:
+            weights = mine  # d p_c / d p
+        else:  # _softmax_row, in JAX
+            p = jax.nn.softmax(values)
+            p_c = jnp.sum(p * mine, axis=1, keepdims=True)
+            rest = jnp.sum(p * (1 - mine), axis=1, keepdims=True)
+            weights = p_c * (mine * rest - (1 - mine) * p)
+        (gradient,) = vjp(jax.lax.stop_gradient(weights))
+        maps.append(np.asarray(jnp.max(jnp.abs(gradient), axis=-1)))
+    return np.concatenate(maps) if maps else np.zeros((0, *x.shape[1:3]), np.float32)
+
+
+def _jax_cams(model: KerasModel, layer: Any, x: np.ndarray, classes: np.ndarray) -> list[Any]:
+    """Grad-CAM's ``relu(sum_k mean(dS/dA_k) A_k)`` on the Keras stack, by ``jax.grad``.
+
+    JAX differentiates with respect to inputs, not to a layer's output inside a model, so
+    the layer's output gets a zero ``delta`` added in its ``call`` for the pass: the
+    gradient with respect to ``delta`` at 0 is the one with respect to the maps.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    logit = score_kind(model) == "logit"
+    head = model.layers[-1]
+    probe = keras_module().Model(model.inputs, head.input if logit else model.output)
+    own_call = layer.call
+    maps: dict[str, Any] = {}
+
+    def score(delta: Any, batch: Any, chosen: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            maps["features"] = own_call(*args, **kwargs)
+            return maps["features"] + delta
+
+        layer.call = call
+        try:
+            last = probe(batch, training=False)
+        finally:
+            del layer.call
+        last = _dense_logits(head, last) if logit else jnp.asarray(last, jnp.float32)
+        return jnp.sum(jnp.take_along_axis(last, chosen[:, None], axis=1))
+
+    shape = tuple(int(d) for d in layer.output.shape[1:])
+    cams = []
+    for start in range(0, len(x), BATCH_SIZE):
+        batch = jnp.asarray(x[start : start + BATCH_SIZE], jnp.float32)
+        chosen = jnp.asarray(classes[start : start + BATCH_SIZE])
+        delta = jnp.zeros((len(batch), *shape), jnp.float32)
+        gradient = jax.grad(score)(delta, batch, chosen)
+        features = jnp.asarray(jax.lax.stop_gradient(maps.pop("features")), jnp.float32)
+        weights = jnp.mean(gradient, axis=(1, 2), keepdims=True)
+        cams.append(np.asarray(jax.nn.relu(jnp.sum(weights * features, axis=-1))))
+    return cams
+
+
+def keras_module() -> Any:
+    """The Keras API module (:func:`pipelines.keras_api.keras`)."""
+    from pipelines.keras_api import keras
+
+    return keras()
 
 
 def last_conv_layer(model: KerasModel) -> str | None:
@@ -167,19 +256,22 @@ def grad_cam(
         ValueError: The model has no ``Conv2D`` layer and none was named.
 
     """
-    import tensorflow as tf
-
-    from pipelines.keras_api import keras
+    from pipelines.keras_api import is_keras3, keras
 
     name = layer_name or last_conv_layer(model)
     if name is None:
         raise ValueError(f"model {model.name} has no Conv2D layer for Grad-CAM")
     layer = model.get_layer(name)
+    classes = _classes(class_index, len(x))
+    height, width = (int(d) for d in model.input_shape[1:3])
+    if is_keras3():
+        return _scaled_cams(model, name, _jax_cams(model, layer, x, classes), height, width)
+    import tensorflow as tf
+
     logit = score_kind(model) == "logit"
     head = model.layers[-1]
     # The layer's maps and what comes right before the head (or the probabilities).
     probe = keras().Model(model.inputs, [layer.output, head.input if logit else model.output])
-    classes = _classes(class_index, len(x))
     cams = []
     for start in range(0, len(x), BATCH_SIZE):
         batch = tf.constant(np.asarray(x[start : start + BATCH_SIZE], dtype=np.float32))
@@ -192,13 +284,19 @@ def grad_cam(
         features = tf.cast(features, tf.float32)
         weights = tf.reduce_mean(gradient, axis=(1, 2), keepdims=True)
         cams.append(tf.nn.relu(tf.reduce_sum(weights * features, axis=-1)).numpy())
-    height, width = (int(d) for d in model.input_shape[1:3])
+    return _scaled_cams(model, name, cams, height, width)
+
+
+def _scaled_cams(
+    model: KerasModel, name: str, cams: list[Any], height: int, width: int
+) -> np.ndarray:
+    """The maps at the input's size (along the layer's receptive field), each in [0, 1]."""
     if not cams:
         return np.zeros((0, height, width), np.float32)
     small = np.concatenate(cams)
     field = receptive_fields(model).get(name)
     if field is None:
-        full = tf.image.resize(small[..., None], (height, width), "bilinear").numpy()[..., 0]
+        full = _resized(small, height, width)
     else:
         rows = _interpolation(field.centre(np.arange(small.shape[1]), 0)[0], height)
         cols = _interpolation(field.centre(0, np.arange(small.shape[2]))[1], width)
@@ -206,6 +304,20 @@ def grad_cam(
     top = full.reshape(len(full), -1).max(axis=1)
     scale = np.divide(1.0, top, out=np.zeros_like(top), where=top > 0)
     return (full * scale[:, None, None]).astype(np.float32)
+
+
+def _resized(small: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of ``(N, h, w)`` maps to ``(N, height, width)``."""
+    from pipelines.keras_api import is_keras3
+
+    if is_keras3():
+        import jax
+
+        shape = (len(small), height, width)
+        return np.asarray(jax.image.resize(small, shape, "bilinear"), np.float32)
+    import tensorflow as tf
+
+    return tf.image.resize(small[..., None], (height, width), "bilinear").numpy()[..., 0]
 
 
 def _interpolation(centres: np.ndarray, size: int) -> np.ndarray:

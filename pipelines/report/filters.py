@@ -204,14 +204,25 @@ def _inbound_names(layer: Any) -> list[str]:
     nodes = getattr(layer, "_inbound_nodes", [])
     if not nodes:
         return []
+    if hasattr(nodes[0], "parent_nodes"):  # Keras 3
+        return [parent.operation.name for parent in nodes[0].parent_nodes]
     inbound = nodes[0].inbound_layers
     return [item.name for item in (inbound if isinstance(inbound, list | tuple) else [inbound])]
 
 
+def _shape(layer: Any, side: str) -> Any:
+    """``layer.input_shape`` / ``output_shape`` (Keras 2), or its tensor's shape (Keras 3)."""
+    shape = getattr(layer, f"{side}_shape", None)
+    if shape is None:
+        tensor = getattr(layer, side)
+        shape = [t.shape for t in tensor] if isinstance(tensor, list) else tensor.shape
+    return shape
+
+
 def _layer_field(layers: Any, layer: Any, inputs: list[ReceptiveField]) -> ReceptiveField | None:
     """The field of ``layer``'s output from its inputs' fields; None if not local."""
-    in_shape = _spatial(layer.input_shape)
-    out_shape = _spatial(layer.output_shape)
+    in_shape = _spatial(_shape(layer, "input"))
+    out_shape = _spatial(_shape(layer, "output"))
     if in_shape is None or out_shape is None:
         return None
     if isinstance(layer, layers.Conv2DTranspose | layers.UpSampling2D):
@@ -247,7 +258,7 @@ def _spatial(shape: Any) -> tuple[int, int] | None:
 def _same_spatial(layer: Any, out_shape: tuple[int, int]) -> bool:
     """A layer that keeps the spatial size and has no window of its own (element-wise, merge)."""
     has_window = any(hasattr(layer, a) for a in ("kernel_size", "pool_size", "size"))
-    return not has_window and _spatial(layer.input_shape) == out_shape
+    return not has_window and _spatial(_shape(layer, "input")) == out_shape
 
 
 def _windowed(
@@ -300,10 +311,10 @@ def filter_topk(
         ``{"name": ..., "reason": ...}``.
 
     """
-    import tensorflow as tf
+    from pipelines.keras_api import is_keras3, keras
 
-    from pipelines.keras_api import keras
-
+    if not is_keras3():
+        import tensorflow as tf
     fields = receptive_fields(model)
     convs = conv_layers(model)
     chosen = [layer for layer in convs if layer.name in fields]
@@ -315,6 +326,8 @@ def filter_topk(
     if not chosen or not len(x) or k < 1:
         return [], skipped
     probe = keras().Model(model.inputs, [layer.output for layer in chosen])
+    if is_keras3():  # JAX: Keras 3 runs the layers' ops itself, no graph to trace
+        return _peaks_eager(probe, chosen, fields, x, k, batch_size), skipped
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
 
     @tf.function(input_signature=[spec])
@@ -338,13 +351,30 @@ def filter_topk(
     ], skipped
 
 
+def _peaks_eager(
+    probe: Any, chosen: list[Any], fields: dict[str, Any], x: np.ndarray, k: int, batch_size: int
+) -> list[LayerTopK]:
+    """:func:`top_activations`' peaks on the Keras stack, one batch at a time in numpy."""
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in chosen]
+    for start in range(0, len(x), batch_size):
+        outputs = probe(np.asarray(x[start : start + batch_size], np.float32), training=False)
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        for part, maps in zip(parts, outputs, strict=True):
+            flat = np.asarray(maps, np.float32).reshape(len(maps), -1, maps.shape[-1])
+            part.append((flat.max(axis=1), flat.argmax(axis=1)))
+    return [
+        _rank(layer, fields[layer.name], part, min(k, len(x)))
+        for layer, part in zip(chosen, parts, strict=True)
+    ]
+
+
 def _rank(
     layer: Any, field: ReceptiveField, parts: list[tuple[np.ndarray, np.ndarray]], k: int
 ) -> LayerTopK:
     """Order the images of each filter by peak (stable: ties keep the lower index first)."""
     values = np.concatenate([v for v, _ in parts])  # (N, filters)
     where = np.concatenate([w for _, w in parts])
-    height, width, filters = (int(d) for d in layer.output_shape[1:])
+    height, width, filters = (int(d) for d in _shape(layer, "output")[1:])
     order = np.argsort(-values, axis=0, kind="stable")[:k].T  # (filters, k)
     cols = np.arange(filters)[:, None]
     flat = where[order, cols]

@@ -95,14 +95,23 @@ def write_layer_section(out: str | Path, records: LayerRecords) -> dict[str, Any
     save_png(
         plot_layer_stats(layer_stats, layers, vanish_below, explode_above), out / "layer_stats.png"
     )
-    written = write_histogram_events(out / HISTOGRAM_EVENTS, records.histograms)
+    from pipelines.keras_api import is_keras3
+
+    result: dict[str, Any] = {}
+    if is_keras3():  # no TensorFlow or TensorBoard on the Keras stack to write events with
+        from pipelines.report.artifacts import NO_TENSORBOARD
+
+        written, result["note"] = 0, NO_TENSORBOARD
+    else:
+        written = write_histogram_events(out / HISTOGRAM_EVENTS, records.histograms)
     return {
         "layer_stats": {
             "layers": layers,
             "epochs": epochs,
             "warnings": gradient_warnings(layer_stats, layers, vanish_below, explode_above),
             "histograms": written,
-        }
+        },
+        **result,
     }
 
 

@@ -89,15 +89,23 @@ class LocalDistribution:
 
 
 def distribution(
-    kind: str, elastic: bool = False, knobs: HorovodConfig | None = None
+    kind: str,
+    elastic: bool = False,
+    knobs: HorovodConfig | None = None,
+    seed: int | None = None,
 ) -> Distribution:
     """The :class:`Distribution` a worker started by launcher ``kind`` runs under.
 
     Args:
-        kind: ``horovod`` or ``local``.
+        kind: ``horovod``, ``keras`` or ``local``.
         elastic: Horovod elastic mode.
-        knobs: Horovod's performance settings (``train.horovod``); unused locally.
+        knobs: Horovod's performance settings (``train.horovod``); unused otherwise.
+        seed: keras: every rank seeds alike before building, so their weights agree.
     """
+    if kind == "keras":
+        from pipelines.train.jax_distribution import JaxDistribution
+
+        return JaxDistribution(seed=seed)
     if kind != "horovod":
         return LocalDistribution()
     from pipelines.train.horovod_distribution import (

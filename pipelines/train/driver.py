@@ -16,15 +16,18 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines import schema, tracking
+from pipelines import schema, stack, tracking
 from pipelines.config import Config
 from pipelines.errors import UserError
 from pipelines.host import git_commit
+from pipelines.keras_api import keras
+from pipelines.phases import PhaseClock
 from pipelines.store import MANIFEST_ARTIFACT, DatasetDir, ModelDir, RunDir, Store
 from pipelines.tasks import REPORT_SAMPLE_IMAGES, Evaluation, Task, task_for_model
 from pipelines.train.checkpoint import load_final_model, read_checkpoint, read_rank_placements
@@ -87,26 +90,6 @@ class TrainResult:
         return asdict(self)
 
 
-class _PhaseClock:
-    """Wall seconds per phase of a training run: each lap adds the time since the last."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self._last = time.time()
-
-    def lap(self, phase: str | None = None) -> float:
-        """Seconds since the last lap, added to ``phase`` (None: only returned)."""
-        now = time.time()
-        seconds, self._last = now - self._last, now
-        if phase is not None:
-            self.add(phase, seconds)
-        return seconds
-
-    def add(self, phase: str, seconds: float) -> None:
-        """Count ``seconds`` to ``phase``."""
-        self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 2)
-
-
 def train(
     config: Config,
     launcher: Launcher,
@@ -137,7 +120,7 @@ def train(
         RanksDivergedError: The ranks' final weights differ.
     """
     started = time.time()
-    clock = _PhaseClock()
+    clock = PhaseClock()
     store = store or Store.of(config)
     if not isinstance(dataset, DatasetDir):
         dataset = store.dataset(dataset)
@@ -172,7 +155,7 @@ def _train_in_run(
     resume: bool,
     run_id: str,
     report: ReportStep | None,
-    clock: _PhaseClock,
+    clock: PhaseClock,
 ) -> dict[str, Any]:
     import mlflow
 
@@ -191,6 +174,10 @@ def _train_in_run(
     )
     run_dir.clear_ranks()  # the ranks of this start write anew
     clock.lap("prepare")
+    # The driver needs the model framework only once the ranks return (to load, evaluate
+    # and report): imported while they start and train, its seconds leave the critical path.
+    framework = threading.Thread(target=keras, name="dlpipe-import-framework", daemon=True)
+    framework.start()
     try:
         with EpochProgress(run_dir, config.train.epochs):
             ranks: list[RankResult] = launcher.run(
@@ -207,6 +194,8 @@ def _train_in_run(
         if isinstance(exc, RankLostError):
             raise _rank_died(exc, run_dir) from exc
         raise
+    finally:
+        framework.join()  # an import cut short at exit can crash the interpreter
     # What train.use_gpu (auto in particular) gave each rank: a param of the run as first
     # trained, and tags that a resume (maybe on other devices) updates.
     devices = {str(r.rank): r.device for r in sorted(ranks, key=lambda r: r.rank)}
@@ -285,6 +274,10 @@ def _train_in_run(
         },
     )
     log.info("train: %s", registration.decision)
+    # Which stack trained it: scoring and serving on the other one refuse it in one line.
+    tracking.client(store.tracking_uri, store.registry_uri).set_model_version_tag(
+        registration.model_name, registration.version, stack.STACK_TAG, stack.current()
+    )
     clock.lap("log_register")
     if challenge.seconds:  # there was a champion to evaluate
         clock.add("log_register", -challenge.seconds)
@@ -434,6 +427,9 @@ class ChampionChallenge:
         meta = folder.meta()
         if not meta or not folder.keras_path.is_file():
             return "its model has no Keras file and labels (not an image model of dlpipe?)"
+        trained_on = meta.get(stack.STACK_TAG) or stack.DEFAULT
+        if trained_on != stack.current():
+            return f"it was trained on the {trained_on} stack, this is the {stack.current()} stack"
         why = incomparable(meta, self.manifest, self.task, task_of_record(meta))
         return why or keras().models.load_model(folder.keras_path, compile=False)
 
@@ -485,7 +481,7 @@ def _log_inputs(
     )
     mlflow.log_params(params)
     mlflow.log_text(manifest_bytes.decode(), MANIFEST_ARTIFACT)
-    tags = {"stage": "train", "launcher": launcher.kind}
+    tags = {"stage": "train", "launcher": launcher.kind, stack.STACK_TAG: stack.current()}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit

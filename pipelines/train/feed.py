@@ -268,6 +268,11 @@ def iter_split(
         SplitNotFoundError: The split does not exist.
         ImageShapeError: The stored images are not ``image_shape`` uint8 arrays.
     """
+    if _keras_stack():
+        from pipelines.train import numpy_feed
+
+        yield from numpy_feed.iter_split(url, image_shape)
+        return
     from petastorm import make_batch_reader
 
     shape = _check_shape(image_shape)
@@ -308,6 +313,10 @@ def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
         SplitNotFoundError: The split does not exist.
         ImageShapeError: The stored images are not ``image_shape`` uint8 arrays.
     """
+    if _keras_stack():
+        from pipelines.train import numpy_feed
+
+        return numpy_feed.read_split(url, image_shape)
     from petastorm import make_batch_reader
 
     shape = _check_shape(image_shape)
@@ -414,6 +423,13 @@ def _augmenter(augment: Augmentation, seed: int) -> Any:
             layers.RandomRotation(augment.rotation_deg / 360, fill_mode="constant", seed=seed)
         )
     return keras().Sequential(steps, name="augment")
+
+
+def _keras_stack() -> bool:
+    """The Keras stack has no Petastorm: its plain-pyarrow reader reads the same files."""
+    from pipelines.keras_api import is_keras3
+
+    return is_keras3()
 
 
 def _check_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -160,6 +160,7 @@ class KerasSparkLauncher:
         elastic: bool = False,
         min_num_proc: int = 1,
         rank_timeout_s: float | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> list[Any]:
         """Run ``fn(*args)`` on every rank; return the results in rank order.
 
@@ -171,6 +172,7 @@ class KerasSparkLauncher:
             min_num_proc: Unused (elastic only).
             rank_timeout_s: How long ranks wait for each other to join, and for a silent
                 peer's heartbeat; None: JAX's defaults (300 s to join, 100 s of silence).
+            env: Added to every rank's environment, after the launcher's own ``env``.
 
         Raises:
             RankLostError: A rank exited abnormally (killed, crashed, raised).
@@ -189,7 +191,7 @@ class KerasSparkLauncher:
         entry = cloudpickle.dumps((rank_entry.run_shipped, (payload, includes)))
         job = uuid.uuid4().hex[:12]
         log.info("train: starting %d Keras/JAX ranks as barrier tasks (%s)", self.num_proc, job)
-        task = partial(_rank_task, entry, self.env, rank_timeout_s, job)
+        task = partial(_rank_task, entry, {**self.env, **(env or {})}, rank_timeout_s, job)
         ranks = self.spark.sparkContext.parallelize(range(self.num_proc), self.num_proc)
         try:
             pickled = ranks.barrier().mapPartitions(task).collect()
@@ -246,6 +248,11 @@ def _rank_task(
         with open(os.path.join(folder, "entry.pkl"), "wb") as handle:
             handle.write(entry)
         environment = {**os.environ, **env, **spec.environment(), "KERAS_BACKEND": "jax"}
+        # As TorchDistributor: a task given GPUs by Spark (spark.task.resource.gpu.amount)
+        # shows its rank only those, so ranks sharing a host never share a GPU.
+        gpus = context.resources().get("gpu")
+        if gpus is not None and gpus.addresses:
+            environment["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.addresses)
         status, tail = _run_rank(folder, environment, f"{RANK_MARKER}={job}:{rank}", rank)
         if status == 0:
             with open(os.path.join(folder, "result.pkl"), "rb") as handle:

@@ -115,12 +115,21 @@ def make_launcher(
     num_proc: int,
     nics: Sequence[str] = (),
     slots_timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> Launcher:
-    """The launcher for ``train.launcher``; ``local`` ignores everything but ``kind``."""
+    """The launcher for ``train.launcher``; ``local`` ignores everything but ``kind``.
+
+    ``env`` (keras only) is added to every rank's environment (``JAX_PLATFORMS``,
+    ``XLA_FLAGS``: a rank's devices and threads are fixed when its JAX starts).
+    """
     if kind == "local":
         return LocalLauncher()
     if spark is None:
         raise ValueError(f"the {kind} launcher needs a SparkSession")
+    if kind == "keras":
+        from pipelines.train.keras_launcher import KerasSparkLauncher
+
+        return KerasSparkLauncher(spark, num_proc, slots_timeout_s, env)
     from pipelines.train.horovod_launcher import HorovodSparkLauncher
 
     return HorovodSparkLauncher(spark, num_proc, nics, slots_timeout_s)

@@ -118,8 +118,9 @@ def layer_stats_callback(
         def on_train_begin(self, logs: dict | None = None) -> None:
             # The model (new, resumed or restored after an elastic reset) is known only now.
             self._layers = weighted_layers(self.model)
-            self._compute = _epoch_function(k, self.model, self._layers, probe, buckets)
-            if self._layers:
+            build = _jax_epoch_function if _keras3() else _epoch_function
+            self._compute = build(k, self.model, self._layers, probe, buckets)
+            if self._layers and hasattr(self._compute, "get_concrete_function"):
                 self._compute.get_concrete_function()  # trace now, not in the first epoch
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -224,6 +225,91 @@ def _epoch_function(
         return tf.stack(scalars), tf.stack(edges), tf.stack(counts)
 
     return compute
+
+
+def _keras3() -> bool:
+    from pipelines.keras_api import is_keras3
+
+    return is_keras3()
+
+
+def _jax_epoch_function(
+    k: Any, model: Any, layers: list[Any], probe: tuple[np.ndarray, np.ndarray], buckets: int
+) -> Any:
+    """:func:`_epoch_function` on the Keras stack: ``jax.grad`` over ``stateless_call``.
+
+    Rank 0 alone computes it, so it works on this process's own copy of every variable
+    (``addressable_data``: the replicated values of keras' ``DataParallel``), and the
+    statistics in numpy: the probe batch is small, and no collective may run on one rank.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x, y = jnp.asarray(probe[0]), jnp.asarray(probe[1])
+    probe_model = k.Model(model.inputs, [*[layer.output for layer in layers], model.outputs[0]])
+    loss_fn = k.losses.get(model.loss)
+    index = {id(v): i for i, v in enumerate(probe_model.trainable_variables)}
+    groups = [[index[id(v)] for v in layer.trainable_weights] for layer in layers]
+    previous: list[list[np.ndarray]] = []
+
+    def local(variable: Any) -> Any:
+        value = variable.value
+        own = value.addressable_data(0) if hasattr(value, "addressable_data") else value
+        return jnp.asarray(own)
+
+    def loss_of(trainable: list[Any], non_trainable: list[Any]) -> tuple[Any, Any]:
+        values, _, losses = probe_model.stateless_call(
+            trainable, non_trainable, x, training=False, return_losses=True
+        )
+        loss = jnp.mean(loss_fn(y, values[-1]).astype(jnp.float32))
+        for extra in losses:  # weight decay: part of the gradient the optimizer gets
+            loss = loss + jnp.asarray(extra, jnp.float32)
+        return loss, values
+
+    gradient = jax.jit(jax.grad(loss_of, has_aux=True))
+
+    def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        trainable = [local(v) for v in probe_model.trainable_variables]
+        non_trainable = [local(v) for v in probe_model.non_trainable_variables]
+        grads, values = gradient(trainable, non_trainable)
+        weights = [np.asarray(t, np.float32) for t in trainable]
+        grads = [np.asarray(g, np.float32) for g in grads]
+        if not previous:
+            previous.append(weights)  # the weights at the start of fit
+        scalars, edges, counts = [], [], []
+        for group, activation in zip(groups, values[:-1], strict=True):
+            w = [weights[i] for i in group]
+            g = [grads[i] for i in group]
+            before = [previous[0][i] for i in group]
+            w_norm, w_edges, w_counts = _np_histogram(w, buckets)
+            g_norm, g_edges, g_counts = _np_histogram(g, buckets)
+            norm_before = _np_norm(before)
+            change = _np_norm([a - b for a, b in zip(w, before, strict=True)])
+            ratio = change / norm_before if norm_before > 0 else math.nan
+            act = np.asarray(activation, np.float32)
+            scalars.append([w_norm, g_norm, ratio, act.min(), act.max(), act.mean()])
+            edges.append([w_edges, g_edges])
+            counts.append([w_counts, g_counts])
+        previous[0] = weights
+        return np.asarray(scalars, np.float32), np.asarray(edges, np.float32), np.asarray(counts)
+
+    return compute
+
+
+def _np_norm(arrays: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays)))
+
+
+def _np_histogram(arrays: list[np.ndarray], buckets: int) -> tuple[float, list[float], Any]:
+    """:func:`_histogram` in numpy (TensorBoard's layout: a constant one in the last bucket)."""
+    flat = np.concatenate([a.ravel() for a in arrays])
+    low, high = float(flat.min()), float(flat.max())
+    if high > low:
+        counts, _ = np.histogram(flat, bins=buckets, range=(low, high))
+    else:
+        counts = np.zeros(buckets, np.int64)
+        counts[-1] = flat.size
+    return _np_norm(arrays), [low, high], counts.astype(np.int32)
 
 
 def _float32(tensor: Any) -> Any:

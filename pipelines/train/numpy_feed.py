@@ -47,7 +47,14 @@ from pipelines.train.arrow_reader import (
 )
 from pipelines.train.feed import SplitArrays, manifest_label_names, steps_per_epoch
 
-__all__ = ["BatchFeed", "keras_dataset", "make_feed", "read_split", "steps_per_epoch"]
+__all__ = [
+    "BatchFeed",
+    "iter_split",
+    "keras_dataset",
+    "make_feed",
+    "read_split",
+    "steps_per_epoch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +251,18 @@ def keras_dataset(make: Callable[[], BatchFeed]) -> Any:
                 self._feed = None
 
     return FeedDataset()
+
+
+def iter_split(
+    url: str, image_shape: Sequence[int]
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """A split's rows one row group at a time, in stored order (the pinned ``iter_split``).
+
+    Yields:
+        ``(images, labels, paths)``: uint8 ``(N, H, W, C)``, int32 ``(N,)``, N paths.
+    """
+    for rows in SplitReader(url, image_shape=image_shape, with_paths=True):
+        yield rows.images, rows.labels, list(rows.paths or [])
 
 
 def read_split(url: str, image_shape: Sequence[int]) -> SplitArrays:

@@ -176,7 +176,9 @@ def train_worker(spec: WorkerSpec) -> RankResult:
     started = time.time()
     # Checkpoints are HDF5 on purpose: hvd.load_model restores legacy optimizers from it.
     warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
-    dist = distribution(spec.launcher, elastic=spec.train.elastic, knobs=spec.train.horovod)
+    dist = distribution(
+        spec.launcher, elastic=spec.train.elastic, knobs=spec.train.horovod, seed=spec.train.seed
+    )
     announce_rank(spec.run_dir, dist.rank)
     try:
         return _train(spec, dist, started)
@@ -293,6 +295,7 @@ def _set_learning_rate(model: Any, value: float) -> None:
 
 def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
     """The :class:`PreparedRank` fields that follow ``dist.rank`` and ``dist.size`` now."""
+    from pipelines.keras_api import is_keras3
     from pipelines.tasks import task_for_model
     from pipelines.train.feed import Augmentation, make_dataset, steps_per_epoch
 
@@ -310,6 +313,9 @@ def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
         "task": task_for_model(cfg.model),
     }
     augment = Augmentation(cfg.augment_shift, cfg.augment_rotation_deg)
+    if is_keras3():
+        # The Keras stack: plain pyarrow and numpy, no Petastorm or tf.data.
+        from pipelines.train.keras_feed import make_dataset  # noqa: F811
     train_data = make_dataset(spec.dataset.split("train"), shuffle=True, augment=augment, **feed)
     validation: dict[str, Any] = {}
     if spec.rows.get("val", 0) > 0:

@@ -411,11 +411,15 @@ def _health(url: str) -> bool:
         return False
 
 
-def build_project_zip(dist: Path) -> Path:
-    """``make wheel`` into ``dist``: the project as the zip ``spark-submit --py-files`` ships."""
+def build_project_zip(dist: Path, stack: str = "default") -> Path:
+    """``make wheel`` into ``dist``: the project as the zip ``spark-submit --py-files`` ships.
+
+    ``stack``: whose venv builds it (``keras``: ``.venv-keras``, for the Keras stack's tests).
+    """
+    venv_dir = ".venv-keras" if stack == "keras" else ".venv"
     subprocess.run(
         # -o: a venv older than pyproject.toml is not rebuilt from inside a test.
-        ["make", "-s", "-o", ".venv/.ready", "wheel", f"DIST={dist}"],
+        ["make", "-s", "-o", f"{venv_dir}/.ready", "wheel", f"DIST={dist}", f"STACK={stack}"],
         cwd=REPO,
         check=True,
         capture_output=True,

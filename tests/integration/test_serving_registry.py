@@ -206,7 +206,12 @@ def test_logged_model_signature_requirements_and_code(scorer, classifier: Logged
     assert (local / "code" / "pipelines" / "image_model.py").is_file()
     assert not list((local / "code").rglob("__pycache__"))
     meta = json.loads((local / "artifacts" / "labels.json").read_text())
-    assert meta == {"label_names": LABELS, "image_shape": [SIZE, SIZE, 1], "task": "classification"}
+    assert meta == {
+        "label_names": LABELS,
+        "image_shape": [SIZE, SIZE, 1],
+        "task": "classification",
+        "dlpipe.stack": "default",  # which stack trained it: the other one refuses it
+    }
 
 
 def test_a_model_logged_before_the_rename_still_loads_and_predicts(

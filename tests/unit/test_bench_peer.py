@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.bench.commands import last_error
 from pipelines.bench.maintainer import peer, peer_runner
 from pipelines.errors import UserError
 from pipelines.store import Store
@@ -139,8 +140,8 @@ def test_runner_imports_nothing_from_pipelines() -> None:
 
 def test_last_error_picks_pips_error_line() -> None:
     text = "Looking in links: /opt/wheels\nERROR: No matching distribution found for x<0\n"
-    assert peer._last_error(text) == "ERROR: No matching distribution found for x<0"
-    assert peer._last_error("") == "no output"
+    assert last_error(text) == "ERROR: No matching distribution found for x<0"
+    assert last_error("") == "no output"
 
 
 def test_process_past_its_timeout_is_stopped_with_its_children(tmp_path: Path) -> None:

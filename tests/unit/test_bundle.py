@@ -38,8 +38,16 @@ from pipelines.config import load_config
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 INIT_SCRIPT = REPO / "resources" / "init" / "install_stack.sh"
+#: The Keras stack's init script (the keras target: 17.3 LTS ML, no Horovod).
+KERAS_INIT_SCRIPT = REPO / "resources" / "init" / "install_keras_stack.sh"
 JOBS = {"dlpipe_ingest", "dlpipe_train", "dlpipe_score", "dlpipe_pipeline"}
-TARGETS = {"dev", "prod"}
+TARGETS = {"dev", "prod", "keras"}
+#: The runtime of each target's clusters: the pinned stack's, or the Keras stack's (Spark 4.0).
+RUNTIMES = {
+    "dev": r"15\.4\.x-(cpu|gpu)-ml-scala2\.12",
+    "prod": r"15\.4\.x-(cpu|gpu)-ml-scala2\.12",
+    "keras": r"17\.3\.x-(cpu|gpu)-ml-scala2\.13",
+}
 
 # Keys the bundle's JSON schema (databricks/cli bundle/schema/jsonschema.json) allows outside
 # resources; the typed job models cover resources.jobs. Both reject anything else.
@@ -433,7 +441,7 @@ def test_training_cluster_runs_one_rank_per_gpu_worker(deployed):
                 for c in jobs[job]["job_clusters"]
                 if c["job_cluster_key"] == task["job_cluster_key"]
             )
-            assert re.fullmatch(r"15\.4\.x-(cpu|gpu)-ml-scala2\.12", cluster["spark_version"])
+            assert re.fullmatch(RUNTIMES[target], cluster["spark_version"])
             assert cluster["data_security_mode"] == "SINGLE_USER"  # ML runtime + Unity Catalog
             args = parse_dlpipe(task["python_wheel_task"]["parameters"])
             config = load_config(args.conf, args.set or ())
@@ -446,6 +454,11 @@ def test_training_cluster_runs_one_rank_per_gpu_worker(deployed):
             assert cluster["spark_conf"]["spark.task.resource.gpu.amount"] == "1"
             assert config.train.num_proc == variables["num_workers"]
             assert config.train.use_gpu is True
+            if target == "keras":  # Keras 3/JAX ranks, nothing of Horovod
+                assert config.train.launcher == "keras"
+                assert "DLPIPE_HOROVOD_WHEELS" not in cluster.get("spark_env_vars", {})
+                continue
+            assert config.train.launcher == "horovod"
             assert cluster["spark_env_vars"]["DLPIPE_HOROVOD_WHEELS"].startswith("/Volumes/")
 
 
@@ -495,8 +508,9 @@ def test_targets_keep_data_and_models_apart(deployed):
         assert config.mlflow.tracking_uri == "databricks"
         assert config.mlflow.registry_uri == "databricks-uc"
         seen[target] = (config.work_dir, config.mlflow.model_name, config.mlflow.experiment)
-    dev, prod = seen["dev"], seen["prod"]
-    assert all(a != b for a, b in zip(dev, prod, strict=True)), "dev would write prod's data"
+    for one, other in (("dev", "prod"), ("keras", "prod"), ("keras", "dev")):
+        pairs = zip(seen[one], seen[other], strict=True)
+        assert all(a != b for a, b in pairs), f"{one} would write {other}'s data"
 
 
 def test_scoring_writes_the_delta_table_of_the_target(deployed):
@@ -511,16 +525,42 @@ def test_scoring_writes_the_delta_table_of_the_target(deployed):
 
 
 def test_every_cluster_runs_the_init_script_in_the_bundle(deployed):
-    for tree in deployed.values():
+    for target, tree in deployed.items():
+        expected = KERAS_INIT_SCRIPT if target == "keras" else INIT_SCRIPT
         for job in tree["resources"]["jobs"].values():
             for cluster in job["job_clusters"]:
                 (script,) = cluster["new_cluster"]["init_scripts"]
                 destination = script["workspace"]["destination"]
                 # ${workspace.file_path} is where the bundle syncs the repository's files.
                 relative = destination.removeprefix("${workspace.file_path}/")
-                assert (REPO / relative).resolve() == INIT_SCRIPT
-    assert os.access(INIT_SCRIPT, os.X_OK)
-    subprocess.run(["bash", "-n", str(INIT_SCRIPT)], check=True)
+                assert (REPO / relative).resolve() == expected
+    for script in (INIT_SCRIPT, KERAS_INIT_SCRIPT):
+        assert os.access(script, os.X_OK)
+        subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_the_keras_target_has_no_horovod_anywhere(deployed):
+    """17.3 LTS ML has no Horovod: its clusters install none, its libraries are the wheel."""
+    text = KERAS_INIT_SCRIPT.read_text()
+    assert "pip uninstall --quiet --yes horovod petastorm" in text
+    assert not re.search(r"pip install[^\n]*horovod", text)
+    for job in deployed["keras"]["resources"]["jobs"].values():
+        for _, task in tasks({"job": job}):
+            assert all("horovod" not in str(library) for library in task["libraries"])
+        for cluster in job["job_clusters"]:
+            assert "horovod" not in str(cluster["new_cluster"]).lower()
+
+
+def test_keras_init_script_pins_are_the_pyproject_pins():
+    text = KERAS_INIT_SCRIPT.read_text()
+    block = re.search(r"# BEGIN PINS.*?\n(.*?)# END PINS", text, re.S)
+    assert block, "the PINS block is missing"
+    pins = set(re.findall(r'^\s*"([^"]+)"\s*$', block.group(1), re.M))
+    project = PYPROJECT["project"]
+    listed = [*project["dependencies"], *project["optional-dependencies"]["keras-common"]]
+    assert pins == {d for d in listed if not d.startswith("pyspark")}
+    (jax,) = [d for d in project["optional-dependencies"]["keras"] if d.startswith("jax")]
+    assert f"JAX_VERSION={jax.split('==')[1]}\n" in text
 
 
 def test_init_script_pins_are_the_pyproject_pins():
