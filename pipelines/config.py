@@ -333,7 +333,8 @@ class TrainConfig:
             loss scaling); needs ``use_gpu`` true or auto. The saved model is float32.
         elastic: Horovod elastic mode (``horovod.spark.run_elastic``): a lost rank resets
             the world and the ranks left finish the epochs; the state is committed every
-            epoch. Locally it needs a master that retries tasks, ``local[N,F]`` with F > 1.
+            epoch; the learning rate follows the world's size. A local master is given the
+            task retries it needs (``local[N]`` runs as ``local[N,4]``).
         min_num_proc: Elastic mode: the fewest ranks training goes on with.
         rank_timeout_s: How long a rank waits in a collective for a peer that went silent
             before the job fails (Gloo's timeout; a killed rank is noticed at once), and,

@@ -425,11 +425,13 @@ def _flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def spark_session(config: Config) -> Any:
     """The session, after the preflight: the driver's stack, then its executors' (once)."""
     from pipelines import preflight
-    from pipelines.spark import get_spark
+    from pipelines.spark import ELASTIC_TASK_ATTEMPTS, get_spark
 
     horovod = launcher_for(config.train.launcher) == "horovod"
     preflight.check_driver(horovod=horovod)  # before any Spark work
-    spark = get_spark(config.spark)
+    # Elastic Horovod restarts a lost rank in its Spark task's next attempt.
+    attempts = ELASTIC_TASK_ATTEMPTS if horovod and config.train.elastic else None
+    spark = get_spark(config.spark, task_attempts=attempts)
     preflight.check_executors(spark, horovod=horovod)  # before the stage's first job
     return spark
 

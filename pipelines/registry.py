@@ -14,6 +14,7 @@ Deployment moves an alias, it never retrains: scoring and serving ask for
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.errors import UserError
+from pipelines.store import Owner
+
+log = logging.getLogger(__name__)
 
 #: Tag on the model version: the one-line promotion decision.
 DECISION_TAG = "promotion_decision"
@@ -48,8 +52,15 @@ RUN_VERSION_TAG = "registry.version"
 RUN_MODEL_TAG = "registry.model_name"
 RUN_PROMOTED_TAG = "registry.promoted"
 
+#: Tag a version is created with while its process decides the alias: the process's
+#: owner (host, pid, start), removed once the decision is recorded.
+DECIDING_TAG = "promotion_deciding"
+
 #: Seconds to wait for a new model version to become READY.
 READY_TIMEOUT_S = 300.0
+#: Seconds a version waits for earlier versions' decisions by live processes (a champion
+#: challenge evaluates a model: minutes at most); past it, it decides anyway (a warning).
+DECISION_WAIT_S = 900.0
 
 _HINT = "train one with 'dlpipe train' or pass --model"
 
@@ -158,6 +169,10 @@ def register_and_promote(
     ``keep``) decides. The decision, both scores and ``evidence`` (e.g. the split's digest)
     are tagged on the version; the decision on the run too.
 
+    Concurrent trainings of one model decide one after the other, in version order
+    (:func:`_wait_for_earlier_decisions`): each against the alias as the one before left
+    it, so the alias ends on the better version, never on whichever wrote last.
+
     Args:
         model_uri: The logged model, e.g. ``ModelInfo.model_uri``.
         run_id: The run that logged it and holds ``metric``.
@@ -192,9 +207,37 @@ def register_and_promote(
     value = float(metrics[metric])
 
     with tracking.pointed_at(tracking_uri, registry_uri):
-        created = mlflow.register_model(model_uri, model_name)
-    version = _wait_until_ready(client, model_name, str(created.version))
+        # Created with its "deciding" tag in one call: a later version cannot miss it.
+        created = mlflow.register_model(
+            model_uri, model_name, tags={DECIDING_TAG: Owner.me().to_json()}
+        )
+    version = str(created.version)
+    try:
+        version = _wait_until_ready(client, model_name, version)
+        _wait_for_earlier_decisions(client, model_name, version)
+        return _decide_and_record(
+            client, model_name, version, run_id, alias, metric, value, higher_is_better,
+            challenge, min_improvement, incomparable, evidence,
+        )  # fmt: skip
+    finally:
+        client.delete_model_version_tag(model_name, version, DECIDING_TAG)
 
+
+def _decide_and_record(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    run_id: str,
+    alias: str,
+    metric: str,
+    value: float,
+    higher_is_better: bool,
+    challenge: Challenge | None,
+    min_improvement: float,
+    incomparable: str,
+    evidence: Mapping[str, str] | None,
+) -> Registration:
+    """Decide against the alias's holder now, move the alias if so, record it all in tags."""
     champion = _alias_holder(client, model_name, alias)
     champion_score: float | None = None
     if champion is None:
@@ -331,13 +374,14 @@ def download_model(
     """The model's files on this machine, downloaded once per model version into ``cache``.
 
     A registered version (or a run's artifact) never changes, so a copy made once serves
-    every later job, and its folder name identifies it (to scoring's executors too).
+    every later job, and its folder name identifies it (to scoring's executors too). Each
+    download has its own staging folder; of concurrent ones, the first published stays.
     """
     import hashlib
     import re
     import tempfile
 
-    from pipelines.store import remove, replace_dir
+    from pipelines.store import publish_dir_once, remove
 
     key = f"{model.name}-v{model.version}" if model.name and model.version else model.uri
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-")[:80]
@@ -349,7 +393,8 @@ def download_model(
         try:
             with tracking.pointed_at(tracking_uri, registry_uri):
                 downloaded = mlflow.artifacts.download_artifacts(model.uri, dst_path=str(staging))
-            replace_dir(downloaded, target)
+            # Another job may have downloaded the same version meanwhile: keep the first.
+            publish_dir_once(downloaded, target)
         finally:
             remove(staging)
     return target
@@ -474,6 +519,50 @@ def _run_metric(client: MlflowClient, run_id: str | None, metric: str) -> float 
     if value is None or math.isnan(value):
         return None
     return float(value)
+
+
+def _wait_for_earlier_decisions(client: MlflowClient, name: str, version: str) -> None:
+    """Wait until every earlier version of ``name`` still deciding the alias has decided.
+
+    The registry numbers versions atomically, so its numbers order the alias decisions:
+    version N decides only after every version below N created by a live ``dlpipe
+    train`` (tagged :data:`DECIDING_TAG` at creation, untagged once its decision is
+    recorded) has decided. Two trainings registering at the same moment thus decide one
+    after the other, the later against the alias as the earlier left it, and the alias
+    ends on the better of them. A version whose process is gone (killed) is not waited
+    for; one on another host is waited for up to :data:`DECISION_WAIT_S`.
+    """
+    deadline = time.monotonic() + DECISION_WAIT_S
+    delay = 0.1
+    while True:
+        waiting = _earlier_deciders(client, name, int(version))
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            log.warning(
+                "registry: %s v%s decides without waiting longer for v%s (still deciding "
+                "after %.0f s)", name, version, ", v".join(waiting), DECISION_WAIT_S,
+            )  # fmt: skip
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def _earlier_deciders(client: MlflowClient, name: str, version: int) -> list[str]:
+    """Versions below ``version`` whose live (or unknowable) process is deciding the alias."""
+    waiting = []
+    for candidate in client.search_model_versions(f"name='{_quote(name)}'"):
+        number = int(candidate.version)
+        owner_text = (candidate.tags or {}).get(DECIDING_TAG)
+        if number >= version or not owner_text:
+            continue
+        try:
+            owner = Owner.from_json(owner_text)
+        except ValueError:
+            continue
+        if owner.alive() is not False:
+            waiting.append(str(number))
+    return sorted(waiting, key=int)
 
 
 def _wait_until_ready(client: MlflowClient, name: str, version: str) -> str:

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -58,7 +57,7 @@ from pipelines.score_table import (
 from pipelines.sources import SourceError
 from pipelines.spark import driver_table
 from pipelines.stack import STACK_TAG, check_model_stack
-from pipelines.store import ModelDir, ScoringTable, Store, move_into, to_url
+from pipelines.store import ModelDir, ScoringTable, Store, to_url
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -194,7 +193,7 @@ def score(
     check_model_stack(model_dir.meta().get(STACK_TAG), resolved.uri)
     label_names = model_dir.label_names()
     clock.lap("resolve_model")
-    archive = _ship(spark, Path(model_dir.root))
+    archive = _ship(spark, model_dir)
     clock.lap("ship_model")
     threads = cores_per_process(spark.sparkContext.defaultParallelism)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", cfg.arrow_batch_size)
@@ -545,24 +544,21 @@ def _read_source(
     return frame.withColumn("read_error", F.lit(None).cast("string")), listing.skipped, len(paths)
 
 
-def _ship(spark: SparkSession, model_dir: Path) -> str:
+def _ship(spark: SparkSession, model_dir: ModelDir) -> str:
     """Ship the model folder with the session's jobs, once: each executor gets a local copy.
 
     Spark ships a folder only on a local master (``addFile(recursive=True)`` is refused on
     a cluster), so the folder goes as a zip archive, made once per model version beside
-    it, which every executor unpacks into its working folder. Each Python worker loads it
-    once and keeps it for later jobs (the name is unique per model version). Spark cannot
-    replace a file once added (it warns), hence the check.
+    it (:meth:`~pipelines.store.ModelDir.archive`: its own staging per job, an atomic
+    publish, so concurrent jobs meeting a new version never share one), which every
+    executor unpacks into its working folder. Each Python worker loads it once and keeps
+    it for later jobs (the name is unique per model version). Spark cannot replace a file
+    once added (it warns), hence the check.
 
     Returns:
         The archive's name, which ``SparkFiles.get`` resolves to the unpacked model folder.
     """
-    archive = model_dir.with_name(f"{model_dir.name}.zip")
-    if not archive.is_file():
-        staging = shutil.make_archive(
-            str(model_dir.with_name(f".{archive.name}.tmp")), "zip", model_dir
-        )
-        move_into(staging, archive)
+    archive = model_dir.archive()
     # Spark's list by index: ``SparkContext.listArchives`` iterates it through py4j, whose
     # end of iteration is a converted Java exception (~40 ms of a scoring job's start).
     archives = spark.sparkContext._jsc.sc().listArchives()

@@ -46,11 +46,39 @@ _LOCAL_DEFAULTS = {
 _LOCAL_MASTER_DEFAULTS = {"spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1"}
 
 
-def get_spark(config: SparkConfig) -> SparkSession:
+#: Attempts a local master gives each task when training is elastic. Spark's ``local[N]``
+#: tries a task once, so the Spark task of a lost Horovod rank would fail the whole job;
+#: with retries Horovod starts a new rank in the task's next attempt. Each lost rank uses
+#: one attempt of its task (a cluster's ``spark.task.maxFailures`` is 4 by default too).
+ELASTIC_TASK_ATTEMPTS = 4
+
+
+def with_task_attempts(master: str, attempts: int) -> str:
+    """A local master URL whose tasks are tried ``attempts`` times (``local[N]`` -> ``local[N,F]``).
+
+    A URL that sets its own attempts, or is no local master, is returned unchanged.
+    """
+    match = re.fullmatch(r"local(?:\[(\*|\d+)\])?", master.strip())
+    if not match:
+        return master
+    return f"local[{match.group(1) or 1},{attempts}]"
+
+
+def local_task_attempts(master: str) -> int | None:
+    """How often a local master tries a task (``local[N,F]``: F, else 1); None for a cluster."""
+    match = re.fullmatch(r"local(?:\[(?:\*|\d+)(?:,\s*(\d+))?\])?", (master or "").strip())
+    if not match:
+        return None
+    return int(match.group(1) or 1)
+
+
+def get_spark(config: SparkConfig, task_attempts: int | None = None) -> SparkSession:
     """Return the active SparkSession, or build one from ``config``.
 
     Args:
         config: Master, application name and extra properties.
+        task_attempts: A local master that tries each task once tries it this often
+            instead (:data:`ELASTIC_TASK_ATTEMPTS` for elastic training); None: as set.
 
     Returns:
         A SparkSession whose executors run this interpreter's Python when local.
@@ -72,7 +100,8 @@ def get_spark(config: SparkConfig) -> SparkSession:
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(config.app_name)
     if config.master:
-        builder = builder.master(config.master)
+        attempts = task_attempts if task_attempts else 1
+        builder = builder.master(with_task_attempts(config.master, attempts))
     defaults = {**_LOCAL_DEFAULTS, **(_LOCAL_MASTER_DEFAULTS if local else {})}
     for key, value in {**defaults, **config.conf}.items():
         builder = builder.config(key, value)

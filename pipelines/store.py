@@ -227,6 +227,29 @@ def replace_dir(staged: str | os.PathLike[str], target: str | os.PathLike[str]) 
     remove(retired)
 
 
+def publish_dir_once(staged: str | os.PathLike[str], target: str | os.PathLike[str]) -> bool:
+    """Put a complete staged folder at ``target`` unless a folder is there already.
+
+    For content that never changes once made (a model version's files): of several
+    writers meeting at the same moment, the first rename wins and the others' copies are
+    removed, so a folder a reader already uses is never swapped from under it.
+
+    Returns:
+        Whether ``staged`` became ``target`` (False: another writer's copy is in place).
+    """
+    fs, source = filesystem(staged)
+    _, destination = filesystem(target)
+    if not exists(target):
+        try:
+            fs.move(source, destination)
+            return True
+        except OSError:
+            if not exists(target):
+                raise
+    remove(staged)
+    return False
+
+
 # --- processes that own a path or a run -------------------------------------------------------
 
 
@@ -622,10 +645,6 @@ class RunDir:
         """Every rank's file of the last start, by name."""
         return sorted((self.path / self.RANKS_DIR).glob("rank-*.json"))
 
-    def clear(self) -> None:
-        """Remove the whole folder (a new run starts from nothing)."""
-        remove(self.path)
-
     def clear_ranks(self) -> None:
         """Remove the ranks' files: the ranks of a new start write them anew."""
         remove(self.path / self.RANKS_DIR)
@@ -649,8 +668,17 @@ class RunDir:
             remove(tmp)
 
     def remember_run(self, run_id: str) -> None:
-        """Record the MLflow run this folder belongs to."""
-        write_atomic(self.path / self.RUN_RECORD, json.dumps({"run_id": run_id}))
+        """Record the MLflow run this folder belongs to, and this process as its owner."""
+        record = {"run_id": run_id, "owner": json.loads(Owner.me().to_json())}
+        write_atomic(self.path / self.RUN_RECORD, json.dumps(record))
+
+    def owner(self) -> Owner | None:
+        """The process that last trained in this folder, None when not recorded."""
+        try:
+            record = json.loads(read_text(self.path / self.RUN_RECORD))
+            return Owner.from_json(json.dumps(record["owner"]))
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
 
     def remembered_run(self) -> str | None:
         """The MLflow run recorded by :meth:`remember_run`, None without one."""
@@ -743,6 +771,35 @@ class ModelDir:
         """Class names (the order of ``probabilities``); [] when the model has none."""
         return list(self.meta().get("label_names", []))
 
+    @property
+    def archive_path(self) -> Path:
+        """The model folder as one zip archive beside it (what scoring ships to executors)."""
+        root = Path(self.root)
+        return root.with_name(f"{root.name}.zip")
+
+    def archive(self) -> Path:
+        """The folder's zip archive, made once and published atomically; its path.
+
+        Each writer zips into its own staging file (``.<name>.zip.<pid>-<hex>.tmp.zip``)
+        and renames it into place: two jobs meeting a new model version at the same moment
+        each build a complete archive and the last rename wins, with identical content, so
+        no reader ever sees a half-written or shared staging file.
+        """
+        import shutil
+
+        target = self.archive_path
+        if target.is_file():
+            return target
+        stem = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        staged = ""
+        try:
+            staged = shutil.make_archive(str(stem), "zip", self.root)
+            move_into(staged, target)
+        finally:
+            if staged:
+                remove(staged)
+        return target
+
     def run_id(self) -> str | None:
         """The MLflow run that logged the model, None when MLflow did not record one."""
         import yaml
@@ -811,6 +868,25 @@ class Store:
         """Whether tracking is a local sqlite store (whose artifacts go to :attr:`artifacts`)."""
         return self.tracking_uri.startswith("sqlite:")
 
+    @contextmanager
+    def local_store_lock(self) -> Iterator[None]:
+        """Hold the work directory's lock on its sqlite MLflow store for the block.
+
+        MLflow creates (and migrates) a new sqlite store on first use; two jobs starting
+        together on a fresh work directory would run the same migrations at once and one
+        would fail. The first use happens under this lock (an OS file lock, released
+        when the process dies).
+        """
+        import fcntl
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        with open(self.work / ".mlflow.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     @property
     def artifacts(self) -> Path:
         """Artifact root of experiments created in the local sqlite store."""
@@ -843,9 +919,41 @@ class Store:
         text = os.fspath(location)
         return DatasetDir(text if is_uri(text) else str(Path(text).expanduser().resolve()))
 
-    def run_dir(self, model_name: str) -> RunDir:
-        """The training folder of ``model_name``'s runs (what ``--resume`` reads)."""
-        return RunDir(str(self.work / "training" / model_name))
+    def training(self, model_name: str) -> Path:
+        """The folder of ``model_name``'s training runs: one :class:`RunDir` per run."""
+        return self.work / "training" / model_name
+
+    def run_dir(self, model_name: str, run_id: str) -> RunDir:
+        """The folder of one training run (its own, so concurrent runs never share files)."""
+        return RunDir(str(self.training(model_name) / run_id))
+
+    def last_run_dir(self, model_name: str) -> RunDir | None:
+        """The folder of ``model_name``'s run started (or resumed) last: what ``--resume`` reads.
+
+        None without one.
+        """
+        try:
+            record = json.loads(read_text(self.training(model_name) / RunDir.RUN_RECORD))
+        except FileNotFoundError:
+            return None
+        return self.run_dir(model_name, str(record["run_id"]))
+
+    def start_run_dir(self, model_name: str, run_id: str) -> RunDir:
+        """Open run ``run_id``'s folder, owned by this process, as the model's last run.
+
+        The folders of earlier runs whose process is gone (finished, failed or killed:
+        their checkpoints are no longer the last run's) are removed; a live run's never.
+        """
+        run_dir = self.run_dir(model_name, run_id)
+        run_dir.remember_run(run_id)
+        home = self.training(model_name)
+        write_atomic(home / RunDir.RUN_RECORD, json.dumps({"run_id": run_id}))
+        for other in home.iterdir():
+            if other.is_dir() and other.name != run_id:
+                owner = RunDir(str(other)).owner()
+                if owner is not None and owner.alive() is False:
+                    remove(other)
+        return run_dir
 
     def scoring_table(self, location: str | None = None) -> ScoringTable:
         """The scoring table: ``location``, else the configured one, in the configured format."""

@@ -204,7 +204,12 @@ def experiment_id(store: Store, name: str) -> str:
     """
     from mlflow.exceptions import MlflowException
 
-    tracking = client(store.tracking_uri)
+    if store.local_store:
+        # MLflow creates a new sqlite store when a client first opens it.
+        with store.local_store_lock():
+            tracking = client(store.tracking_uri)
+    else:
+        tracking = client(store.tracking_uri)
     found = tracking.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id

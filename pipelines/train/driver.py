@@ -128,19 +128,21 @@ def train(
     manifest = dataset.read_manifest()
     if manifest.splits.get("train", 0) == 0:
         raise UserError(f"{dataset.root} has no training rows; ingest more images")
-    run_dir = store.run_dir(config.mlflow.model_name)
-    state = read_checkpoint(run_dir) if resume else None
+    # Each run has its own folder (concurrent runs of one model never share checkpoints);
+    # --resume continues the model's run started last.
+    model_name = config.mlflow.model_name
+    last = store.last_run_dir(model_name) if resume else None
+    state = read_checkpoint(last) if last else None
     if resume and not state:
-        raise UserError(f"nothing to resume: no checkpoint in {run_dir.root}")
-    if not resume:
-        run_dir.clear()
+        raise UserError(f"nothing to resume: no checkpoint in {store.training(model_name)}")
 
-    with training_run(store, config.mlflow.experiment, run_dir, state) as run:
+    with training_run(store, config.mlflow.experiment, model_name, last, state) as run:
         if not run.resumed:
             _log_inputs(config, launcher, dataset, manifest)
         result = _train_in_run(
-            config, store, launcher, dataset, manifest, run_dir, resume, run.run_id, report, clock
-        )
+            config, store, launcher, dataset, manifest, run.run_dir, resume, run.run_id, report,
+            clock,
+        )  # fmt: skip
     return TrainResult(**{**result, "seconds": round(time.time() - started, 1)})
 
 

@@ -211,10 +211,26 @@ class ElasticHorovodDistribution(HorovodDistribution):
 
     def elastic_callbacks(self, state: Any) -> list:
         """Horovod: count epochs in the state, then commit it at the end of every epoch."""
-        hvd = self._hvd
         return [
-            # Horovod: state.epoch = the epochs completed, for the restart after a reset.
-            hvd.elastic.UpdateEpochStateCallback(state),
+            # state.epoch = the epochs completed, for the restart after a reset.
+            _epoch_state_callback(state),
             # Horovod: commit only at epoch ends (a commit copies every weight).
-            hvd.elastic.CommitStateCallback(state, batches_per_commit=1 << 30),
+            self._hvd.elastic.CommitStateCallback(state, batches_per_commit=1 << 30),
         ]
+
+
+def _epoch_state_callback(state: Any) -> Any:
+    """A Keras callback setting ``state.epoch`` to the epochs completed, at each epoch's end.
+
+    Not Horovod's ``UpdateEpochStateCallback``: it adds the state's epoch to Keras' epoch
+    index, which is right for ``fit(epochs=remaining)``, while training here calls
+    ``fit(initial_epoch=state.epoch, epochs=train.epochs)`` (the index is already the
+    run's): after a reset it counted the epochs before it twice, skipping epochs.
+    """
+    from pipelines.keras_api import keras
+
+    class EpochState(keras().callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            state.epoch = epoch + 1
+
+    return EpochState()

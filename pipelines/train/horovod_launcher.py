@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import UserError
 from pipelines.train import horovod_patches
-from pipelines.train.launchers import RankLostError, RankUserError, returning_user_errors
+from pipelines.train.launchers import (
+    RankLostError,
+    RankUserError,
+    WorldLostError,
+    returning_user_errors,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -65,6 +70,7 @@ class HorovodSparkLauncher:
 
         Raises:
             RankLostError: Not elastic, and a rank exited abnormally (killed, crashed).
+            WorldLostError: Elastic, and every rank of a world failed.
         """
         try:
             import horovod.spark  # noqa: F401 - here only to fail early, and clearly
@@ -73,6 +79,8 @@ class HorovodSparkLauncher:
                 f"Horovod is not importable ({exc}); run 'make venv' to build it, "
                 "or use --set train.launcher=local for one in-process rank"
             ) from None
+        if elastic:
+            self._check_task_retries()
         self.wait_for_slots(elastic, min_num_proc)  # at once when it was called before
         log.info("train: starting %d Horovod ranks on Spark (Gloo)", self.num_proc)
         import cloudpickle
@@ -113,18 +121,27 @@ class HorovodSparkLauncher:
         from pipelines.train import rank_entry
 
         if elastic:
-            return horovod.spark.run_elastic(
-                rank_entry.run_shipped,
-                args=(payload, includes),
-                num_proc=self.num_proc,
-                min_num_proc=min(min_num_proc, self.num_proc),
-                max_num_proc=self.num_proc,
-                elastic_timeout=int(rank_timeout_s) if rank_timeout_s else None,
-                # Horovod: added to each task's own environment.
-                env=env or None,
-                nics=self.nics,
-                verbose=0,
-            )
+            try:
+                return horovod.spark.run_elastic(
+                    rank_entry.run_shipped,
+                    args=(payload, includes),
+                    num_proc=self.num_proc,
+                    min_num_proc=min(min_num_proc, self.num_proc),
+                    max_num_proc=self.num_proc,
+                    elastic_timeout=int(rank_timeout_s) if rank_timeout_s else None,
+                    # Horovod: added to each task's own environment.
+                    env=env or None,
+                    nics=self.nics,
+                    verbose=0,
+                )
+            except RuntimeError as exc:
+                if "exited with non-zero status" not in str(exc):
+                    raise
+                raise WorldLostError(
+                    "elastic training lost every rank of its world (a rank lost while a "
+                    "reset waited for it, or all at once): resume from the last committed "
+                    "epoch with `dlpipe train --resume`"
+                ) from exc
         try:
             return horovod.spark.run(
                 rank_entry.run_shipped,
@@ -141,6 +158,23 @@ class HorovodSparkLauncher:
             if lost is None:
                 raise
             raise RankLostError(*lost, detail=str(exc).splitlines()[0]) from exc
+
+    def _check_task_retries(self) -> None:
+        """Elastic: fail in one line, before any rank starts, on a master that never retries.
+
+        Horovod restarts a lost rank in its Spark task's next attempt; a local master that
+        tries each task once (``local[N]``) would fail the job on the first lost rank.
+        ``dlpipe`` builds its own session with retries; a session made elsewhere may lack them.
+        """
+        from pipelines.spark import ELASTIC_TASK_ATTEMPTS, local_task_attempts
+
+        master = self.spark.sparkContext.master
+        attempts = local_task_attempts(master)
+        if attempts is not None and attempts < 2:
+            raise UserError(
+                f"train.elastic=true needs a master that retries tasks, but {master} tries "
+                f"each once; use local[N,{ELASTIC_TASK_ATTEMPTS}] (spark.master)"
+            )
 
     def wait_for_slots(self, elastic: bool = False, min_num_proc: int = 1) -> None:
         """Wait (bounded) until the executors offer a task slot per rank, else fail in one line.

@@ -36,6 +36,15 @@ class RankLostError(RuntimeError):
         self.exit_code = exit_code
 
 
+class WorldLostError(UserError):
+    """Elastic training ended: every rank of a (reset) world failed, none was left to go on.
+
+    Horovod elastic carries on without a lost rank, but a world whose ranks all fail ends
+    the job: e.g. a rank lost while a reset's rendezvous waits for it, when Gloo aborts
+    the others after ``train.rank_timeout_s``.
+    """
+
+
 class Launcher(Protocol):
     """Starts the training ranks."""
 

@@ -44,22 +44,32 @@ class OpenRun:
     Attributes:
         run_id: Its MLflow id.
         resumed: Whether an interrupted run was reopened (its inputs are logged already).
+        run_dir: The run's own folder (checkpoints, final model, ranks' files).
     """
 
     run_id: str
     resumed: bool
+    run_dir: RunDir
 
 
 @contextmanager
 def training_run(
-    store: Store, experiment: str, run_dir: RunDir, resume_from: Checkpoint | None
+    store: Store,
+    experiment: str,
+    model_name: str,
+    run_dir: RunDir | None,
+    resume_from: Checkpoint | None,
 ) -> Iterator[OpenRun]:
     """Open (or, resuming, reopen) the training's MLflow run for the block; FAILED on error.
 
+    A new run gets a folder of its own (:meth:`~pipelines.store.Store.start_run_dir`),
+    which this process owns and ``--resume`` finds as the model's last run.
+
     Args:
-        store: The stores and the run's folder.
+        store: The stores and the runs' folders.
         experiment: Experiment name (created if needed).
-        run_dir: The run's folder, which remembers its MLflow run for ``--resume``.
+        model_name: The model trained (names the folder of its runs).
+        run_dir: Resuming: the run's folder, which remembers its MLflow run.
         resume_from: The checkpoint continued from; None starts a new run.
 
     Raises:
@@ -69,16 +79,15 @@ def training_run(
 
     experiment_id = tracking.use_experiment(store, experiment)
     fail_stale_runs(store.tracking_uri, experiment_id)
-    run_id = run_dir.remembered_run() if resume_from else None
+    run_id = run_dir.remembered_run() if resume_from and run_dir else None
     previous = _reopen(store.tracking_uri, run_id) if run_id else None
     with mlflow.start_run(run_id=run_id) as run:
         try:
             mlflow.set_tags(Owner.me().tags())
-            if resume_from is None:
-                run_dir.remember_run(run.info.run_id)
-            else:
+            folder = store.start_run_dir(model_name, run.info.run_id)
+            if resume_from is not None:
                 _tag_resume(run.info.run_id, resume_from.epoch, previous)
-            yield OpenRun(run.info.run_id, resumed=resume_from is not None)
+            yield OpenRun(run.info.run_id, resumed=resume_from is not None, run_dir=folder)
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
             mlflow.end_run(status="FAILED")

@@ -96,9 +96,10 @@ class RankResult:
         initial_epoch: The epoch this start resumed at.
         stopped_early: Early stopping ended training before ``train.epochs``.
         steps_per_epoch: Training steps per epoch in the last world.
-        world_sizes: ``[{"epoch", "size"}]``: the world size from each epoch on where it
-            changed (the first entry is the start).
-        learning_rate: The rank-scaled learning rate.
+        world_sizes: ``[{"epoch", "size", "learning_rate"}]``: the world size (and the
+            rate rescaled to it) from each epoch on where it changed (the first entry is
+            the start).
+        learning_rate: The rank-scaled learning rate (of the last world, elastic).
         weights_sha256: Digest of the final weights (equal on every rank iff in step).
         seconds: The rank's whole time.
         fit_seconds: Its time in ``fit`` (checkpoints and layer statistics included).
@@ -119,7 +120,7 @@ class RankResult:
     initial_epoch: int
     stopped_early: bool
     steps_per_epoch: int
-    world_sizes: list[dict[str, int]]
+    world_sizes: list[dict[str, Any]]
     learning_rate: float
     weights_sha256: str
     seconds: float
@@ -147,6 +148,8 @@ class PreparedRank:
         train_data: This rank's shard of the training split (infinite, shuffled).
         validation: ``fit`` keyword arguments for the validation split; empty without one.
         callbacks: The Distribution's callbacks; callers append their own after them.
+        device_failure: Elastic: why this rank lacks the GPU asked for (None: it has it),
+            checked with every rank inside the elastic loop instead of here.
     """
 
     device: str
@@ -158,6 +161,7 @@ class PreparedRank:
     train_data: Any
     validation: dict[str, Any]
     callbacks: list
+    device_failure: str | None = None
 
     def resharded(self, spec: RankSpec, dist: Distribution) -> PreparedRank:
         """The same model with the feed, steps and callbacks of the world as it is now.
@@ -227,16 +231,25 @@ def prepared_rank(
     except NoGpuError as exc:
         device, failure = CPU, str(exc)
     limit_threads(dist.local_size, cfg.threads_per_rank)
-    # Horovod: every rank learns whether one lacks its GPU, so they all stop together.
-    failures = [f for f in dist.allgather(failure, "device_check") if f]
-    if failures:
-        raise NoGpuError(failures[0])
+    # Horovod elastic: a rank that joins a running world meets the others in the elastic
+    # state's sync, so nothing here may be a collective (the others would never match
+    # it: the hang of a joining rank). The device check runs in the elastic loop instead.
+    if not cfg.elastic:
+        # Horovod: every rank learns whether one lacks its GPU, so they all stop together.
+        failures = [f for f in dist.allgather(failure, "device_check") if f]
+        if failures:
+            raise NoGpuError(failures[0])
     with precision(cfg.mixed_precision, device) as policy:
         keras().utils.set_random_seed(cfg.seed)
         state, model = None, None
         if resume_from is not None:
-            # Horovod: every rank resumes from the same epoch as rank 0.
-            state = dist.broadcast(read_checkpoint(resume_from), "resume_state")
+            if not cfg.elastic:
+                # Horovod: every rank resumes from the same epoch as rank 0.
+                state = dist.broadcast(read_checkpoint(resume_from), "resume_state")
+            elif dist.rank == 0:
+                # Horovod elastic: rank 0's model, epoch and history reach the others in
+                # the state's first sync (no broadcast here, see above).
+                state = read_checkpoint(resume_from)
             if state:
                 model = dist.load_model(str(resume_from.checkpoint_model(name=state.model)))
         if model is None:
@@ -251,14 +264,44 @@ def prepared_rank(
                 from pipelines.warm_start import warm_start
 
                 warm_start(model, spec.init_model, cfg.init_from or spec.init_model)
+        if cfg.elastic:
+            _create_optimizer_slots(model)
         yield PreparedRank(
-            device=device, policy=policy, model=model, resumed=state, **_world(spec, dist)
+            device=device,
+            policy=policy,
+            model=model,
+            resumed=state,
+            device_failure=failure,
+            **_world(spec, dist),
         )
 
 
+def _create_optimizer_slots(model: Any) -> None:
+    """Create the optimizer's slot variables now, before the elastic state first syncs.
+
+    Horovod elastic broadcasts every optimizer variable from rank 0 in each sync; a
+    Keras 2 legacy optimizer creates its slots only at its first step, so a rank joining
+    a world that has trained would offer fewer variables than rank 0 and the broadcasts
+    would never match.
+    """
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    create = getattr(optimizer, "_create_all_weights", None)
+    if create is not None:
+        create(model.trainable_variables)
+
+
 def _scaled_lr(cfg: TrainConfig, dist: Distribution) -> float:
-    # Horovod: scale the rate by the number of ranks (the global batch grows with it).
+    # Horovod: scale the rate by the number of ranks (the global batch grows with it);
+    # elastic training rescales it to the world's size at every reset.
     return cfg.learning_rate * dist.size
+
+
+def _set_learning_rate(model: Any, value: float) -> None:
+    """Set the compiled optimizer's learning rate (the inner one under loss scaling)."""
+    from pipelines.keras_api import keras
+
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    keras().backend.set_value(optimizer.learning_rate, value)
 
 
 def _world(spec: RankSpec, dist: Distribution) -> dict[str, Any]:
@@ -332,7 +375,9 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
             steps, world_sizes = _fit_elastic(spec, dist, rank, initial_epoch, history, k, layers)
         else:
             steps = _fit_phases(spec, dist, rank, initial_epoch, history, k, layers)
-            world_sizes = [{"epoch": initial_epoch, "size": dist.size}]
+            world_sizes = [
+                {"epoch": initial_epoch, "size": dist.size, "learning_rate": rank.scaled_lr}
+            ]
         fit_seconds = time.time() - fit_started
 
         model = rank.model
@@ -352,7 +397,7 @@ def _train(spec: WorkerSpec, dist: Distribution, started: float) -> RankResult:
             stopped_early=epochs_done < cfg.epochs,
             steps_per_epoch=steps,
             world_sizes=world_sizes,
-            learning_rate=rank.scaled_lr,
+            learning_rate=world_sizes[-1]["learning_rate"],
             weights_sha256=weights_digest(model),
             layer_digests=layer_digests(model),
             seconds=round(time.time() - started, 2),
@@ -473,7 +518,7 @@ def _fit_elastic(
     history: dict[str, list[float]],
     k: Any,
     layers: dict[str, dict[str, list]],
-) -> tuple[int, list[dict[str, int]]]:
+) -> tuple[int, list[dict[str, Any]]]:
     """Fit in Horovod elastic mode: a lost rank resets the world and training goes on.
 
     The state (weights, optimizer, epoch, history, world sizes) is committed at the end of
@@ -491,18 +536,28 @@ def _fit_elastic(
     steps: list[int] = []
     entries = 0
 
-    # Horovod: re-entered after each reset, with the new rank and size.
+    # Horovod: re-entered after each reset, with the new rank and size. A rank that joins
+    # later starts here too: its first collective is the state's sync, like the others'.
     @dist.elastic_run
     def loop(state: Any) -> None:
         nonlocal entries
+        # Horovod: every rank learns whether one lacks its GPU, so they all stop together.
+        failures = [f for f in dist.allgather(rank.device_failure, "device_check") if f]
+        if failures:
+            raise NoGpuError(failures[0])
         # Horovod: the first entry runs on the prepared world; a reset's, on the new one.
         world = rank if entries == 0 else rank.resharded(spec, dist)
         entries += 1
+        # The global batch follows the world's size, and so does the rate (Goyal et al.);
+        # the sync restored the optimizer's slots, not its rate.
+        _set_learning_rate(world.model, world.scaled_lr)
         # Horovod: the state keeps references, so drop what a reset epoch appended.
         for values in state.history.values():
             del values[state.epoch :]
         if not state.world_sizes or state.world_sizes[-1]["size"] != dist.size:
-            state.world_sizes.append({"epoch": state.epoch, "size": dist.size})
+            state.world_sizes.append(
+                {"epoch": state.epoch, "size": dist.size, "learning_rate": world.scaled_lr}
+            )
         callbacks = dist.elastic_callbacks(state)
         # The layer-stats callback drops what a reset epoch wrote (it sets index = epoch).
         restored = {key: getattr(state, key) for key in LAYER_RECORDS}

@@ -182,11 +182,12 @@ def rank_process(cluster: Cluster, rank: int) -> psutil.Process:
 
 
 def wait_for_epoch(out: Path, epoch: int, job: Job, timeout: float = 240) -> None:
-    """Wait until rank 0 has committed ``epoch`` in ``out``."""
+    """Wait until rank 0 has committed ``epoch`` in the last run's folder under ``out``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and job.running():
         try:
-            if json.loads((out / "checkpoint.json").read_text())["epoch"] >= epoch:
+            run_id = json.loads((out / "run.json").read_text())["run_id"]  # the last run
+            if json.loads((out / run_id / "checkpoint.json").read_text())["epoch"] >= epoch:
                 return
         except (OSError, ValueError, KeyError):
             pass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,3 +95,14 @@ def store(
         )
         yield TrackingStore(uri=uri, experiment_id=experiment_id, root=root)
         mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture()
+def started() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; each one's whole process group is killed at the end."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

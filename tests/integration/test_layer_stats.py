@@ -315,9 +315,7 @@ def test_the_driver_logs_layer_metrics_per_epoch_and_resume_keeps_them(
     resumed = train(config(3), LocalLauncher(), digits, resume=True)
     assert resumed.run_id == first.run_id
     state = json.loads(
-        (
-            Store.of(config(3)).run_dir(config(3).mlflow.model_name).path / "checkpoint.json"
-        ).read_text()
+        (Store.of(config(3)).last_run_dir(config(3).mlflow.model_name).checkpoint_state).read_text()
     )
     assert all(len(v) == 3 for v in state["layer_stats"].values())
     mlflow.set_tracking_uri(resumed.tracking_uri)

@@ -92,7 +92,7 @@ def test_a_resume_at_the_phase_boundary_unfreezes_and_one_after_it_goes_on(
     def backbone_after(epochs: int, resume: bool) -> list[np.ndarray]:
         config = small_config(*BACKBONE, "train.launcher=local", f"train.epochs={epochs}")
         train(config, LocalLauncher(), rgb_digits, resume=resume)
-        run_dir = Store.of(config).run_dir(config.mlflow.model_name)
+        run_dir = Store.of(config).last_run_dir(config.mlflow.model_name)
         return load_final_model(run_dir).get_layer("backbone").get_weights()
 
     frozen = backbone_after(1, resume=False)  # the first phase alone: its checkpoint

@@ -104,14 +104,14 @@ def test_resume_continues_from_the_saved_epoch(digits, tmp_path, monkeypatch, sm
     )
     config = small_config("train.epochs=4", "train.launcher=local")
     state = json.loads(
-        (Store.of(config).run_dir(config.mlflow.model_name).path / "checkpoint.json").read_text()
+        (Store.of(config).last_run_dir(config.mlflow.model_name).checkpoint_state).read_text()
     )
     assert state["epoch"] == 2
     resumed = train(config, LocalLauncher(), digits, resume=True)
     assert resumed.run_id == first.run_id  # the same MLflow run goes on
     assert resumed.epochs == 4
     state = json.loads(
-        (Store.of(config).run_dir(config.mlflow.model_name).path / "checkpoint.json").read_text()
+        (Store.of(config).last_run_dir(config.mlflow.model_name).checkpoint_state).read_text()
     )
     assert state["epoch"] == 4 and len(state["history"]["loss"]) == 4
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,11 @@ def _cli_args(dataset: Path, sets: list[str], *extra: str) -> list[str]:
 
 
 def _epoch(out: Path) -> int:
+    """The epoch rank 0 last checkpointed in the model's last run (``out``: its runs)."""
     try:
-        return json.loads((out / "checkpoint.json").read_text())["epoch"]
-    except (OSError, ValueError):
+        run_id = json.loads((out / "run.json").read_text())["run_id"]
+        return json.loads((out / run_id / "checkpoint.json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
         return 0
 
 
@@ -74,17 +75,6 @@ def _left(pids: list[int], timeout: float) -> list[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
-
-
-@pytest.fixture()
-def started() -> Iterator[list[subprocess.Popen]]:
-    """Processes a test starts; each one's whole process group is killed at the end."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 def _mlflow(tmp_path: Path) -> Any:
@@ -191,7 +181,7 @@ def test_a_killed_rank_ends_the_job_with_a_one_line_error(
 ):
     timeout_s = 20
     config = small_config("train.epochs=40", f"train.rank_timeout_s={timeout_s}")
-    out = Store.of(config).run_dir(config.mlflow.model_name).path
+    out = Store.of(config).training(config.mlflow.model_name)
     seen: dict[str, Any] = {}
 
     def kill_rank_1() -> None:
@@ -225,43 +215,6 @@ def test_a_killed_rank_ends_the_job_with_a_one_line_error(
     assert _rank_processes(os.getpid()) == {}
 
 
-def test_elastic_training_carries_on_without_a_killed_rank(
-    digits, tmp_path, dlpipe_env, started, small_config
-):
-    epochs = 6
-    sets = small_config.sets(
-        f"train.epochs={epochs}", "train.elastic=true", "spark.master=local[2,4]"
-    )
-    out = tmp_path / "work" / "training" / "digits-classifier"
-    log = (tmp_path / "elastic.log").open("w")
-    job = subprocess.Popen(
-        _cli_args(digits, sets),
-        env=dlpipe_env,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        start_new_session=True,
-    )
-    started.append(job)
-    _wait_for_epoch(out, 2, alive=lambda: job.poll() is None)
-    ranks = _rank_processes(job.pid)
-    killed_at = _epoch(out)
-    os.kill(ranks[1].pid, signal.SIGKILL)  # mid-epoch: the next one has just begun
-    stdout, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, (tmp_path / "elastic.log").read_text()[-3000:]
-    result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["epochs"] == epochs
-
-    client = _mlflow(tmp_path)
-    run = client.get_run(result["run_id"])
-    assert run.info.status == "FINISHED"
-    changes = json.loads(run.data.tags["world_size_changes"])
-    assert changes and changes[0]["size"] == 1 and changes[0]["epoch"] >= killed_at
-    steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "val_loss"))
-    assert steps == list(range(epochs))
-    assert result["model_version"] == "1"
-
-
 def test_the_checkpoint_state_only_ever_names_a_complete_model_of_its_epoch(
     digits, tmp_path, monkeypatch, small_config
 ):
@@ -269,7 +222,7 @@ def test_the_checkpoint_state_only_ever_names_a_complete_model_of_its_epoch(
 
     config = small_config("train.launcher=local", "train.epochs=2")
     train(config, _local(), digits)
-    run_dir = Store.of(config).run_dir(config.mlflow.model_name)
+    run_dir = Store.of(config).last_run_dir(config.mlflow.model_name)
     out = run_dir.path
     state = read_checkpoint(run_dir)
     assert state.epoch == 2 and state.model == "checkpoint-0002.h5"

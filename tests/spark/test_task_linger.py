@@ -109,3 +109,12 @@ def test_the_driver_polls_exit_codes_promptly_during_a_static_launch_only():
     assert default_delay() == horovods
     with launch_patches(elastic=True):
         assert default_delay() == horovods  # elastic launches keep Horovod's waits
+
+
+def test_elastic_on_a_session_that_never_retries_a_task_is_refused_in_one_line(spark):
+    from pipelines.errors import UserError
+
+    # The session's local[2] tries each task once: a lost rank would fail the job.
+    with pytest.raises(UserError, match=r"needs a master that retries tasks") as caught:
+        HorovodSparkLauncher(spark, 2).run(_rank_and_size, (), elastic=True)
+    assert "\n" not in str(caught.value) and "local[N,4]" in str(caught.value)

@@ -76,7 +76,8 @@ def test_every_default_location_is_under_the_work_directory(
         where.reports: "reports",
         where.model_cache: "cache/models",
         where.bench: "bench",
-        where.run_dir("digits").path: "training/digits",
+        where.training("digits"): "training/digits",
+        where.run_dir("digits", "r1").path: "training/digits/r1",
     }
     for path, relative in layout.items():
         assert path == tmp_path / relative
