@@ -37,6 +37,7 @@ from pipelines.bench.data import (
 from pipelines.bench.ingest import INGEST_CHANNELS, INGEST_IMAGE_SIZE, INGEST_SOURCE_SIZE
 from pipelines.bench.jobs import JobMark, median_timeline
 from pipelines.bench.output import fixed_width
+from pipelines.bench.photo_train import mobilenet_images_per_rank
 from pipelines.bench.processes import KINDS, ProcessSampler, ProcessUsage
 from pipelines.bench.stats import Measurement, pair
 from pipelines.bench.timing import check_sizes
@@ -73,7 +74,7 @@ PHOTO_SIDE = 224
 _PHOTO_BASELINE_IMAGES = 100
 #: Hooks adding training figures to the photo point (e.g. a backbone's images/s per rank):
 #: each gets the config and the ingested photo dataset and returns its measurements.
-PHOTO_TRAIN_POINTS: list[Callable[[Config, Path], list[Measurement]]] = []
+PHOTO_TRAIN_POINTS: list[Callable[[Config, Path], list[Measurement]]] = [mobilenet_images_per_rank]
 
 
 def scale_sizes(images: int | None, max_size: bool) -> tuple[int, ...]:

@@ -126,6 +126,8 @@ def step_worker(spec: StepSpec) -> dict[str, Any]:
             callbacks=[*rank.callbacks, *extra, timer],  # the timer last: see epoch_timer
             verbose=0,
         )
+        # As training does at each epoch end: batch-norm statistics made equal on all ranks.
+        dist.sync_model_state(rank.model)
         digest = weights_digest(rank.model)
     steps = rank.steps_per_epoch
     measured = timer.seconds[spec.warmup_epochs :]

@@ -19,9 +19,9 @@ def measured(spark, tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, l
     return config, photo_points(config, PHOTOS, repeats=1)
 
 
-def test_photo_point_reports_ingest_bytes_and_a_two_rank_feed(measured) -> None:
+def test_photo_point_reports_ingest_bytes_a_two_rank_feed_and_training(measured) -> None:
     config, results = measured
-    ingest, stored, feed = results
+    ingest, stored, feed, train = results
     assert ingest.unit == "images/s" and ingest.value > 0 and ingest.baseline_value > 0
     assert ingest.details["ingested"] == PHOTOS
     assert ingest.details["image_shape"] == [PHOTO_SIDE, PHOTO_SIDE, 3]
@@ -32,6 +32,10 @@ def test_photo_point_reports_ingest_bytes_and_a_two_rank_feed(measured) -> None:
     assert feed.unit == "s/epoch" and feed.target == "<= 1.1"
     assert len(feed.details["processes"]) >= 1
     assert feed.value > 0 and feed.baseline_value > 0
+    # MobileNetV2 on the stored photos: two Horovod ranks (equal weights) against one process.
+    assert train.unit == "images/s" and "mobilenet_v2" in train.measured
+    assert train.value > 0 and train.baseline_value > 0
+    assert train.details["image_shape"] == [PHOTO_SIDE, PHOTO_SIDE, 3]
     assert "photo ingest" in format_scale_table({"results": [asdict(r) for r in results]})
 
 
