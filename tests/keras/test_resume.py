@@ -1,5 +1,6 @@
-"""``dlpipe train --resume`` on the Keras stack: a real job SIGKILLed after a checkpointed
-epoch, then resumed from rank 0's checkpoint by a second ``dlpipe train --resume``.
+"""Training faults on the Keras stack: a real ``dlpipe train`` SIGKILLed after a checkpointed
+epoch, then resumed from rank 0's checkpoint by ``dlpipe train --resume``; a rank SIGKILLed
+mid-training, which ends the job with the one-line error in bounded time.
 
 Real keras-launcher ranks (Keras 3/JAX) as Spark 4 barrier tasks, a real MLflow store, a
 real SIGKILL to the whole ``dlpipe train`` process group.
@@ -12,12 +13,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from pipelines.train.keras_launcher import RANK_MARKER
+from pipelines.store import Store
+from pipelines.train.driver import RankDiedError, train
+from pipelines.train.keras_launcher import PEER_GRACE_S, RANK_MARKER, KerasSparkLauncher
 from tests.integration.conftest import digits, small_config  # noqa: F401 (fixtures)
 from tests.integration.test_train_faults import _epoch, _left, _mlflow, _wait_for_epoch
 
@@ -114,3 +120,47 @@ def test_a_killed_keras_job_resumes_from_its_checkpoint_in_the_same_run(
     assert len(digests) == 2 and len(set(digests.values())) == 1
     # One MLflow run in the experiment: the resume reopened it rather than starting another.
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_a_killed_keras_rank_ends_the_job_with_the_one_line_error(
+    spark,
+    digits,  # noqa: F811
+    small_config,  # noqa: F811
+):
+    """``train`` with the keras launcher; rank 1's process SIGKILLed after epoch 1."""
+    timeout_s = 20
+    config = small_config(
+        "train.launcher=keras", "train.epochs=40", f"train.rank_timeout_s={timeout_s}"
+    )
+    out = Store.of(config).run_dir(config.mlflow.model_name).path
+    seen: dict[str, Any] = {}
+
+    def kill_rank_1() -> None:
+        _wait_for_epoch(out, 1, timeout=180)
+        ranks = _ranks_under(os.getpid())
+        seen["ranks"] = [p.pid for p in ranks]
+        (victim,) = [p for p in ranks if any(a.endswith(":1") for a in p.cmdline())]
+        seen["killed"], seen["at"] = victim.pid, time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    with pytest.raises(RankDiedError) as caught:
+        train(config, KerasSparkLauncher(spark, 2, slots_timeout_s=30), digits)
+    ended = time.monotonic()
+    killer.join(timeout=5)
+    assert "killed" in seen, "the rank was not killed"
+    print(f"\nkilled rank 1 -> RankDiedError from train: {ended - seen['at']:.2f} s")
+    assert ended - seen["at"] < timeout_s + PEER_GRACE_S + 30  # bounded, not a hang
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"rank 1 (pid {seen['killed']} on host " in message, message
+    assert "`dlpipe train --resume`" in message
+
+    import mlflow
+
+    mlflow.set_tracking_uri(Store.of(config).tracking_uri)
+    (run,) = mlflow.search_runs(experiment_names=[config.mlflow.experiment], output_format="list")
+    assert run.info.status == "FAILED" and "rank 1 (pid" in run.data.tags["error"]
+    assert _left(seen["ranks"], timeout=30) == [], "rank processes were left behind"
