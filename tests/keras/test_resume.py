@@ -66,7 +66,7 @@ def test_a_killed_keras_job_resumes_from_its_checkpoint_in_the_same_run(
     started,
     small_config,  # noqa: F811
 ):
-    epochs = 5
+    epochs = 4
     sets = small_config.sets("train.launcher=keras", f"train.epochs={epochs}")
     out = tmp_path / "work" / "training" / "digits-classifier"
     log = (tmp_path / "killed.log").open("w")
@@ -78,17 +78,17 @@ def test_a_killed_keras_job_resumes_from_its_checkpoint_in_the_same_run(
         start_new_session=True,  # its own process group, as a shell gives a job
     )
     started.append(job)
-    _wait_for_epoch(out, 2, alive=lambda: job.poll() is None, timeout=180)
+    _wait_for_epoch(out, 1, alive=lambda: job.poll() is None, timeout=180)
     family = [job.pid, *(p.pid for p in psutil.Process(job.pid).children(recursive=True))]
     assert len(_ranks_under(job.pid)) == 2, "the keras launcher's ranks were not running"
     os.killpg(job.pid, signal.SIGKILL)  # the whole job: driver, JVM, Python workers, ranks
     job.wait(timeout=30)
     assert _left(family, timeout=60) == [], "processes of the killed job were left behind"
     killed_at = _epoch(out)
-    assert 2 <= killed_at < epochs
+    assert 1 <= killed_at < epochs
     # Rank 0's checkpoint is a Keras 3 file of its epoch, optimizer state included.
     state = json.loads((out / "checkpoint.json").read_text())
-    assert (out / state["model"]).is_file()
+    assert state["model"].endswith(".keras") and (out / state["model"]).is_file()
 
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     client = _mlflow(tmp_path)
