@@ -597,9 +597,10 @@ class RunDir:
 
     #: The checkpoint's commit point (JSON naming the model file of its epoch).
     CHECKPOINT_STATE = "checkpoint.json"
-    #: One full model (with optimizer state) per committed epoch.
-    CHECKPOINT_MODEL = "checkpoint-{epoch:04d}.h5"
-    CHECKPOINT_MODELS = "checkpoint-*.h5"
+    #: One full model (with optimizer state) per committed epoch: HDF5 on Keras 2, the
+    #: ``.keras`` zip on Keras 3 (whose HDF5 loader leaves the optimizer's state behind).
+    CHECKPOINT_MODEL = "checkpoint-{epoch:04d}{suffix}"
+    CHECKPOINT_MODELS = ("checkpoint-*.h5", "checkpoint-*.keras")
     #: The one model file of checkpoints written before 2026-12.
     LEGACY_CHECKPOINT_MODEL = "checkpoint.h5"
     #: The best weights, no optimizer: what gets evaluated and logged.
@@ -621,10 +622,15 @@ class RunDir:
         """The checkpoint's commit point."""
         return self.path / self.CHECKPOINT_STATE
 
-    def checkpoint_model(self, epoch: int | None = None, name: str | None = None) -> Path:
-        """The model file of the checkpoint of ``epoch`` (or named ``name``, as a state says)."""
+    def checkpoint_model(
+        self, epoch: int | None = None, name: str | None = None, *, keras3: bool = False
+    ) -> Path:
+        """The model file of the checkpoint of ``epoch`` (or named ``name``, as a state says).
+
+        ``keras3`` picks the Keras 3 format's suffix for a new file of ``epoch``.
+        """
         if name is None:
-            name = self.CHECKPOINT_MODEL.format(epoch=epoch)
+            name = self.CHECKPOINT_MODEL.format(epoch=epoch, suffix=".keras" if keras3 else ".h5")
         return self.path / name
 
     @property
@@ -651,9 +657,10 @@ class RunDir:
 
     def clear_old_checkpoints(self, keep: Path) -> None:
         """Remove every checkpoint model but ``keep`` (after the state naming it committed)."""
-        for old in self.path.glob(self.CHECKPOINT_MODELS):
-            if old != keep:
-                remove(old)
+        for pattern in self.CHECKPOINT_MODELS:
+            for old in self.path.glob(pattern):
+                if old != keep:
+                    remove(old)
         remove(self.path / self.LEGACY_CHECKPOINT_MODEL)
 
     def save_model(self, target: Path, save: Callable[[Path], None]) -> None:

@@ -4,11 +4,11 @@ In: a run's :class:`~pipelines.store.RunDir` (which names the files and writes t
 atomically) and, while training, the Keras model and the epoch's records. Out:
 
 - :class:`Checkpoint`, the committed state: ``checkpoint.json`` naming the model file of its
-  epoch (``checkpoint-<epoch>.h5``, full, with optimizer state) and that file's digest, the
-  history and rank 0's per-layer records so far. Each epoch's model goes to a new file,
-  written before the state is replaced in one atomic write, so the state always names a
-  complete model of its own epoch: a run killed at any point leaves the last complete
-  epoch, never a model of one epoch with the counter of another;
+  epoch (``checkpoint-<epoch>.h5``, ``.keras`` on Keras 3; full, with optimizer state) and
+  that file's digest, the history and rank 0's per-layer records so far. Each epoch's
+  model goes to a new file, written before the state is replaced in one atomic write, so
+  the state always names a complete model of its own epoch: a run killed at any point
+  leaves the last complete epoch, never a model of one epoch with the counter of another;
 - :func:`checkpoint_callback`, the Keras callback with which rank 0 commits one per epoch;
   :func:`read_checkpoint` for ``--resume``;
 - the final model (:func:`save_final_model`, :func:`load_final_model`): best weights,
@@ -16,7 +16,8 @@ atomically) and, while training, the Keras model and the epoch's records. Out:
 - each rank's placement file (:func:`announce_rank`, :func:`read_rank_placements`): its
   host and pid, so the driver can name a rank that died.
 
-Checkpoints are HDF5 on purpose: ``hvd.load_model`` restores legacy optimizers from it.
+Checkpoints are HDF5 on purpose: ``hvd.load_model`` restores legacy optimizers from it. On
+the Keras stack they are ``.keras`` files: Keras 3 reads no optimizer state back from HDF5.
 """
 
 from __future__ import annotations
@@ -94,11 +95,23 @@ def checkpoint_callback(
     Runs after the callbacks that record the epoch's history and layer statistics, so
     ``history`` and ``layers`` (saved beside the model, when given) already hold the epoch.
     """
+    from pipelines.keras_api import is_keras3
+
+    keras3 = is_keras3()
+
+    def save(model: Any, path: Path) -> None:
+        if not keras3:
+            model.save(path, save_format="h5")
+            return
+        from pipelines.train.jax_distribution import without_distribution
+
+        with without_distribution():  # rank 0 alone; Keras 3 picks the format by suffix
+            model.save(path)
 
     class CommitCheckpoint(k.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            model_file = run.checkpoint_model(epoch + 1)
-            run.save_model(model_file, lambda tmp: self.model.save(tmp, save_format="h5"))
+            model_file = run.checkpoint_model(epoch + 1, keras3=keras3)
+            run.save_model(model_file, lambda tmp: save(self.model, tmp))
             state = Checkpoint(
                 epoch=epoch + 1,
                 history=history,

@@ -64,7 +64,8 @@ class TrainResult:
 
     ``promotion_metric`` is what the decision compared; ``champion_score`` the champion's
     value of it on this run's split (None without a comparable champion);
-    ``previous_champion`` the version that held the alias before.
+    ``previous_champion`` the version that held the alias before; ``initial_epoch`` the
+    epoch this start began at (the checkpoint's with ``--resume``, else 0).
     """
 
     run_id: str
@@ -85,6 +86,7 @@ class TrainResult:
     promotion_metric: str = ""
     champion_score: float | None = None
     previous_champion: str | None = None
+    initial_epoch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The result as a JSON-ready dict."""
@@ -346,6 +348,7 @@ def _train_in_run(
         "tracking_uri": tracking.shown_uri(store.tracking_uri),
         "world_size": rank0.size,
         "epochs": rank0.epochs,
+        "initial_epoch": rank0.initial_epoch,
         "stopped_early": rank0.stopped_early,
         "test_metrics": evaluation.metrics,
         "model_uri": registration.model_uri,

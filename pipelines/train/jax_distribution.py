@@ -35,7 +35,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,6 +223,25 @@ class JaxDistribution:
         raise UserError("elastic mode needs train.launcher=horovod (the keras launcher has none)")
 
     elastic_run = elastic_callbacks = elastic_state
+
+
+@contextmanager
+def without_distribution() -> Iterator[None]:
+    """Run the block with no Keras distribution set (restored after it), for one rank alone.
+
+    Under the ranks' ``DataParallel`` distribution, saving a ``.keras`` file places arrays
+    on every process's devices: a collective the other ranks, training on, never join.
+    Rank 0's checkpoint is written inside this block; every rank reads it back under the
+    distribution (:meth:`JaxDistribution.load_model`).
+    """
+    import keras
+
+    current = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)
 
 
 def weights_digest(model: Any) -> str:
