@@ -76,11 +76,11 @@ def mobilenet_images_per_rank(config: Config, dataset: Path) -> list[Measurement
                 },
                 "epoch_seconds": {
                     "plain": plain["epoch_seconds"],
-                    "ranks": [r["epoch_seconds"] for r in ranks],
+                    "two_ranks": [r["epoch_seconds"] for r in ranks],
                 },
                 "cores_busy": {
                     "plain": round(plain["cores_busy"], 2),
-                    "ranks": [round(r["cores_busy"], 2) for r in ranks],
+                    "two_ranks": [round(r["cores_busy"], 2) for r in ranks],
                 },
             },
         )
