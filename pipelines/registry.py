@@ -549,12 +549,19 @@ def _wait_for_earlier_decisions(client: MlflowClient, name: str, version: str) -
 
 
 def _earlier_deciders(client: MlflowClient, name: str, version: int) -> list[str]:
-    """Versions below ``version`` whose live (or unknowable) process is deciding the alias."""
+    """Versions below ``version`` whose live (or unknowable) process is deciding the alias.
+
+    A tag older than :data:`DECISION_WAIT_S` is a leftover (its host was lost between the
+    registration and the decision): no later training waits for it again.
+    """
     waiting = []
+    recent_ms = (time.time() - DECISION_WAIT_S) * 1000
     for candidate in client.search_model_versions(f"name='{_quote(name)}'"):
         number = int(candidate.version)
         owner_text = (candidate.tags or {}).get(DECIDING_TAG)
         if number >= version or not owner_text:
+            continue
+        if (candidate.creation_timestamp or 0) < recent_ms:
             continue
         try:
             owner = Owner.from_json(owner_text)
