@@ -86,11 +86,12 @@ def test_a_killed_keras_job_resumes_from_its_checkpoint_in_the_same_run(
     assert _left(family, timeout=60) == [], "processes of the killed job were left behind"
     killed_at = _epoch(out)
     assert 1 <= killed_at < epochs
-    # Rank 0's checkpoint is a Keras 3 file of its epoch, optimizer state included.
-    state = json.loads((out / "checkpoint.json").read_text())
-    assert state["model"].endswith(".keras") and (out / state["model"]).is_file()
-
     run_id = json.loads((out / "run.json").read_text())["run_id"]
+    # Rank 0's checkpoint (in the run's own folder) is a Keras 3 file of its epoch,
+    # optimizer state included.
+    state = json.loads((out / run_id / "checkpoint.json").read_text())
+    assert state["model"].endswith(".keras") and (out / run_id / state["model"]).is_file()
+
     client = _mlflow(tmp_path)
     assert client.get_run(run_id).info.status == "RUNNING"  # nothing could end it
 
@@ -132,7 +133,7 @@ def test_a_killed_keras_rank_ends_the_job_with_the_one_line_error(
     config = small_config(
         "train.launcher=keras", "train.epochs=40", f"train.rank_timeout_s={timeout_s}"
     )
-    out = Store.of(config).run_dir(config.mlflow.model_name).path
+    out = Store.of(config).training(config.mlflow.model_name)
     seen: dict[str, Any] = {}
 
     def kill_rank_1() -> None:
