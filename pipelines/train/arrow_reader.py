@@ -45,7 +45,7 @@ from pipelines import schema
 from pipelines.errors import UserError
 from pipelines.store import DatasetDir
 from pipelines.store import filesystem as file_system
-from pipelines.train.feed import ImageShapeError, SplitNotFoundError
+from pipelines.train.feed import ImageShapeError, SplitNotFoundError, check_image_shape
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -203,7 +203,7 @@ class SplitReader:
             raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
         self.url = url
         self.pieces = shard_pieces(list_pieces(url), cur_shard, shard_count)
-        self.image_shape = _check_shape(image_shape) if image_shape is not None else None
+        self.image_shape = check_image_shape(image_shape) if image_shape is not None else None
         self.with_paths = with_paths
         self.shuffle_row_groups = shuffle_row_groups
         self.seed = seed
@@ -260,7 +260,7 @@ def decode_column(
     """
     import pyarrow as pa
 
-    shape = _check_shape(shape)
+    shape = check_image_shape(shape)
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     rows = len(array)
     if rows == 0:
@@ -292,16 +292,6 @@ def decode_column(
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _check_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
-    """Validate ``(height, width, channels)`` and return it as a tuple of ints."""
-    shape = tuple(int(d) for d in image_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(
-            f"image_shape must be (height, width, channels) > 0, got {tuple(image_shape)}"
-        )
-    return shape  # type: ignore[return-value]
 
 
 def _shape_message(cell: bytes, where: str, shape: tuple[int, int, int]) -> str:

@@ -200,7 +200,7 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    shape = _check_shape(image_shape)
+    shape = check_image_shape(image_shape)
     if batch_size < 1 or shuffle_buffer < 1 or reader_workers < 1:
         raise ValueError(
             "batch_size, shuffle_buffer and reader_workers must be >= 1, got "
@@ -298,7 +298,7 @@ def iter_split(
         return
     from petastorm import make_batch_reader
 
-    shape = _check_shape(image_shape)
+    shape = check_image_shape(image_shape)
     url = to_url(url)
     _require_split(url)
     _quiet_petastorm()
@@ -342,7 +342,7 @@ def read_split(url: str, image_shape: tuple[int, int, int]) -> SplitArrays:
         return numpy_feed.read_split(url, image_shape)
     from petastorm import make_batch_reader
 
-    shape = _check_shape(image_shape)
+    shape = check_image_shape(image_shape)
     url = to_url(url)
     _require_split(url)
     _quiet_petastorm()
@@ -481,7 +481,7 @@ def _keras_stack() -> bool:
     return is_keras3()
 
 
-def _check_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     """Validate ``(height, width, channels)`` and return it as a tuple of ints."""
     shape = tuple(int(d) for d in image_shape)
     if len(shape) != 3 or min(shape) < 1:

@@ -24,7 +24,7 @@ import pytest
 from pipelines.store import Store
 from pipelines.train.driver import RankDiedError, train
 from pipelines.train.keras_launcher import PEER_GRACE_S, RANK_MARKER, KerasSparkLauncher
-from tests.integration.conftest import digits, small_config  # noqa: F401 (fixtures)
+from tests.integration.conftest import digits, small_config, started  # noqa: F401 (fixtures)
 from tests.integration.test_train_faults import _epoch, _left, _mlflow, _wait_for_epoch
 
 pytestmark = pytest.mark.slow  # Spark, two ranks, MLflow, two jobs
@@ -48,22 +48,11 @@ def _ranks_under(root: int) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture()
-def started() -> list[subprocess.Popen]:
-    """Processes a test starts; each one's whole process group is killed at the end."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
 def test_a_killed_keras_job_resumes_from_its_checkpoint_in_the_same_run(
     digits,  # noqa: F811
     tmp_path,
     dlpipe_env,
-    started,
+    started,  # noqa: F811
     small_config,  # noqa: F811
 ):
     epochs = 4
