@@ -435,6 +435,11 @@ class MlflowConfig:
         experiment: Experiment name.
         model_name: Registered model name.
         champion_alias: Alias moved to a new version only when it beats the current one.
+        telemetry: MLflow's usage telemetry (MLflow 3 sends it to its makers by default).
+            ``false``: off in dlpipe's driver, executors and ranks
+            (``MLFLOW_DISABLE_TELEMETRY``, unless the environment sets it already): a batch
+            job sends nothing off the cluster, and its end does not wait for the sender.
+            ``true``: as MLflow decides.
     """
 
     tracking_uri: StrictStr | None = None
@@ -442,6 +447,7 @@ class MlflowConfig:
     experiment: StrictStr = "spark-dl-pipelines"
     model_name: StrictStr = "digits-classifier"
     champion_alias: StrictStr = "champion"
+    telemetry: StrictBool = False
 
 
 @with_config(_FORBID_UNKNOWN)

@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import StorageError, UserError
-from pipelines.spark import Access, storage_errors
+from pipelines.spark import Access, session_of, storage_errors
 from pipelines.stack import launcher_for
 from pipelines.store import DatasetDir, Store
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from pyspark.sql import SparkSession
+
     from pipelines.config import Config, ResolvedConfig, TrainConfig
     from pipelines.demo import DemoData
     from pipelines.explain import ExplainResult
@@ -116,19 +120,20 @@ def ingest_stage(
     Raises:
         UserError: No source given or configured, or the ingest stage's own errors.
     """
-    from pipelines.ingest import ingest
-
     source = source or config.ingest.source
     if not source:
         raise UserError("no source: pass --source DIR or set ingest.source")
     dataset = (store or Store.of(config)).dataset(output)
+    spark = start_session(config)  # starts while the stage's modules import
     with storage_errors(
         Access(
             "write the dataset", dataset.root, _WRITABLE.format(option="--output (ingest.output)")
         ),
         Access("read the source", source, _READABLE),
     ):
-        return ingest(spark_session(config), config.ingest, source, dataset.root)
+        from pipelines.ingest import ingest
+
+        return ingest(session_of(spark), config.ingest, source, dataset.root)
 
 
 def train_stage(
@@ -142,16 +147,21 @@ def train_stage(
     Raises:
         UserError: Too few task slots for ``train.num_proc``, or the training stage's errors.
     """
-    from pipelines.train.driver import train
-    from pipelines.train.launchers import make_launcher
-
     check_local_slots(config)
     store = store or Store.of(config)
     data = store.dataset(dataset)
     check_dataset_files(data)  # before Spark starts, and before a run is opened in MLflow
     cfg = config.train
     kind = launcher_for(cfg.launcher)
-    spark = spark_session(config) if kind != "local" else None
+    starting = start_session(config) if kind != "local" else None
+    # While Spark starts: the stage's modules, and MLflow's import and store (its tables
+    # created or checked), which the run opened below needs first.
+    from pipelines import tracking
+    from pipelines.train.driver import train
+    from pipelines.train.launchers import make_launcher
+
+    tracking.client(store.tracking_uri, store.registry_uri)
+    spark = session_of(starting) if starting is not None else None
     launcher = make_launcher(
         kind, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s, env=rank_environment(cfg)
     )
@@ -249,7 +259,7 @@ def score_stage(
             _WRITABLE.format(option="--output (score.table)"),
         ),
     ):
-        return score(spark_session(config), config, source, output, model, batch_id, store=store)
+        return score(start_session(config), config, source, output, model, batch_id, store=store)
 
 
 def promote_stage(
@@ -434,6 +444,17 @@ def spark_session(config: Config) -> Any:
     spark = get_spark(config.spark, task_attempts=attempts)
     preflight.check_executors(spark, horovod=horovod)  # before the stage's first job
     return spark
+
+
+def start_session(config: Config) -> Future[SparkSession]:
+    """:func:`spark_session`, started in the background (see :mod:`pipelines.spark`).
+
+    A stage calls it first and :func:`~pipelines.spark.session_of` where it needs Spark, so
+    that its own start-up (imports, MLflow, the model) runs while the JVM starts.
+    """
+    from pipelines.spark import start_in_background
+
+    return start_in_background(lambda: spark_session(config))
 
 
 def check_local_slots(config: Config) -> None:

@@ -55,11 +55,13 @@ from pipelines.score_table import (
     write_batch,
 )
 from pipelines.sources import SourceError
-from pipelines.spark import driver_table
+from pipelines.spark import driver_table, session_of
 from pipelines.stack import STACK_TAG, check_model_stack
 from pipelines.store import ModelDir, ScoringTable, Store, to_url
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,8 @@ class ScoreResult:
         summary_run_id: The MLflow run holding the summary (None when not logged).
         seconds: Wall time.
         phases: Seconds by phase: ``resolve_model`` (the model found and downloaded),
-            ``read_source`` (the source listed or opened, the batch id chosen),
+            ``wait_spark`` (what was left of the Spark session's start, begun in the
+            background), ``read_source`` (the source listed or opened, the batch id chosen),
             ``ship_model`` (its archive added to the session), ``only_new`` (the earlier
             batches read, with ``score.only_new``), ``score_job`` (the Spark job that
             predicts and writes the batch), ``summary`` (class order, the batch's summary
@@ -132,7 +135,7 @@ class ScoreResult:
 
 
 def score(
-    spark: SparkSession,
+    spark: SparkSession | Future[SparkSession],
     config: Config,
     source: str,
     table: str | None = None,
@@ -143,7 +146,9 @@ def score(
     """Score the images of ``source`` into one batch of the scoring table.
 
     Args:
-        spark: The session whose executors run the model.
+        spark: The session whose executors run the model, or its start
+            (:func:`~pipelines.spark.start_in_background`), waited for once the model is
+            resolved.
         config: Resolved configuration (``score``, ``mlflow`` sections).
         source: A folder of images, or a Parquet table with ``path`` and image bytes.
         table: Table location (default: ``score.table`` or ``<work_dir>/tables/scores``).
@@ -175,15 +180,6 @@ def score(
     )
     target = store.scoring_table(table)
     batch_id, generated = resolve_batch_id(batch_id, datetime.fromtimestamp(started, tz=UTC))
-    clock.lap("resolve_model")
-    images, skipped, listed = _read_source(spark, config, source)
-    if generated:
-        batch_id = _unused_batch_id(spark, target, batch_id)
-    log.info(
-        "score: %s with %s into %s (batch %s)", source, resolved.uri, target.location, batch_id
-    )
-    clock.lap("read_source")
-
     # models:/ URIs are downloaded through the registry.
     tracking.use_stores(store.tracking_uri, store.registry_uri)
     model_dir = ModelDir(
@@ -193,6 +189,17 @@ def score(
     check_model_stack(model_dir.meta().get(STACK_TAG), resolved.uri)
     label_names = model_dir.label_names()
     clock.lap("resolve_model")
+    # All of the above needs no Spark: a session started in the background came up
+    # meanwhile; what is left of its start is this phase.
+    spark = session_of(spark)
+    clock.lap("wait_spark")
+    images, skipped, listed = _read_source(spark, config, source)
+    if generated:
+        batch_id = _unused_batch_id(spark, target, batch_id)
+    log.info(
+        "score: %s with %s into %s (batch %s)", source, resolved.uri, target.location, batch_id
+    )
+    clock.lap("read_source")
     archive = _ship(spark, model_dir)
     clock.lap("ship_model")
     threads = cores_per_process(spark.sparkContext.defaultParallelism)

@@ -3,7 +3,8 @@
 In: :class:`~pipelines.config.SparkConfig`. Out: a SparkSession. With ``master: null`` the
 session attaches to whatever the environment provides (``spark-submit --master``, a
 Databricks cluster); otherwise the configured master (``local[2]`` by default) is used.
-Also :func:`driver_table`, how a job spreads a table built on the driver over its tasks,
+:func:`start_in_background` starts it while the caller does other work. Also
+:func:`driver_table`, how a job spreads a table built on the driver over its tasks,
 :func:`local_slots` / :func:`task_slots`, how many tasks can run at once (one per Horovod rank),
 and :func:`storage_errors`, the one place where Spark's failure to read or write a stage's
 location becomes a one-line :class:`~pipelines.errors.StorageError`.
@@ -14,13 +15,17 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines import jvm_archive
 from pipelines.config import SparkConfig
 from pipelines.errors import StorageError, UserError
 from pipelines.store import local_path
@@ -42,8 +47,12 @@ _LOCAL_DEFAULTS = {
 # JIT compiler kept burning 0.3-1 s of CPU per scoring job (measured per thread, still
 # after a dozen jobs) beside the Python workers doing the real work: 10-15% of the job's
 # time on 2 cores. C1 alone compiles far less, and the JVM's own share of these jobs is
-# small. Only for a local master, and only unless spark.conf sets its own options.
-_LOCAL_MASTER_DEFAULTS = {"spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1"}
+# small. Only for a local master, and only unless spark.conf sets its own options; with
+# the class archive of pipelines.jvm_archive added.
+_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
+#: MLflow's switch for its usage telemetry, passed on to the executors when set.
+_TELEMETRY = "MLFLOW_DISABLE_TELEMETRY"
+_LOCAL_MASTER_DEFAULTS = {_JAVA_OPTIONS: "-XX:TieredStopAtLevel=1"}
 
 
 #: Attempts a local master gives each task when training is elastic. Spark's ``local[N]``
@@ -103,11 +112,74 @@ def get_spark(config: SparkConfig, task_attempts: int | None = None) -> SparkSes
         attempts = task_attempts if task_attempts else 1
         builder = builder.master(with_task_attempts(config.master, attempts))
     defaults = {**_LOCAL_DEFAULTS, **(_LOCAL_MASTER_DEFAULTS if local else {})}
-    for key, value in {**defaults, **config.conf}.items():
+    if _TELEMETRY in os.environ:  # the driver's mlflow.telemetry holds for the executors
+        defaults[f"spark.executorEnv.{_TELEMETRY}"] = os.environ[_TELEMETRY]
+    settings = {**defaults, **config.conf}
+    archive = ""
+    if local and _JAVA_OPTIONS not in config.conf and SparkContext._gateway is None:
+        # This call starts the JVM (none under spark-submit): with the archive of its classes.
+        archive = jvm_archive.java_options(settings)
+    for key, value in settings.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    if archive:
+        builder = builder.config(_JAVA_OPTIONS, f"{settings[_JAVA_OPTIONS]} {archive}")
+    try:
+        spark = builder.getOrCreate()
+    except Exception:
+        if not (archive and jvm_archive.discard(archive)):
+            raise
+        spark = builder.config(_JAVA_OPTIONS, settings[_JAVA_OPTIONS]).getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def start_in_background(start: Callable[[], SparkSession]) -> Future[SparkSession]:
+    """Run ``start`` (a session's start) in a thread; its session or error is the future's.
+
+    A session's start is mostly waiting: for the JVM to come up, then for the executors'
+    first Python worker (the preflight job), about 4 s on a local master. Meanwhile this
+    interpreter can do its own start-up (importing MLflow, opening its store, resolving a
+    model): that work and the JVM's run on two cores at once. :func:`session_of` waits for
+    the session where the caller first needs it. The thread is a daemon: a command that
+    fails before it needs Spark exits without waiting for the JVM (which ends with the
+    process that started it).
+    """
+    future: Future[SparkSession] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(start())
+        except BaseException as exc:  # the caller's session_of raises it, in its own thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="dlpipe-spark-start", daemon=True).start()
+    return future
+
+
+def session_of(spark: SparkSession | Future[SparkSession]) -> SparkSession:
+    """The session itself: ``spark``, or what :func:`start_in_background` started, once up.
+
+    PySpark cancels the running jobs on Ctrl-C only when the session was created in the
+    main thread; for one started in the background the same handler is installed here
+    (unless the program has its own).
+
+    Raises:
+        Exception: Whatever starting the session raised.
+    """
+    if not isinstance(spark, Future):
+        return spark
+    session = spark.result()
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        context = session.sparkContext
+
+        def cancel_jobs(signum: int, frame: object) -> None:
+            context.cancelAllJobs()
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, cancel_jobs)
+    return session
 
 
 def local_slots(master: str | None) -> int | None:

@@ -81,7 +81,7 @@ def test_one_row_per_file_matching_the_in_process_model(spark, trained, incoming
     assert re.fullmatch(r"\d{8}T\d{6}Z", result.batch_id)  # the run's UTC date-time
     assert result.model_version == "1"
     # Where the time went: each phase once, together the run's wall time.
-    phases = ["resolve_model", "read_source", "ship_model", "score_job", "summary"]
+    phases = ["resolve_model", "wait_spark", "read_source", "ship_model", "score_job", "summary"]
     assert list(result.phases) == phases and min(result.phases.values()) >= 0
     assert sum(result.phases.values()) == pytest.approx(result.seconds, abs=0.2)
 
