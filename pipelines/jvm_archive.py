@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipelines.store import move_into
+
 log = logging.getLogger(__name__)
 
 #: Archives kept in the cache (one per Java, Spark jars and properties); the oldest go.
@@ -148,7 +150,7 @@ def save_if_written(gateway: Any) -> Path | None:
         temporary.unlink(missing_ok=True)
         return None
     final = temporary.with_name(temporary.name.split(".jsa.", 1)[0] + ".jsa")
-    temporary.replace(final)
+    move_into(temporary, final)
     _keep_newest(final.parent)
     log.info("spark: class archive %s saved in %.1f s", final, time.monotonic() - started)
     return final

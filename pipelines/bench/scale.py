@@ -486,8 +486,13 @@ def _train_config(config: Config, work: Path) -> Config:
     )
 
 
-def digits_dataset(config: Config, count: int, copies: int) -> tuple[Path, dict[str, int]]:
-    """``count`` digits (every class), each file ``copies`` times, ingested once (cached)."""
+def digits_dataset(
+    config: Config, count: int, copies: int, storage: str | None = None
+) -> tuple[Path, dict[str, int]]:
+    """``count`` digits (every class), each file ``copies`` times, ingested once (cached).
+
+    ``storage``: the cells' encoding (``ingest.storage``), default the config's.
+    """
     from pipelines.demo import write_demo_digits
     from pipelines.ingest import ingest
     from pipelines.spark import get_spark
@@ -500,9 +505,13 @@ def digits_dataset(config: Config, count: int, copies: int) -> tuple[Path, dict[
     side = config.ingest.image_size
     channels = config.ingest.channels
     rows_per_group = config.ingest.rows_per_row_group
-    path = root / f"prepared-digits-{count}x{copies}-{side}x{channels}-rg{rows_per_group}"
+    storage = storage or config.ingest.storage
+    name = f"prepared-digits-{count}x{copies}-{side}x{channels}-rg{rows_per_group}-{storage}"
+    path = root / name
     if not (path / DatasetDir.MANIFEST_FILE).is_file():
-        cfg = replace(folder_ingest_config(config, side, channels), splits=SplitConfig())
+        cfg = replace(
+            folder_ingest_config(config, side, channels), splits=SplitConfig(), storage=storage
+        )
         log.info("bench scale: ingesting %d digits x%d into %s (cached)", count, copies, path)
         ingest(get_spark(config.spark), cfg, source, path)
     return path, dict(DatasetDir(str(path)).read_manifest().splits)

@@ -191,7 +191,7 @@ def test_peer_runner_trains_one_epoch_in_the_built_environment(tmp_path: Path) -
     built = sorted(Store.of(config).bench.glob("peer-env-*/" + peer.ENV_MARKER))
     if not built:
         pytest.skip(f"no peer environment under {Store.of(config).bench} (bench_peer builds it)")
-    digits = sorted(Store.of(config).bench.glob("prepared-digits-*x1-*/_manifest.json"))
+    digits = sorted(Store.of(config).bench.glob("prepared-digits-*x1-*-raw/_manifest.json"))
     if not digits:
         pytest.skip(f"no prepared digits under {Store.of(config).bench}")
     env = peer.PeerEnv(built[0].parent, built[0].parent / "bin" / "python", {}, 0.0)

@@ -279,7 +279,8 @@ def bench_peer(
     from pipelines.demo import DEMO_IMAGES
 
     env = peer_env(bench_dir(config))
-    dataset, rows = digits_dataset(config, DEMO_IMAGES, 1)
+    # Raw cells: the estimator's side reads them as arrays, and both train on equal pixels.
+    dataset, rows = digits_dataset(config, DEMO_IMAGES, 1, storage="raw")
     load_before = load_average()
     runs: list[dict[str, Any]] = []
     with scratch(config) as work:
