@@ -44,6 +44,10 @@ HUMAN = "_human"
 #: A result key holding a :class:`UserError` the command ends with once the result is out
 #: (``dlpipe doctor`` shows its table, or JSON, and then fails).
 FAILS_WITH = "_fails_with"
+#: MLflow's switch for its usage telemetry (``mlflow.telemetry``).
+MLFLOW_TELEMETRY_OFF = "MLFLOW_DISABLE_TELEMETRY"
+#: The exit code of a command that returned (none: it raised, and Python exits as usual).
+_EXIT: dict[str, int] = {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,8 +83,8 @@ def console() -> None:
 
     Once the command has succeeded, the JVM writes the class archive of
     :mod:`pipelines.jvm_archive` if this was the first local session of its kind, and the
-    process ends without Python's
-    teardown of every imported module (:func:`_exit_without_teardown`).
+    process ends without Python's teardown of every imported module
+    (:func:`_exit_without_teardown`).
     """
     on_databricks = "DATABRICKS_RUNTIME_VERSION" in os.environ
     if not on_databricks:  # there the entry point runs in a process that lives on
@@ -93,12 +97,6 @@ def console() -> None:
     _EXIT["code"] = code
     if code:
         sys.exit(code)
-
-
-#: MLflow's switch for its usage telemetry (``mlflow.telemetry``).
-MLFLOW_TELEMETRY_OFF = "MLFLOW_DISABLE_TELEMETRY"
-#: The exit code of a command that returned (none: it raised, and Python exits as usual).
-_EXIT: dict[str, int] = {}
 
 
 def _exit_without_teardown(ending: dict[str, int]) -> None:

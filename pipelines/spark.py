@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import DataFrame, SparkSession
 
+#: MLflow's switch for its usage telemetry, passed on to the executors when set.
+_TELEMETRY = "MLFLOW_DISABLE_TELEMETRY"
 # Quiet, laptop-friendly defaults; anything in spark.conf overrides them.
 _LOCAL_DEFAULTS = {
     "spark.ui.showConsoleProgress": "false",
@@ -50,8 +52,6 @@ _LOCAL_DEFAULTS = {
 # small. Only for a local master, and only unless spark.conf sets its own options; with
 # the class archive of pipelines.jvm_archive added.
 _JAVA_OPTIONS = "spark.driver.extraJavaOptions"
-#: MLflow's switch for its usage telemetry, passed on to the executors when set.
-_TELEMETRY = "MLFLOW_DISABLE_TELEMETRY"
 _LOCAL_MASTER_DEFAULTS = {_JAVA_OPTIONS: "-XX:TieredStopAtLevel=1"}
 
 
