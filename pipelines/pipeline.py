@@ -243,14 +243,15 @@ def score_stage(
     Raises:
         UserError: No source given, configured or written, or the scoring stage's errors.
     """
-    from pipelines.score import score
-
     store = store or Store.of(config)
     source = source or config.score.source
     if not source and store.demo_data.is_dir():
         source = str(store.demo_data)
     if not source:
         raise UserError("no source: pass --source DIR or set score.source")
+    spark = start_session(config)  # starts while the stage imports MLflow and finds the model
+    from pipelines.score import score
+
     with storage_errors(
         Access("read the source", source, _READABLE + _TABLE_OR_IMAGES),
         Access(
@@ -259,7 +260,7 @@ def score_stage(
             _WRITABLE.format(option="--output (score.table)"),
         ),
     ):
-        return score(start_session(config), config, source, output, model, batch_id, store=store)
+        return score(spark, config, source, output, model, batch_id, store=store)
 
 
 def promote_stage(
