@@ -160,7 +160,7 @@ def train_stage(
     from pipelines.train.driver import train
     from pipelines.train.launchers import make_launcher
 
-    tracking.client(store.tracking_uri, store.registry_uri)
+    tracking.open_store(store)
     spark = session_of(starting) if starting is not None else None
     launcher = make_launcher(
         kind, spark, cfg.num_proc, cfg.nics, cfg.slots_timeout_s, env=rank_environment(cfg)

@@ -196,6 +196,18 @@ def redacted(params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def open_store(store: Store) -> MlflowClient:
+    """A client of the store's tracking server, whose tables MLflow created or checked.
+
+    MLflow creates (migrates) a new sqlite store when a client first opens it, and two
+    processes doing that at once crash: a local store is opened under its file lock.
+    """
+    if store.local_store:
+        with store.local_store_lock():
+            return client(store.tracking_uri)
+    return client(store.tracking_uri)
+
+
 def experiment_id(store: Store, name: str) -> str:
     """The id of experiment ``name`` in the store's tracking server, created if needed.
 
@@ -204,12 +216,7 @@ def experiment_id(store: Store, name: str) -> str:
     """
     from mlflow.exceptions import MlflowException
 
-    if store.local_store:
-        # MLflow creates a new sqlite store when a client first opens it.
-        with store.local_store_lock():
-            tracking = client(store.tracking_uri)
-    else:
-        tracking = client(store.tracking_uri)
+    tracking = open_store(store)
     found = tracking.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
